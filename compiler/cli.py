@@ -1,0 +1,120 @@
+"""The `qcc` command line. User mistakes print one line and exit 2; no tracebacks."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from compiler.ir import QccError, load, parse_input_shape, save
+from compiler.pass_manager import PassContext, PassManager, load_passes, parse_pipeline
+from compiler.printer import print_module
+from compiler.targets import TARGETS, get_target
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise QccError(f"{self.prog}: {message}")
+
+
+def _input_shapes(values) -> dict:
+    return dict(parse_input_shape(v) for v in values or [])
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="run a target's pipeline (or --passes) on a model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--target", choices=sorted(TARGETS), default=None)
+    group.add_argument("--passes", help="pipeline text, e.g. 'fold-constants,cleanup,fold-bn'")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
+    p.add_argument("--verify", action="store_true", help="check float-preserving passes against onnxruntime")
+    p.add_argument("--dump-after", metavar="PASS|all", help="write the printer dump after PASS (or every pass)")
+    p.add_argument("--dump-dir", default=None, help="folder for --dump-after (default: OUTPUT's stem + '.dumps')")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_compile)
+
+
+def build_context(args) -> PassContext:
+    return PassContext(verbose=not args.quiet)
+
+
+def cmd_compile(args) -> int:
+    output = Path(args.output)
+    model_path = Path(args.model)
+    if output.exists() and output.resolve() == model_path.resolve():
+        raise QccError(f"{output}: refusing to overwrite the input model; choose another output path")
+    if output.exists() and not args.force:
+        raise QccError(f"{output}: already exists; pass --force to overwrite it")
+    target = get_target(args.target or "cpu")
+    pipeline = parse_pipeline(args.passes if args.passes else target.pipeline)
+    if args.dump_after and args.dump_after != "all" and args.dump_after not in {p.name for p in pipeline}:
+        raise QccError(f"--dump-after: pass '{args.dump_after}' is not in the pipeline ({pipeline})")
+    module = load(model_path, _input_shapes(args.input_shape))
+    ctx = build_context(args)
+    dump_dir = args.dump_dir or output.with_name(output.stem + ".dumps")
+    manager = PassManager(pipeline, verify=args.verify, dump_after=args.dump_after, dump_dir=dump_dir, quiet=args.quiet)
+    manager.run(module, ctx)
+    save(module, output, protect=(model_path,))
+    if not args.quiet:
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _add_passes(sub) -> None:
+    p = sub.add_parser("passes", help="list every pass with its options")
+    p.set_defaults(func=cmd_passes)
+
+
+def cmd_passes(args) -> int:
+    import dataclasses
+    from compiler.pass_manager import _format_value, _kebab
+    for name, cls in sorted(load_passes().items()):
+        print(f"{name}  [{cls.kind.value}]  {cls.summary()}")
+        for f in dataclasses.fields(cls.Options):
+            allowed = f.metadata.get("choices")
+            extra = f"  ({'|'.join(allowed)})" if allowed else ""
+            print(f"    {_kebab(f.name)}={_format_value(f.default)}{extra}")
+    return 0
+
+
+def _add_print(sub) -> None:
+    p = sub.add_parser("print", help="print a model in qcc's deterministic text form")
+    p.add_argument("model")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    p.set_defaults(func=cmd_print)
+
+
+def cmd_print(args) -> int:
+    sys.stdout.write(print_module(load(args.model, _input_shapes(args.input_shape))))
+    return 0
+
+
+COMMANDS = [_add_compile, _add_passes, _add_print]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qcc", description="ONNX quantization compiler for Qualcomm HTP-class NPUs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except QccError as exc:
+        print(f"qcc: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("qcc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

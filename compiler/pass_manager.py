@@ -1,0 +1,278 @@
+"""Passes, their registry, textual pipelines and the manager that runs them.
+
+Pipeline text is MLIR-like: ``fold-bn,pad-channels{multiple=32},insert-qdq{act-bits=16}``.
+Option keys are the kebab-case spelling of the pass's ``Options`` dataclass fields
+and are typed by it; ``str(pipeline)`` prints every option, so it round-trips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import pkgutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from compiler.ir import Module, QccError
+
+
+class PassKind(enum.Enum):
+    FLOAT_PRESERVING = "float-preserving"  # rewrites whose float outputs must not change (--verify)
+    ANNOTATING = "annotating"              # fill or adjust the encodings table
+    LOWERING = "lowering"                  # materialise encodings as graph nodes
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Remark:
+    pass_name: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"remark [{self.pass_name}] {self.where}: {self.message}"
+
+
+@dataclass
+class PassContext:
+    """What a pass may need besides the module: data, remarks, progress output."""
+    calib_data: object = None           # compiler.data.Dataset or None
+    eval_data: object = None
+    seed: int = 0
+    verbose: bool = False
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+    remarks: list = field(default_factory=list)
+    current_pass: str = ""
+
+    def remark(self, where, message: str) -> None:
+        label = getattr(where, "name", None) or str(where)
+        op = getattr(where, "op", None)
+        self.remarks.append(Remark(self.current_pass, f"{label} ({op})" if op else label, message))
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, ``kind``, a frozen ``Options`` dataclass and ``run``."""
+    name: ClassVar[str]
+    kind: ClassVar[PassKind]
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __str__(self) -> str:
+        fields = dataclasses.fields(self.options)
+        if not fields:
+            return self.name
+        body = " ".join(f"{_kebab(f.name)}={_format_value(getattr(self.options, f.name))}" for f in fields)
+        return f"{self.name}{{{body}}}"
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"pass name '{cls.name}' registered twice")
+    if not dataclasses.is_dataclass(cls.Options) or not cls.Options.__dataclass_params__.frozen:
+        raise RuntimeError(f"pass '{cls.name}': Options must be a frozen dataclass")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def load_passes() -> dict[str, type[Pass]]:
+    """Import every module of the ``passes`` package so that each registers itself."""
+    import passes
+    for info in sorted(pkgutil.iter_modules(passes.__path__), key=lambda i: i.name):
+        importlib.import_module(f"passes.{info.name}")
+    return REGISTRY
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def choices(*allowed, default):
+    """A string option restricted to ``allowed``: ``method: str = choices("a", "b", default="a")``."""
+    return field(default=default, metadata={"choices": tuple(allowed)})
+
+
+def _convert(pass_name: str, fld: dataclasses.Field, text: str):
+    kind = fld.type if isinstance(fld.type, type) else {"bool": bool, "int": int, "float": float, "str": str}.get(str(fld.type), str)
+    key = _kebab(fld.name)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            value = text.lower() in ("true", "1")
+        elif kind is int:
+            value = int(text)
+        elif kind is float:
+            value = float(text)
+        else:
+            value = text
+    except ValueError:
+        raise QccError(f"pass '{pass_name}': option '{key}' expects {kind.__name__}, got '{text}'") from None
+    allowed = fld.metadata.get("choices")
+    if allowed and value not in allowed:
+        raise QccError(f"pass '{pass_name}': option '{key}' must be one of {', '.join(allowed)}, got '{text}'")
+    return value
+
+
+class Pipeline(list):
+    def __str__(self) -> str:
+        return ",".join(str(p) for p in self)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise QccError(f"pipeline: unbalanced '}}' at column {i + 1} in '{text}'")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise QccError(f"pipeline: missing '}}' in '{text}'")
+    parts.append(text[start:])
+    return parts
+
+
+def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
+    registry = load_passes()
+    if name not in registry:
+        raise QccError(f"pipeline: unknown pass '{name}'; valid passes: {', '.join(sorted(registry))}")
+    cls = registry[name]
+    fields = {_kebab(f.name): f for f in dataclasses.fields(cls.Options)}
+    values = {}
+    for key, text in (options or {}).items():
+        if key not in fields:
+            valid = ", ".join(fields) or "none"
+            raise QccError(f"pass '{name}': unknown option '{key}'; valid options: {valid}")
+        values[fields[key].name] = _convert(name, fields[key], text)
+    return cls(cls.Options(**values))
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    pipeline = Pipeline()
+    for part in _split_top_level(text.strip()):
+        part = part.strip()
+        if not part:
+            raise QccError(f"pipeline: empty pass name in '{text}'")
+        name, brace, rest = part.partition("{")
+        options: dict[str, str] = {}
+        if brace:
+            if not rest.endswith("}"):
+                raise QccError(f"pipeline: text after '}}' in '{part}'")
+            for item in rest[:-1].replace(",", " ").split():
+                key, eq, value = item.partition("=")
+                if not eq or not key or not value:
+                    raise QccError(f"pipeline: option '{item}' of pass '{name.strip()}' must be key=value")
+                options[key] = value
+        pipeline.append(make_pass(name.strip(), options))
+    return pipeline
+
+
+def verify_outputs(before: Module, after: Module, samples: list[dict], rtol: float, label: str) -> float:
+    """Max over outputs of max|Δ| / max|ref|; raises QccError naming ``label`` beyond ``rtol``."""
+    from compiler.runtime import run_model
+    ref = run_model(before, samples)
+    got = run_model(after, samples)
+    worst = 0.0
+    for name in ref[0]:
+        for r, g in zip(ref, got):
+            if name not in g:
+                raise QccError(f"verify: after {label}, output '{name}' is missing")
+            if r[name].shape != g[name].shape:
+                raise QccError(f"verify: after {label}, output '{name}' has shape {g[name].shape}, expected {r[name].shape}")
+            scale = max(float(abs(r[name]).max()), 1e-12)
+            worst = max(worst, float(abs(r[name].astype("float64") - g[name]).max()) / scale)
+    if worst > rtol:
+        raise QccError(f"verify: pass {label} changed the float outputs (max relative difference {worst:.3g} > {rtol:g})")
+    return worst
+
+
+@dataclass
+class PassRecord:
+    name: str
+    text: str
+    modified: bool
+    stats: dict
+    seconds: float
+    verify_error: float | None = None
+
+
+class PassManager:
+    def __init__(self, pipeline: Pipeline, *, verify: bool = False, verify_rtol: float = 1e-4,
+                 dump_after: str | None = None, dump_dir: str | Path | None = None, quiet: bool = False):
+        self.pipeline = pipeline
+        self.verify = verify
+        self.verify_rtol = verify_rtol
+        self.dump_after = dump_after
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.quiet = quiet
+        self.records: list[PassRecord] = []
+
+    def run(self, module: Module, ctx: PassContext | None = None) -> Module:
+        from compiler.printer import print_module
+        ctx = ctx or PassContext()
+        samples = None
+        if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline):
+            from compiler.runtime import sample_inputs
+            samples = sample_inputs(module, ctx, count=2)
+        for index, p in enumerate(self.pipeline):
+            ctx.current_pass = p.name
+            check = self.verify and p.kind is PassKind.FLOAT_PRESERVING
+            before = module.clone() if check else None
+            start = time.perf_counter()
+            remarks_before = len(ctx.remarks)
+            result = p.run(module, ctx)
+            seconds = time.perf_counter() - start
+            error = verify_outputs(before, module, samples, self.verify_rtol, f"'{p.name}'") if check and result.modified else None
+            self.records.append(PassRecord(p.name, str(p), result.modified, dict(result.stats), seconds, error))
+            if not self.quiet:
+                stats = " ".join(f"{k}={_format_stat(v)}" for k, v in result.stats.items())
+                checked = f" verified (max rel diff {error:.2g})" if error is not None else ""
+                ctx.log(f"[{index + 1}/{len(self.pipeline)}] {p.name}: {seconds:.2f}s {'modified' if result.modified else 'unchanged'}"
+                        f"{' ' + stats if stats else ''}{checked}")
+                for remark in ctx.remarks[remarks_before:]:
+                    ctx.log(f"    {remark}")
+            if self.dump_dir and self.dump_after in ("all", p.name):
+                self.dump_dir.mkdir(parents=True, exist_ok=True)
+                (self.dump_dir / f"{index + 1:02d}-{p.name}.txt").write_text(print_module(module))
+        module.metadata["qcc.pipeline"] = str(self.pipeline)
+        return module
+
+
+def _format_stat(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,1 @@
+"""qcc's passes, one module each; importing a module registers its pass."""

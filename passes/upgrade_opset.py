@@ -1,0 +1,38 @@
+"""Convert the model to a newer default-domain opset (onnx.version_converter).
+
+Per-channel QuantizeLinear/DequantizeLinear needs opset >= 13, HardSwish >= 14,
+and 16-bit QDQ >= 21; older exports are lifted first. A model already at or above
+``version`` is left unchanged (never downgraded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import version_converter
+
+from compiler.ir import Module, QccError, from_onnx, infer_shapes
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
+
+
+@register
+class UpgradeOpset(Pass):
+    name = "upgrade-opset"
+    kind = PassKind.FLOAT_PRESERVING
+
+    @dataclass(frozen=True)
+    class Options:
+        version: int = 13
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        old = module.opset
+        if old >= self.options.version:
+            return PassResult(False, {"opset": old})
+        proto = module.to_onnx()
+        try:
+            converted = version_converter.convert_version(proto, self.options.version)
+        except Exception as exc:
+            first = next((l for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
+            raise QccError(f"upgrade-opset: cannot convert opset {old} to {self.options.version}: {first}") from None
+        upgraded = from_onnx(infer_shapes(converted))
+        module.graph = upgraded.graph
+        return PassResult(True, {"opset-from": old, "opset-to": self.options.version})
