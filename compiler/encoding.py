@@ -106,3 +106,121 @@ def _broadcast(enc: Encoding, ndim: int):
         shape[enc.axis] = -1
         return scale.reshape(shape), offset.reshape(shape)
     return scale[0], offset[0]
+
+
+# --- Ranges fixed by the op ----------------------------------------------------------------------
+# These outputs take the op's range whatever calibration saw: the range is a property of the op,
+# and QNN expects it (at 16 bits QNN requires Sigmoid and Tanh outputs on the exact grids below).
+FIXED_RANGE_OPS = {"Sigmoid": (0.0, 1.0), "HardSigmoid": (0.0, 1.0), "Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
+
+
+def clip_bounds(node) -> tuple[float, float] | None:
+    """Constant (min, max) of a Clip (attributes before opset 11, inputs after); None if not constant."""
+    from compiler.ir import const_value
+    if "min" in node.attrs or "max" in node.attrs:
+        return float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    bounds = []
+    for index, default in ((1, -np.inf), (2, np.inf)):
+        if index < len(node.inputs) and node.inputs[index].name:
+            value = const_value(node.inputs[index])
+            if value is None:
+                return None
+            bounds.append(float(np.asarray(value).reshape(-1)[0]))
+        else:
+            bounds.append(default)
+    return bounds[0], bounds[1]
+
+
+def op_fixed_range(node) -> tuple[float, float] | None:
+    """The output range ``node`` fixes: FIXED_RANGE_OPS, and Clip(0, 1)."""
+    if node.op in FIXED_RANGE_OPS:
+        return FIXED_RANGE_OPS[node.op]
+    if node.op == "Clip" and clip_bounds(node) == (0.0, 1.0):
+        return 0.0, 1.0
+    return None
+
+
+def range_encoding(vmin: float, vmax: float, bw: int = 8) -> Encoding:
+    """The encoding of a fixed range. At 16 bits [0, 1] and [-1, 1] use the grids QNN's HTP requires for
+    Sigmoid and Tanh outputs (scale 2^-16 offset 0; scale 2^-15 offset -2^15, as onnxruntime's QNN
+    quantization config sets them); any other case is ``activation_encoding``."""
+    if bw == 16 and (vmin, vmax) == (0.0, 1.0):
+        return Encoding(bw=16, scale=(2.0 ** -16,), offset=(0,))
+    if bw == 16 and (vmin, vmax) == (-1.0, 1.0):
+        return Encoding(bw=16, scale=(2.0 ** -15,), offset=(-(2 ** 15),))
+    return activation_encoding(vmin, vmax, bw)
+
+
+# --- Ops whose tensors share one encoding --------------------------------------------------------
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class SharedEncoding:
+    """The float tensors of an op that must share one encoding: input and output indices, or ALL.
+
+    Every op here only moves, selects, pads or interpolates values, so its output range lies
+    within its input range and one encoding serves both with no requantization on the NPU. The
+    shared range is the union of the members' calibrated ranges (for Concat: the output's range,
+    which is then applied to every input).
+    """
+    inputs: tuple | str = (0,)
+    outputs: tuple | str = (0,)
+
+
+SHARED_ENCODING_OPS = {
+    "MaxPool": SharedEncoding(),
+    "GlobalMaxPool": SharedEncoding(),
+    "Reshape": SharedEncoding(),
+    "Flatten": SharedEncoding(),
+    "Transpose": SharedEncoding(),
+    "Squeeze": SharedEncoding(),
+    "Unsqueeze": SharedEncoding(),
+    "Slice": SharedEncoding(),
+    "Gather": SharedEncoding(),
+    "Expand": SharedEncoding(),
+    "Tile": SharedEncoding(),
+    "DepthToSpace": SharedEncoding(),
+    "SpaceToDepth": SharedEncoding(),
+    "Identity": SharedEncoding(),
+    "Pad": SharedEncoding(),        # the pad value is in the output's range, hence in the union
+    "Resize": SharedEncoding(),     # nearest selects, linear interpolates: within the input range
+    "Concat": SharedEncoding(inputs=ALL),
+    "Split": SharedEncoding(outputs=ALL),
+}
+
+# Producer -> activation fusion: when a producer's output feeds only the activation, the producer's
+# output takes the activation's encoding. Its quantizer then clamps exactly as the activation does
+# (a Relu encoding starts at 0), so no range is wasted on values the activation discards. HardSwish
+# is not here: clamping its input to HardSwish's output range would change its result.
+FUSIBLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "BatchNormalization"})
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+def union_encoding(encodings: list[Encoding], bw: int | None = None) -> Encoding:
+    """One per-tensor encoding covering every encoding's range, at ``bw`` (default: the widest)."""
+    bw = bw or max(e.bw for e in encodings)
+    return activation_encoding(min(float(e.min[0]) for e in encodings), max(float(e.max[0]) for e in encodings), bw)
+
+
+def fixed_ranges(module) -> dict:
+    """Tensor name -> the range its encoding must use exactly: a ``fixed_range`` annotation, else the
+    range its producing op fixes (``op_fixed_range``)."""
+    ranges = {}
+    for node in module.graph.nodes:
+        fixed = op_fixed_range(node)
+        if fixed and node.outputs:
+            ranges[node.outputs[0].name] = fixed
+    for name, hints in module.annotations.items():
+        if "fixed_range" in hints:
+            lo, hi = hints["fixed_range"]
+            ranges[name] = (float(lo), float(hi))
+    return ranges
+
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def has_qdq(graph) -> bool:
+    """True once encodings are materialised as QuantizeLinear/DequantizeLinear nodes."""
+    return any(node.op in QDQ_OPS for node in graph.nodes)

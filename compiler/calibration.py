@@ -1,0 +1,365 @@
+"""Activation statistics: observers with small, mergeable state, fed one sample at a time.
+
+One onnxruntime session exposes every float activation that needs statistics;
+each sample's activations go into the observers and are dropped, so memory is
+bounded by one sample's activations whatever the number of samples.
+
+Observers
+- ``MinMaxObserver``: running min and max.
+- ``HistogramObserver``: a histogram that serves the percentile, entropy (KL) and
+  MSE range searches. It is single pass with exact re-binning: bin edges sit at
+  integer multiples of a power-of-two width ``w`` (anchored at 0), at most
+  ``2 * bins`` bins are kept, and when data falls outside the covered span the
+  width doubles, merging bin pairs exactly. So no first min-max pass is needed,
+  the observed span always has between ``bins / 2`` and ``2 * bins`` bins, and two
+  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add.
+
+Range searches (each returns ``(lo, hi)``, widened to contain 0 by the encoding):
+- percentile ``p``: lo = the (100 - p)-th percentile, hi = the p-th (each tail
+  loses ``100 - p`` % of the mass), interpolated inside a bin;
+- entropy: TensorRT's KL-divergence threshold on the histogram of ``|x|``, with
+  ``2^bw - 1`` quantized bins for one-sided tensors and ``2^(bw-1)`` for two-sided
+  ones (each side gets half the levels); at most ``ENTROPY_CANDIDATES`` thresholds
+  are tried, evenly spaced, to bound the cost;
+- mse: the range minimising the expected quantization error on the histogram,
+  error(x) = (x - clamp(x))^2 + scale^2 / 12, searched by coordinate descent
+  over the upper then the lower end (``MSE_CANDIDATES`` candidates each).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler.encoding import activation_encoding
+from compiler.ir import Module, QccError, const_value
+from compiler.progress import Progress
+
+METHODS = ("minmax", "percentile", "entropy", "mse")
+ENTROPY_CANDIDATES = 256
+MSE_CANDIDATES = 100
+_FIRST_WIDTH_EXPONENT = -40  # bin width for a histogram that has only seen zeros
+
+
+class MinMaxObserver:
+    def __init__(self):
+        self.min = math.inf
+        self.max = -math.inf
+
+    @property
+    def empty(self) -> bool:
+        return self.min > self.max
+
+    def update(self, x: np.ndarray) -> None:
+        x = _finite(x)
+        if x.size:
+            self.min = min(self.min, float(x.min()))
+            self.max = max(self.max, float(x.max()))
+
+    def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        return self
+
+    def range(self, method: str = "minmax", *, percentile: float = 99.99, bw: int = 8) -> tuple[float, float]:
+        if method != "minmax":
+            raise ValueError(f"a min-max observer cannot compute a {method} range")
+        return (self.min, self.max) if not self.empty else (0.0, 0.0)
+
+
+class HistogramObserver(MinMaxObserver):
+    """Counts in bins [k*w, (k+1)*w) for k in [origin, origin + len(counts)), w = 2**exponent."""
+
+    def __init__(self, bins: int = 2048):
+        super().__init__()
+        self.bins = bins
+        self.capacity = 2 * bins
+        self.exponent: int | None = None
+        self.origin = 0
+        self.counts = np.zeros(0, dtype=np.float64)
+
+    @property
+    def width(self) -> float:
+        return 2.0 ** self.exponent
+
+    def update(self, x: np.ndarray) -> None:
+        x = _finite(x)
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.exponent is None:
+            span = max(hi, 0.0) - min(lo, 0.0)
+            self.exponent = math.ceil(math.log2(span / self.capacity)) if span > 0 else _FIRST_WIDTH_EXPONENT
+        self._cover(lo, hi)
+        inv = np.float32(2.0 ** -self.exponent)
+        index = np.floor(x.astype(np.float32, copy=False) * inv).astype(np.int64) - self.origin
+        # float32 rounding of x * inv can land exactly on the upper edge of the last bin.
+        np.clip(index, 0, len(self.counts) - 1, out=index)
+        self.counts += np.bincount(index, minlength=len(self.counts))
+
+    def _cover(self, lo: float, hi: float) -> None:
+        """Grow (and coarsen as needed) so that [lo, hi] falls inside the covered bins."""
+        k_lo, k_hi = math.floor(lo / self.width), math.floor(hi / self.width)
+        if self.counts.size:
+            k_lo, k_hi = min(k_lo, self.origin), max(k_hi, self.origin + len(self.counts) - 1)
+        shift = 0
+        while (k_hi >> shift) - (k_lo >> shift) + 1 > self.capacity:
+            shift += 1
+        if shift:
+            self._coarsen(shift)
+            k_lo, k_hi = k_lo >> shift, k_hi >> shift
+        if not self.counts.size:
+            self.origin, self.counts = k_lo, np.zeros(k_hi - k_lo + 1)
+            return
+        end = self.origin + len(self.counts)
+        if k_lo < self.origin or k_hi >= end:
+            self.counts = np.concatenate([np.zeros(self.origin - k_lo), self.counts, np.zeros(max(k_hi + 1 - end, 0))])
+            self.origin = k_lo
+
+    def _coarsen(self, shift: int) -> None:
+        """Double the bin width ``shift`` times, merging groups of 2**shift bins exactly."""
+        self.exponent += shift
+        if not self.counts.size:
+            return
+        k = np.arange(self.origin, self.origin + len(self.counts)) >> shift
+        new_origin = int(k[0])
+        self.counts = np.bincount(k - new_origin, weights=self.counts)
+        self.origin = new_origin
+
+    def merge(self, other: "HistogramObserver") -> "HistogramObserver":
+        if other.exponent is None:
+            return self
+        if self.exponent is None:
+            self.exponent, self.origin, self.counts = other.exponent, other.origin, other.counts.copy()
+            self.min, self.max = other.min, other.max
+            return self
+        other = other.copy()
+        if other.exponent < self.exponent:
+            other._coarsen(self.exponent - other.exponent)
+        elif self.exponent < other.exponent:
+            self._coarsen(other.exponent - self.exponent)
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+        self._cover(other.origin * other.width, (other.origin + len(other.counts)) * other.width - other.width / 2)
+        if other.exponent < self.exponent:  # _cover coarsened self; bring other along
+            other._coarsen(self.exponent - other.exponent)
+        start = other.origin - self.origin
+        self.counts[start:start + len(other.counts)] += other.counts
+        return self
+
+    def copy(self) -> "HistogramObserver":
+        twin = HistogramObserver(self.bins)
+        twin.min, twin.max, twin.exponent, twin.origin, twin.counts = self.min, self.max, self.exponent, self.origin, self.counts.copy()
+        return twin
+
+    # --- range searches -------------------------------------------------------------------------
+
+    def range(self, method: str = "minmax", *, percentile: float = 99.99, bw: int = 8) -> tuple[float, float]:
+        if self.empty:
+            return 0.0, 0.0
+        if method == "minmax":
+            return self.min, self.max
+        if method == "percentile":
+            return self._percentile_range(percentile)
+        if method == "entropy":
+            return self._entropy_range(bw)
+        if method == "mse":
+            return self._mse_range(bw)
+        raise ValueError(f"unknown calibration method '{method}'")
+
+    def _edges(self) -> np.ndarray:
+        return (np.arange(len(self.counts) + 1) + self.origin) * self.width
+
+    def _percentile_range(self, percentile: float) -> tuple[float, float]:
+        total = self.counts.sum()
+        cdf = np.concatenate([[0.0], np.cumsum(self.counts)]) / total
+        edges = self._edges()
+        tail = (100.0 - percentile) / 100.0
+        lo = float(np.interp(tail, cdf, edges)) if tail > 0 else self.min
+        hi = float(np.interp(1.0 - tail, cdf, edges)) if tail > 0 else self.max
+        return max(lo, self.min), min(hi, self.max)
+
+    def _abs_histogram(self) -> np.ndarray:
+        """Counts of |x| in bins [j*w, (j+1)*w): negative bin k (covering (-(j+1)w, -jw]) folds onto j = -k-1."""
+        k = np.arange(self.origin, self.origin + len(self.counts))
+        j = np.where(k >= 0, k, -k - 1)
+        return np.bincount(j, weights=self.counts)
+
+    def _entropy_range(self, bw: int) -> tuple[float, float]:
+        hist = self._abs_histogram()
+        one_sided = self.min >= 0 or self.max <= 0
+        levels = 2 ** bw - 1 if one_sided else 2 ** (bw - 1)
+        n = len(hist)
+        if n <= levels:
+            return self.min, self.max
+        candidates = np.unique(np.linspace(levels, n, min(ENTROPY_CANDIDATES, n - levels + 1)).round().astype(int))
+        divergences = [_kl_after_quantization(hist, i, levels) for i in candidates]
+        threshold = float(candidates[int(np.argmin(divergences))]) * self.width
+        return max(self.min, -threshold), min(self.max, threshold)
+
+    def _mse_range(self, bw: int) -> tuple[float, float]:
+        edges = self._edges()
+        centers = (edges[:-1] + edges[1:]) / 2
+        weights = self.counts / self.counts.sum()
+        lo, hi = min(self.min, 0.0), max(self.max, 0.0)
+
+        def error(candidates_lo, candidates_hi):
+            costs = []
+            for a, b in zip(candidates_lo, candidates_hi):
+                enc = activation_encoding(a, b, bw)
+                qmin, qmax, scale = float(enc.min[0]), float(enc.max[0]), enc.scale[0]
+                clipped = np.clip(centers, qmin, qmax)
+                costs.append(float(weights @ ((centers - clipped) ** 2)) + scale * scale / 12)
+            return np.asarray(costs)
+
+        fractions = np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES)
+        if hi > 0:
+            hi = float(hi * fractions[np.argmin(error(np.full(MSE_CANDIDATES, lo), hi * fractions))])
+        if lo < 0:
+            lo = float(lo * fractions[np.argmin(error(lo * fractions, np.full(MSE_CANDIDATES, hi)))])
+        return max(lo, self.min), min(hi, self.max)
+
+
+def _kl_after_quantization(hist: np.ndarray, i: int, levels: int) -> float:
+    """KL(P || Q): P = hist[:i] with the tail folded into bin i-1, Q = hist[:i] squeezed into ``levels`` bins."""
+    reference = hist[:i].copy()
+    reference[-1] += hist[i:].sum()
+    kept = hist[:i]
+    starts = (np.arange(levels) * i) // levels
+    sums = np.add.reduceat(kept, starts)
+    nonzero = np.add.reduceat((kept > 0).astype(np.float64), starts)
+    chunk = np.repeat(np.arange(levels), np.diff(np.append(starts, i)))
+    expanded = np.where(kept > 0, (sums / np.maximum(nonzero, 1))[chunk], 0.0)
+    p = reference / reference.sum()
+    q_total = expanded.sum()
+    if q_total == 0:
+        return math.inf
+    q = expanded / q_total
+    mask = p > 0
+    # Where P has mass and Q has none, KL is infinite; TensorRT smooths Q instead.
+    q_masked = np.where(q[mask] > 0, q[mask], 1e-12)
+    return float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x).ravel()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        x = x[np.isfinite(x)]
+    return x
+
+
+def make_observer(method: str, bins: int = 2048) -> MinMaxObserver:
+    if method not in METHODS + ("histogram",):
+        raise QccError(f"unknown calibration method '{method}'; valid methods: {', '.join(METHODS)}")
+    return MinMaxObserver() if method == "minmax" else HistogramObserver(bins)  # "histogram" and the histogram methods
+
+
+# --- collecting statistics over a model ---------------------------------------------------------
+
+def is_float(tensor) -> bool:
+    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+
+
+def activation_tensors(module: Module) -> list[str]:
+    """Float tensors computed at run time (graph inputs and node outputs, not constants), in graph order."""
+    names, seen = [], set()
+    candidates = list(module.graph.inputs) + [t for node in module.graph.nodes for t in node.outputs]
+    for tensor in candidates:
+        if tensor.name and tensor.name not in seen and is_float(tensor) and const_value(tensor) is None:
+            seen.add(tensor.name)
+            names.append(tensor.name)
+    return names
+
+
+def collect(module: Module, data, tensors: list[str], method: str = "minmax", bins: int = 2048,
+            label: str = "calibrate") -> tuple[dict, int]:
+    """Run ``data`` through the float model once; returns ({tensor: observer}, number of samples).
+
+    ``method`` "minmax" keeps min/max only; any other method keeps histograms.
+    """
+    from compiler.runtime import make_session
+    inputs = {t.name for t in module.graph.inputs}
+    outputs = [name for name in tensors if name not in inputs]
+    session = make_session(module, extra_outputs=outputs)
+    observers = {name: make_observer(method, bins) for name in tensors}
+    count = 0
+    total = len(data) if hasattr(data, "__len__") else None
+    with Progress(total, label) as bar:
+        for sample in data:
+            for name in tensors:
+                if name in inputs:
+                    if name not in sample:
+                        raise QccError(f"calibration sample {count}: missing input '{name}'")
+                    observers[name].update(sample[name])
+            for name, value in zip(outputs, session.run(outputs, sample)):
+                observers[name].update(value)
+            count += 1
+            bar.advance()
+    if count == 0:
+        raise QccError("calibration data is empty")
+    return observers, count
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics cached in ``module.cache[CACHE_KEY]``; valid while graph and data are unchanged."""
+    fingerprint: str
+    data_key: object
+    method: str  # "minmax" (min/max only) or "histogram" (serves every method)
+    bins: int
+    samples: int
+    observers: dict = field(default_factory=dict)
+
+    def serves(self, method: str, bins: int) -> bool:
+        if method == "minmax":
+            return True  # histograms track the exact min and max too
+        return self.method == "histogram" and self.bins == bins
+
+
+CACHE_KEY = "calibration"
+
+
+def graph_fingerprint(module: Module) -> str:
+    """A digest of the graph's nodes (order-independent) and constant values: statistics are stale when it changes."""
+    parts = [f"in {t.name} {t.shape}" for t in module.graph.inputs]
+    for node in module.graph.nodes:
+        node_digest = hashlib.sha256(f"{node.op} {node.domain} {[t.name for t in node.inputs]} "
+                                     f"{[t.name for t in node.outputs]}".encode())
+        for key in sorted(node.attrs):
+            value = node.attrs[key]
+            node_digest.update(key.encode())
+            node_digest.update(np.ascontiguousarray(value.values).tobytes() if hasattr(value, "values") else repr(value).encode())
+        for tensor in node.inputs:
+            value = const_value(tensor)
+            if value is not None:
+                node_digest.update(np.ascontiguousarray(value).tobytes())
+        parts.append(node_digest.hexdigest())
+    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()
+
+
+def data_key(data) -> object:
+    return getattr(data, "key", None) or ("object", id(data), len(data) if hasattr(data, "__len__") else None)
+
+
+def statistics(module: Module, data, tensors: list[str], method: str, bins: int = 2048) -> CalibrationStats:
+    """Cached statistics for ``tensors``; runs the model only for tensors the cache lacks."""
+    fingerprint, key = graph_fingerprint(module), data_key(data)
+    cached = module.cache.get(CACHE_KEY)
+    if not (isinstance(cached, CalibrationStats) and cached.fingerprint == fingerprint and cached.data_key == key
+            and cached.serves(method, bins)):
+        cached = CalibrationStats(fingerprint, key, "minmax" if method == "minmax" else "histogram", bins, 0)
+        module.cache[CACHE_KEY] = cached
+    missing = [name for name in tensors if name not in cached.observers]
+    if missing:
+        observers, count = collect(module, data, missing, cached.method, bins)
+        cached.observers.update(observers)
+        cached.samples = count
+    return cached
+
+
+def encoding_from_observer(observer: MinMaxObserver, method: str, bw: int, percentile: float = 99.99):
+    return activation_encoding(*observer.range(method, percentile=percentile, bw=bw), bw)

@@ -1,0 +1,180 @@
+"""Sample data for calibration and evaluation: a folder with one sample per file.
+
+- ``.npy``: one array, for single-input models;
+- ``.npz``: arrays keyed by input name (every model input, nothing else);
+- ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp``: an image for a single image input, read
+  with Pillow as RGB, resized to ``size`` (H, W; default: the input's static H, W),
+  scaled to [0, 1], normalised with ``(x - mean) / std`` and laid out NCHW.
+
+Files are read in sorted name order, one at a time (memory holds one sample), so
+runs are reproducible. Each sample is checked against the model's inputs; a
+mismatch raises QccError naming the file and what is wrong. An array missing only
+a leading batch dimension of 1 is given one. Floating arrays are cast to the
+input's float type (numpy saves float64 by default); other dtype changes are errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from compiler.ir import QccError
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    size: tuple | None = None  # (H, W)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple  # None for a dynamic dimension
+    dtype: np.dtype
+
+
+def specs_of(module) -> list[InputSpec]:
+    from compiler.runtime import input_specs
+    return [InputSpec(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in input_specs(module)]
+
+
+class Dataset:
+    """The samples of a folder (or an explicit file list), validated against ``inputs``."""
+
+    def __init__(self, folder: str | Path | None, inputs: list[InputSpec], *, count: int | None = None,
+                 image: ImageOptions | None = None, files: list[Path] | None = None):
+        self.inputs = list(inputs)
+        self.image = image or ImageOptions()
+        if files is None:
+            files = _list_folder(Path(folder))
+        if count is not None:
+            if count <= 0:
+                raise QccError(f"sample count must be positive, got {count}")
+            files = files[:count]
+        self.files = list(files)
+        if not self.files:
+            raise QccError(f"{folder}: no samples")
+        if any(f.suffix.lower() == ".npy" for f in self.files) and len(self.inputs) != 1:
+            raise QccError(f"{self.files[0].parent}: .npy samples need a single-input model; this one has inputs "
+                           f"{', '.join(s.name for s in self.inputs)} (use .npz keyed by input name)")
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in self.files):
+            self._check_image_input()
+
+    @property
+    def key(self) -> tuple:
+        """Identifies the samples, for caches keyed by data."""
+        return tuple(str(f) for f in self.files), self.image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[dict]:
+        for path in self.files:
+            yield self.load(path)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(self.files[index])
+
+    def subset(self, files: list[Path]) -> "Dataset":
+        return Dataset(None, self.inputs, image=self.image, files=files)
+
+    def split(self, held_out: float = 0.25) -> tuple["Dataset", "Dataset"]:
+        """(calibration, held-out): every k-th file is held out, so both halves span the folder."""
+        if not 0 < held_out < 1:
+            raise QccError(f"held-out fraction must be in (0, 1), got {held_out}")
+        if len(self.files) < 2:
+            raise QccError(f"cannot split {len(self.files)} sample(s) into calibration and held-out parts")
+        n = len(self.files)
+        wanted = min(max(1, round(n * held_out)), n - 1)
+        # File i is held out when the running quota floor((i + 1) * wanted / n) steps up: evenly spread.
+        held = [(i + 1) * wanted // n > i * wanted // n for i in range(n)]
+        return (self.subset([f for f, h in zip(self.files, held) if not h]),
+                self.subset([f for f, h in zip(self.files, held) if h]))
+
+    def load(self, path: Path) -> dict:
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            arrays = {self.inputs[0].name: _read(path, np.load)}
+        elif suffix == ".npz":
+            arrays = _read(path, lambda p: dict(np.load(p)))
+        else:
+            arrays = {self.inputs[0].name: self._load_image(path)}
+        return self._validate(path, arrays)
+
+    def _validate(self, path: Path, arrays: dict) -> dict:
+        expected = {s.name for s in self.inputs}
+        missing = [name for name in (s.name for s in self.inputs) if name not in arrays]
+        if missing:
+            raise QccError(f"{path}: missing input '{missing[0]}' (file has: {', '.join(sorted(arrays)) or 'nothing'})")
+        extra = sorted(set(arrays) - expected)
+        if extra:
+            raise QccError(f"{path}: unexpected array '{extra[0]}' (model inputs: {', '.join(sorted(expected))})")
+        sample = {}
+        for spec in self.inputs:
+            sample[spec.name] = _conform(path, spec, np.asarray(arrays[spec.name]))
+        return sample
+
+    def _check_image_input(self) -> None:
+        spec = self.inputs[0]
+        if len(self.inputs) != 1 or len(spec.shape) != 4 or spec.shape[1] not in (3, None):
+            shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
+            raise QccError(f"image samples need one NCHW input with 3 channels; the model has {shapes}")
+        if not np.issubdtype(spec.dtype, np.floating):
+            raise QccError(f"image samples need a float input; '{spec.name}' is {spec.dtype}")
+        if self.image.size is None and (spec.shape[2] is None or spec.shape[3] is None):
+            raise QccError(f"input '{spec.name}' has a dynamic height or width; give the image size "
+                           f"(--image-size H,W or --input-shape)")
+
+    def _load_image(self, path: Path) -> np.ndarray:
+        from PIL import Image
+        spec = self.inputs[0]
+        height, width = self.image.size or (spec.shape[2], spec.shape[3])
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((int(width), int(height)), Image.BILINEAR)
+        except Exception as exc:
+            raise QccError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        pixels = np.asarray(rgb, dtype=np.float32) / 255.0
+        mean = np.asarray(self.image.mean, dtype=np.float32)
+        std = np.asarray(self.image.std, dtype=np.float32)
+        return ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(spec.dtype)
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise QccError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise QccError(f"{folder}: not a folder (expected a folder of .npy/.npz/image samples)")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in ARRAY_SUFFIXES + IMAGE_SUFFIXES)
+    if not files:
+        raise QccError(f"{folder}: no samples (expected .npy, .npz, .png, .jpg, .jpeg or .bmp files)")
+    return files
+
+
+def _read(path: Path, reader):
+    try:
+        return reader(path)
+    except Exception as exc:
+        raise QccError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'error'})") from None
+
+
+def _conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind != np.dtype(spec.dtype).kind and not (
+            array.dtype.kind in "iu" and np.dtype(spec.dtype).kind in "iu"):
+        raise QccError(f"{path}: input '{spec.name}' has dtype {array.dtype}, the model expects {np.dtype(spec.dtype)}")
+    if array.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[0] in (1, None):
+        array = array[None]
+    if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
+        expected = "[" + ",".join("?" if d is None else str(d) for d in spec.shape) + "]"
+        raise QccError(f"{path}: input '{spec.name}' has shape {list(array.shape)}, the model expects {expected}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise QccError(f"{path}: input '{spec.name}' contains NaN or infinite values")
+    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
