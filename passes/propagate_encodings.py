@@ -1,0 +1,159 @@
+"""Share encodings across data-movement ops and fuse activations into their producers' encodings.
+
+1. Shared encodings (compiler.encoding.SHARED_ENCODING_OPS). The float tensors each table row
+   names (MaxPool in/out, Reshape in/out, every Concat input with its output, ...) are joined into
+   groups, transitively across the graph, so MaxPool -> Reshape -> Concat is one group. A group's
+   encoding covers the union of its members' ranges at the widest member bit-width:
+
+       enc(group) = activation_encoding(min_i lo_i, max_i hi_i, max_i bw_i)
+
+   For Concat this is the output's range, applied to every input. A member with a fixed range (a
+   ``fixed_range`` annotation or a fixed-range op such as Sigmoid) dictates the group's encoding
+   when every member's range fits in it (Sigmoid -> Reshape); when others exceed it (Concat of a
+   Sigmoid and a Conv output), the fixed member keeps its own encoding and the rest share theirs.
+   QNN then moves the data without requantizing.
+
+2. Activation fusion (compiler.encoding.FUSIBLE_PRODUCERS / FUSED_ACTIVATIONS). A Conv, Gemm,
+   MatMul, Add, ... whose output feeds only a Relu or Clip takes the activation's encoding, so the
+   producer's quantizer clamps exactly as the activation does and QNN fuses the pair:
+
+       %c = Conv(%x, @w)  enc(c) = [-4.6, 5.9]        %c = Conv(%x, @w)  enc(c) = [0, 5.9]
+       %r = Relu(%c)      enc(r) = [0, 5.9]     ->    %r = Relu(%c)      enc(r) = [0, 5.9]
+
+Runs between calibrate and insert-qdq; a graph that already has QDQ nodes is left alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from compiler.calibration import is_float
+from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, activation_encoding,
+                               fixed_ranges, has_qdq, range_encoding, union_encoding)
+from compiler.ir import Module, const_value
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
+from compiler.patterns import has_single_consumer
+
+
+def _pick(tensors: list, indices) -> list:
+    chosen = tensors if indices == ALL else [tensors[i] for i in indices if i < len(tensors)]
+    return [t for t in chosen if t.name and is_float(t) and const_value(t) is None]
+
+
+def _components(links: list[list[str]]) -> list[list[str]]:
+    """Connected components (union-find) of the graph whose edges join each link's members, in first-seen order."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        parent.setdefault(name, name)
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for link in links:
+        roots = [find(n) for n in link]
+        for root in roots[1:]:
+            if root != roots[0]:
+                parent[root] = roots[0]
+    members: dict[str, list[str]] = {}
+    for name in parent:
+        members.setdefault(find(name), []).append(name)
+    return list(members.values())
+
+
+@register
+class PropagateEncodings(Pass):
+    name = "propagate-encodings"
+    kind = PassKind.ANNOTATING
+
+    @dataclass(frozen=True)
+    class Options:
+        fuse_activations: bool = True
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        if has_qdq(module.graph):
+            ctx.remark("graph", "already has QuantizeLinear/DequantizeLinear nodes; propagate-encodings runs before insert-qdq")
+            return PassResult(False)
+        encodings = module.encodings
+        fixed = fixed_ranges(module)
+        changed: set[str] = set()
+
+        links = []
+        for node in module.graph.nodes:
+            rule = SHARED_ENCODING_OPS.get(node.op)
+            if rule is None:
+                continue
+            members = [t.name for t in _pick(node.inputs, rule.inputs) + _pick(node.outputs, rule.outputs)]
+            members = [m for m in members if m in encodings and encodings[m].dtype == "int"]
+            if len(members) > 1:
+                links.append(members)
+        groups = [g for g in _components(links) if len(g) > 1]
+        for members in groups:
+            group_links = [link for link in links if link[0] in members]
+            for name, target in self._group_encodings(members, group_links, encodings, fixed, ctx).items():
+                if encodings[name] != target:
+                    encodings[name] = target
+                    changed.add(name)
+
+        fused = 0
+        if self.options.fuse_activations:
+            for node in module.graph.nodes:
+                if node.op not in FUSED_ACTIVATIONS or not node.inputs or not node.outputs:
+                    continue
+                source, result = node.inputs[0], node.outputs[0]
+                producer = source.inputs[0] if source.inputs else None
+                if producer is None or producer.op not in FUSIBLE_PRODUCERS:
+                    continue
+                if not has_single_consumer(module.graph, source) or source.name not in encodings or result.name not in encodings:
+                    continue
+                if source.name in fixed:
+                    ctx.remark(producer, f"output '{source.name}' has a fixed range; not fused with {node.op}")
+                    continue
+                wanted = encodings[result.name]
+                if wanted.bw != encodings[source.name].bw:
+                    wanted = activation_encoding(float(wanted.min[0]), float(wanted.max[0]), encodings[source.name].bw)
+                if encodings[source.name] != wanted:
+                    encodings[source.name] = wanted
+                    changed.add(source.name)
+                    fused += 1
+        return PassResult(bool(changed), {"groups": len(groups), "shared": len(changed) - fused, "fused": fused})
+
+    @staticmethod
+    def _group_encodings(members: list[str], links: list[list[str]], encodings: dict, fixed: dict,
+                         ctx: PassContext) -> dict:
+        """Member -> its encoding: the union of the group's ranges, or a fixed range that covers them.
+
+        When members exceed a fixed range (Concat of a Sigmoid and a Conv output), the fixed-range
+        tensors keep their encodings and the links through them are cut; each remaining part takes
+        the fixed range it touches if it fits in it (Sigmoid -> Reshape), else its own union."""
+        bw = max(encodings[m].bw for m in members)
+        pinned = [m for m in members if m in fixed]
+
+        def fits(part: list[str], lo: float, hi: float) -> bool:
+            return all(fixed[m] == (lo, hi) if m in fixed else
+                       float(encodings[m].min[0]) >= lo - encodings[m].scale[0] and
+                       float(encodings[m].max[0]) <= hi + encodings[m].scale[0] for m in part)
+
+        if not pinned:
+            return {m: PropagateEncodings._union(members, encodings, bw) for m in members}
+        if fits(members, *fixed[pinned[0]]):
+            return {m: range_encoding(*fixed[pinned[0]], bw) for m in members}
+        ctx.remark(pinned[0], f"fixed range {fixed[pinned[0]]} does not cover its shared-encoding group; "
+                              f"fixed-range tensors keep their own encodings")
+        result = {m: encodings[m] for m in pinned}
+        free = [[m for m in link if m not in fixed] for link in links]
+        parts = _components([link for link in free if link] + [[m] for m in members if m not in fixed])
+        for part in parts:
+            touching = {fixed[p] for link in links if set(link) & set(part) for p in link if p in fixed}
+            if len(touching) == 1 and fits(part, *next(iter(touching))):
+                result.update({m: range_encoding(*next(iter(touching)), bw) for m in part})
+            elif len(part) > 1:
+                result.update({m: PropagateEncodings._union(part, encodings, bw) for m in part})
+        return result
+
+    @staticmethod
+    def _union(members: list[str], encodings: dict, bw: int):
+        current = [encodings[m] for m in members]
+        if all(e == current[0] for e in current):
+            return current[0]  # already shared: keep it exactly (re-deriving could move a float ulp)
+        return union_encoding(current, bw)

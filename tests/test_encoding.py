@@ -1,0 +1,110 @@
+"""compiler/encoding.py: TF-style encodings, fixed ranges, and one test per shared-encoding table row."""
+import numpy as np
+import onnx.parser
+import pytest
+
+from compiler.encoding import (SHARED_ENCODING_OPS, Encoding, activation_encoding, bias_encoding, clip_bounds,
+                               fake_quantize, op_fixed_range, range_encoding, union_encoding, weight_encoding)
+from compiler.ir import from_onnx, infer_shapes
+from compiler.pass_manager import PassContext, PassManager, parse_pipeline
+from compiler.runtime import sample_inputs
+
+
+@pytest.mark.parametrize("lo, hi, bw", [(-1.3, 2.7, 8), (0.0, 6.0, 8), (0.2, 0.9, 8), (-5.0, -1.0, 16), (0.0, 0.001, 8)])
+def test_activation_encoding_contains_zero_exactly(lo, hi, bw):
+    enc = activation_encoding(lo, hi, bw)
+    assert enc.offset[0] <= 0 and float(enc.max[0]) - float(enc.min[0]) >= 0.01 - 1e-9
+    assert float(enc.min[0]) <= min(lo, 0.0) + enc.scale[0] and float(enc.max[0]) >= max(hi, 0.0) - enc.scale[0]
+    assert fake_quantize(np.zeros(3, np.float32), enc).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_weight_encoding_zero_channel_gets_valid_scale():
+    w = np.zeros((3, 2, 1, 1), np.float32)
+    w[0] = 0.5
+    w[2] = -1.27
+    enc = weight_encoding(w, 8, axis=0)
+    assert enc.symmetric and enc.offset == (-128, -128, -128)
+    assert all(s > 0 for s in enc.scale)
+    assert enc.scale[2] == pytest.approx(1.27 / 127)
+    assert fake_quantize(w, enc)[1].tolist() == [[[0.0]], [[0.0]]]
+
+
+def test_bias_encoding_scale_is_input_times_weight():
+    weight = Encoding(bw=8, scale=(0.5, 0.25), offset=(-128, -128), symmetric=True, axis=0)
+    bias = bias_encoding(0.1, weight)
+    assert bias.bw == 32 and bias.scale == pytest.approx((0.05, 0.025)) and bias.axis == 0
+
+
+def test_range_encoding_uses_qnn_grids_at_16_bits():
+    assert range_encoding(0.0, 1.0, 16) == Encoding(bw=16, scale=(2.0 ** -16,), offset=(0,))
+    assert range_encoding(-1.0, 1.0, 16) == Encoding(bw=16, scale=(2.0 ** -15,), offset=(-32768,))
+    assert range_encoding(0.0, 1.0, 8) == activation_encoding(0.0, 1.0, 8)
+    assert range_encoding(0.0, 6.0, 16) == activation_encoding(0.0, 6.0, 16)
+
+
+def test_union_encoding_covers_all_and_takes_widest_bits():
+    a, b = activation_encoding(-1.0, 2.0, 8), activation_encoding(0.0, 5.0, 16)
+    union = union_encoding([a, b])
+    assert union.bw == 16 and float(union.min[0]) <= -1.0 + 1e-4 and float(union.max[0]) >= 5.0 - 1e-4
+
+
+def _graph(body: str, inits: str = "", inputs: str = "float[1,4,4,4] x", opset: int = 13):
+    """A model running ``body`` (which defines y) and summing y into a scalar output."""
+    text = (f'<ir_version: 8, opset_import: ["" : {opset}]>\ng ({inputs}) => (float out) <{inits}> {{\n{body}\n'
+            f'out = ReduceSum <keepdims = 0> (y)\n}}')
+    if not inits:
+        text = text.replace(" <>", "")
+    return from_onnx(infer_shapes(onnx.parser.parse_model(text)))
+
+
+def test_clip_bounds_from_inputs_and_attributes():
+    module = _graph("y = Clip(x, lo, hi)", "float lo = {0.0}, float hi = {6.0}")
+    assert clip_bounds(module.graph.nodes[0]) == (0.0, 6.0)
+    old = _graph("y = Clip <min = 0.0, max = 1.0> (x)", opset=10)
+    assert clip_bounds(old.graph.nodes[0]) == (0.0, 1.0) and op_fixed_range(old.graph.nodes[0]) == (0.0, 1.0)
+    relu6 = _graph("y = Clip(x, lo, hi)", "float lo = {0.0}, float hi = {6.0}")
+    assert op_fixed_range(relu6.graph.nodes[0]) is None
+
+
+# One model per SHARED_ENCODING_OPS row: (body, initializers, tensors that must share one encoding).
+SHARED_CASES = {
+    "MaxPool": ("y = MaxPool <kernel_shape = [2, 2]> (x)", "", ["x", "y"]),
+    "GlobalMaxPool": ("y = GlobalMaxPool(x)", "", ["x", "y"]),
+    "Reshape": ("y = Reshape(x, s)", "int64[2] s = {1, 64}", ["x", "y"]),
+    "Flatten": ("y = Flatten(x)", "", ["x", "y"]),
+    "Transpose": ("y = Transpose <perm = [0, 2, 3, 1]> (x)", "", ["x", "y"]),
+    "Squeeze": ("y = Squeeze(x, a)", "int64[1] a = {0}", ["x", "y"]),
+    "Unsqueeze": ("y = Unsqueeze(x, a)", "int64[1] a = {0}", ["x", "y"]),
+    "Slice": ("y = Slice(x, st, en, ax)", "int64[1] st = {1}, int64[1] en = {3}, int64[1] ax = {1}", ["x", "y"]),
+    "Gather": ("y = Gather <axis = 1> (x, i)", "int64[2] i = {0, 2}", ["x", "y"]),
+    "Expand": ("y = Expand(x, s)", "int64[4] s = {2, 4, 4, 4}", ["x", "y"]),
+    "Tile": ("y = Tile(x, r)", "int64[4] r = {1, 1, 2, 1}", ["x", "y"]),
+    "DepthToSpace": ("y = DepthToSpace <blocksize = 2> (x)", "", ["x", "y"]),
+    "SpaceToDepth": ("y = SpaceToDepth <blocksize = 2> (x)", "", ["x", "y"]),
+    "Identity": ("y = Identity(x)", "", ["x", "y"]),
+    "Pad": ("y = Pad(x, p)", "int64[8] p = {0, 0, 1, 1, 0, 0, 1, 1}", ["x", "y"]),
+    "Resize": ('y = Resize <mode = "nearest"> (x, , s)', "float[4] s = {1.0, 1.0, 2.0, 2.0}", ["x", "y"]),
+    "Concat": ("z = Mul(x, k)\ny = Concat <axis = 1> (x, z)", "float k = {3.0}", ["x", "z", "y"]),
+    "Split": ("a, b = Split <axis = 1> (x)\ny = Add(a, b)", "", ["x", "a", "b"]),
+}
+
+
+def test_every_table_row_has_a_case():
+    assert set(SHARED_CASES) == set(SHARED_ENCODING_OPS)
+
+
+@pytest.mark.parametrize("op", sorted(SHARED_CASES))
+def test_shared_encoding_row(op):
+    body, inits, members = SHARED_CASES[op]
+    module = _graph(body, inits)
+    ctx = PassContext(calib_data=sample_inputs(module, PassContext(seed=0), count=3), log=lambda m: None)
+    PassManager(parse_pipeline("calibrate{method=minmax}"), quiet=True).run(module, ctx)
+    calibrated = {name: module.encodings[name] for name in members}
+    PassManager(parse_pipeline("propagate-encodings"), quiet=True).run(module, ctx)
+    shared = {module.encodings[name] for name in members}
+    assert len(shared) == 1, f"{op}: members {members} do not share one encoding"
+    enc = shared.pop()
+    step = enc.scale[0]  # keeping zero exact may move either end by up to one step
+    for name, before in calibrated.items():
+        assert float(enc.min[0]) <= float(before.min[0]) + step and float(enc.max[0]) >= float(before.max[0]) - step, \
+            f"{op}: shared encoding does not cover {name}'s range"
