@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.encoding import Encoding, fake_quantize, weight_encoding
+from compiler.encoding import Encoding, weight_encoding
 from compiler.ir import const_value, make_const
 from compiler.patterns import has_single_consumer
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: layers key dictionaries
 class LinearLayer:
     node: gs.Node
     groups: int = 1
@@ -49,8 +49,12 @@ class LinearLayer:
 
     @property
     def axis(self) -> int:
-        """The weight's output-channel axis: the axis of per-channel weight encodings."""
+        """The weight's output-channel axis."""
         return 1 if self.transposed else 0
+
+    def quant_axis(self, per_channel: bool) -> int | None:
+        """The axis insert-qdq quantizes this weight along (None: per tensor; QNN has no per-channel MatMul)."""
+        return self.axis if per_channel and self.node.op != "MatMul" else None
 
     @property
     def out_channels(self) -> int:
@@ -67,11 +71,14 @@ class LinearLayer:
             return matrix.reshape(shape[1], shape[0]).T.astype(self.weight.dtype)
         return matrix.reshape(shape).astype(self.weight.dtype)
 
-    def encoding(self, bits: int, per_channel: bool) -> Encoding:
-        return weight_encoding(self.weight, bits, self.axis if per_channel else None)
-
-    def quantized_weight(self, encoding: Encoding) -> np.ndarray:
-        return fake_quantize(self.weight, encoding)
+    def encoding(self, module, bits: int, per_channel: bool) -> Encoding:
+        """The encoding insert-qdq will give this weight: the one in ``module.encodings`` if it fits
+        (AdaRound, a loaded file), else symmetric ``bits``-bit per channel (or per tensor)."""
+        axis = self.quant_axis(per_channel)
+        existing = module.encodings.get(self.weight_tensor.name)
+        if existing is not None and existing.axis == axis and len(existing.scale) == (self.weight.shape[axis] if axis is not None else 1):
+            return existing
+        return weight_encoding(self.weight, bits, axis)
 
     # --- input patches -------------------------------------------------------------------------
 

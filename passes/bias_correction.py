@@ -1,0 +1,247 @@
+"""Bias correction: remove the mean output shift that weight quantization causes, through the bias.
+
+Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", 2019.
+Quantizing a layer's weight W to W_q = W + dW shifts its output by dW x, whose expectation is
+not zero per output channel (rounding errors do not cancel over a channel). Subtracting the
+expected shift from the bias restores every channel's mean:
+
+    b[o] -= E[(W_q - W) x][o] = sum_{g,k} dW[g, o, k] * E[x_patch[g, k]]
+
+W_q is what insert-qdq will emit: the weight's encoding from module.encodings if one is there
+(AdaRound), else compiler.encoding.weight_encoding with ``weight-bits`` and ``per-channel``, and
+the same axis rule (per tensor for MatMul).
+
+- ``mode=empirical``: E[x_patch] is the mean over ctx.calib_data (at most ``samples`` of them,
+  run through onnxruntime) of the layer's input patches: every position a kernel tap reads,
+  zero padding included, so it is exact for convolutions at the borders too.
+- ``mode=analytic``: no data; E[x] per channel from the batch-norm statistics upstream (run
+  before fold-bn). When the input is act(BatchNormalization(...)), the pre-activation of channel
+  c is taken as N(beta_c, gamma_c^2) and E[x_c] is the mean of that Gaussian through identity,
+  Relu or Clip(lo, hi) (clipped-normal formulas); when the layer itself feeds a
+  BatchNormalization, dW is the quantization error of the folded weight W * gamma / sqrt(var + eps)
+  and the correction goes into that BN's beta, where fold-bn will find it. Layers without such
+  statistics are declined with a remark: an activation encoding gives a range, not a mean.
+
+Kind: ANNOTATING, although it writes biases. It deliberately changes the float model (the FP32
+output moves by -E[dW x]) so that the quantized one matches the original, so --verify must not
+hold it to float equality. A layer it corrected is annotated ``bias_corrected`` on its output
+tensor and skipped by a second run.
+
+The bias is the node's (Conv input 2, Gemm C), the constant of a following per-channel Add
+(paddle2onnx), or a new Conv/Gemm input; a MatMul without a following bias Add is declined.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.encoding import clip_bounds, fake_quantize, weight_encoding
+from compiler.ir import Module, QccError, const_value
+from compiler.linear import LinearLayer, bias_site, linear_layer, set_input_const
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
+from compiler.patterns import has_single_consumer, producer
+from compiler.progress import Progress
+from compiler.runtime import make_session
+
+MARK = "bias_corrected"
+
+
+@register
+class BiasCorrection(Pass):
+    name = "bias-correction"
+    kind = PassKind.ANNOTATING
+
+    @dataclass(frozen=True)
+    class Options:
+        mode: str = choices("empirical", "analytic", default="empirical")
+        weight_bits: int = 8
+        per_channel: bool = True
+        samples: int = 32
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if opts.weight_bits not in (4, 8, 16):
+            raise QccError(f"bias-correction: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
+        if opts.samples < 1:
+            raise QccError(f"bias-correction: samples must be at least 1, got {opts.samples}")
+        layers = self._layers(module, ctx)
+        if not layers:
+            return PassResult(False, {"corrected": 0})
+        if opts.mode == "empirical":
+            corrections = self._empirical(module, layers, ctx)
+        else:
+            corrections = self._analytic(module, layers, ctx)
+        if corrections is None:
+            return PassResult(False, {"corrected": 0})
+        shifts = []
+        for layer, (site, shift) in corrections.items():
+            site.write(module.graph, site.read() - shift)
+            module.annotate(layer.node.outputs[0].name, **{MARK: opts.mode})
+            shifts.append(np.abs(shift))
+        stats = {"corrected": len(corrections), "declined": len(layers) - len(corrections)}
+        if shifts:
+            stats["mean-abs-shift"] = float(np.concatenate(shifts).mean())
+        return PassResult(bool(corrections), stats)
+
+    def _layers(self, module: Module, ctx: PassContext) -> list[LinearLayer]:
+        layers = []
+        for node in module.graph.nodes:
+            if node.op not in ("Conv", "Gemm", "MatMul") or MARK in module.annotations.get(node.outputs[0].name, {}):
+                continue
+            layer, why = linear_layer(node)
+            if layer is None:
+                if const_value(node.inputs[1]) is not None:  # a product of two activations has no weight: silent
+                    ctx.remark(node, f"not corrected: {why}")
+                continue
+            layers.append(layer)
+        return layers
+
+    def _weight_error(self, module: Module, layer: LinearLayer, weight: np.ndarray | None = None) -> np.ndarray:
+        """dW = W_q - W as a [g, O/g, K] matrix, with the quantization insert-qdq will apply."""
+        if weight is None:
+            encoding = layer.encoding(module, self.options.weight_bits, self.options.per_channel)
+            weight = layer.weight
+        else:
+            encoding = weight_encoding(weight, self.options.weight_bits, layer.quant_axis(self.options.per_channel))
+        # In float32, as DequantizeLinear computes it: a weight already on its grid has zero error.
+        weight = weight.astype(np.float32)
+        error = fake_quantize(weight, encoding).astype(np.float64) - weight
+        return layer.to_matrix(error)
+
+    # --- empirical ------------------------------------------------------------------------------
+
+    def _empirical(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:
+        if ctx.calib_data is None:
+            ctx.remark("graph", "empirical bias correction needs calibration data (--calib-data); nothing corrected")
+            return None
+        sites = {}
+        for layer in layers:
+            site = bias_site(module.graph, layer)
+            if site is None:
+                ctx.remark(layer.node, "not corrected: no bias to adjust (a MatMul without a following Add)")
+                continue
+            sites[layer] = site
+        if not sites:
+            return None
+        inputs = sorted({layer.node.inputs[0].name for layer in sites})
+        graph_inputs = {t.name for t in module.graph.inputs}
+        session = make_session(module, extra_outputs=[n for n in inputs if n not in graph_inputs])
+        outputs = [n for n in inputs if n not in graph_inputs]
+        sums: dict = {}
+        count = 0
+        total = min(self.options.samples, len(ctx.calib_data)) if hasattr(ctx.calib_data, "__len__") else None
+        with Progress(total, "bias-correction") as bar:
+            for sample in ctx.calib_data:
+                if count == self.options.samples:
+                    break
+                values = dict(zip(outputs, session.run(outputs, sample)))
+                values.update({n: sample[n] for n in inputs if n in graph_inputs})
+                for layer in sites:
+                    mean = layer.patch_mean(values[layer.node.inputs[0].name])
+                    sums[layer] = sums[layer] + mean if layer in sums else mean
+                count += 1
+                bar.advance()
+        if count == 0:
+            raise QccError("bias-correction: calibration data is empty")
+        corrections = {}
+        for layer, site in sites.items():
+            shift = np.einsum("gok,gk->go", self._weight_error(module, layer), sums[layer] / count).reshape(-1)
+            if np.any(shift):
+                corrections[layer] = (site, shift)
+        return corrections
+
+    # --- analytic -------------------------------------------------------------------------------
+
+    def _analytic(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict:
+        graph = module.graph
+        corrections = {}
+        for layer in layers:
+            mean, why = _input_mean_from_bn(layer)
+            if mean is None:
+                ctx.remark(layer.node, f"not corrected: {why}")
+                continue
+            output = layer.node.outputs[0]
+            bn = output.outputs[0] if has_single_consumer(graph, output) and output.outputs[0].op == "BatchNormalization" else None
+            if bn is not None:
+                scale = _bn_scale(bn)
+                if scale is None or not layer.is_conv:
+                    ctx.remark(layer.node, "not corrected: the following BatchNormalization has non-constant statistics")
+                    continue
+                folded = layer.weight.astype(np.float64) * scale.reshape(-1, 1, 1, 1)
+                site = _BetaSite(bn)
+                error = self._weight_error(module, layer, folded)
+            else:
+                site = bias_site(graph, layer)
+                if site is None:
+                    ctx.remark(layer.node, "not corrected: no bias to adjust")
+                    continue
+                error = self._weight_error(module, layer)
+            kernel = error.shape[2] // (mean.size // layer.groups)
+            patch_mean = np.repeat(mean, kernel).reshape(layer.groups, -1)
+            shift = np.einsum("gok,gk->go", error, patch_mean).reshape(-1)
+            if np.any(shift):
+                corrections[layer] = (site, shift)
+        return corrections
+
+
+class _BetaSite:
+    """A BatchNormalization's beta, read and written like a bias."""
+
+    def __init__(self, bn):
+        self.bn = bn
+
+    def read(self) -> np.ndarray:
+        return const_value(self.bn.inputs[2]).astype(np.float32)
+
+    def write(self, graph, values: np.ndarray) -> None:
+        set_input_const(graph, self.bn, 2, values.astype(np.float32))
+
+
+def _bn_scale(bn) -> np.ndarray | None:
+    gamma, var = const_value(bn.inputs[1]), const_value(bn.inputs[4])
+    if gamma is None or var is None or const_value(bn.inputs[2]) is None:
+        return None
+    return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(bn.attrs.get("epsilon", 1e-5)))
+
+
+def _input_mean_from_bn(layer: LinearLayer) -> tuple[np.ndarray | None, str]:
+    """E[x_c] of the layer's input when it is act(BatchNormalization(...)), from gamma and beta."""
+    tensor = layer.node.inputs[0]
+    node = producer(tensor)
+    lo, hi = -math.inf, math.inf
+    if node is not None and node.op in ("Relu", "Clip"):
+        if node.op == "Relu":
+            lo = 0.0
+        else:
+            bounds = clip_bounds(node)
+            if bounds is None:
+                return None, "Clip with non-constant bounds before the layer"
+            lo, hi = bounds
+        node = producer(node.inputs[0])
+    if node is None or node.op != "BatchNormalization":
+        return None, "no batch-norm statistics for its input (run before fold-bn, or use mode=empirical)"
+    gamma, beta = const_value(node.inputs[1]), const_value(node.inputs[2])
+    if gamma is None or beta is None:
+        return None, "batch-norm parameters are not constants"
+    return _clipped_normal_mean(beta.astype(np.float64), np.abs(gamma.astype(np.float64)), lo, hi), ""
+
+
+def _clipped_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """E[clip(z, lo, hi)] for z ~ N(mu, sigma^2), elementwise (sigma = 0: clip(mu))."""
+    sigma = np.maximum(sigma, 1e-12)
+    a, b = (lo - mu) / sigma, (hi - mu) / sigma
+    cdf_a, cdf_b = _normal_cdf(a), _normal_cdf(b)
+    pdf_a, pdf_b = _normal_pdf(a), _normal_pdf(b)
+    inside = mu * (cdf_b - cdf_a) + sigma * (pdf_a - pdf_b)
+    below = lo * cdf_a if math.isfinite(lo) else 0.0
+    above = hi * (1.0 - cdf_b) if math.isfinite(hi) else 0.0
+    return inside + below + above
+
+
+_normal_cdf = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)), otypes=[np.float64])
+
+
+def _normal_pdf(z: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * np.square(z)) / math.sqrt(2.0 * math.pi)
