@@ -1,0 +1,86 @@
+"""AdaRound: beats round-to-nearest on the layer output, deterministic, leaves weights exactly on the grid."""
+import numpy as np
+
+from compiler.encoding import fake_quantize, weight_encoding
+from compiler.golden import GOLDEN_ROOT, GoldenCase
+from compiler.ir import const_value
+from compiler.linear import set_input_const
+from compiler.pass_manager import PassContext
+from compiler.runtime import run_model, sample_inputs
+from passes.adaround import AdaRound, learn_rounding
+
+BITS = 4
+
+
+def small_conv():
+    return GoldenCase(GOLDEN_ROOT / "adaround" / "conv_and_matmul").load_input()
+
+
+def run_adaround(module, samples, **options):
+    ctx = PassContext(calib_data=samples, log=lambda m: None)
+    return AdaRound(AdaRound.Options(weight_bits=BITS, **{"iterations": 300, **options})).run(module, ctx), ctx
+
+
+def conv_output_mse(module, reference, samples):
+    got = run_model(module, samples, ["c"])
+    return float(np.mean([np.mean((g["c"] - r["c"]) ** 2) for g, r in zip(got, reference)]))
+
+
+def test_layer_output_error_is_below_round_to_nearest():
+    module = small_conv()
+    samples = sample_inputs(module, PassContext(seed=3), 8)
+    reference = run_model(module, samples, ["c"])
+    weight = const_value(module.graph.tensors()["w"])
+
+    nearest = module.clone()
+    conv = next(n for n in nearest.graph.nodes if n.op == "Conv")
+    set_input_const(nearest.graph, conv, 1, fake_quantize(weight, weight_encoding(weight, BITS, 0)))
+
+    result, _ = run_adaround(module, samples)
+    assert result.modified and result.stats["layers"] == 2
+    assert result.stats["flipped-percent"] > 0
+    assert conv_output_mse(module, reference, samples) < conv_output_mse(nearest, reference, samples)
+
+
+def test_weights_are_on_the_recorded_grid_and_a_second_run_changes_nothing():
+    module = small_conv()
+    samples = sample_inputs(module, PassContext(seed=3), 4)
+    run_adaround(module, samples, iterations=50)
+    for name in ("w", "wm"):
+        weight = const_value(module.graph.tensors()[name])
+        encoding = module.encodings[name]
+        assert np.array_equal(fake_quantize(weight, encoding), weight)  # quantizing again is exact
+    assert module.encodings["w"].axis == 0 and module.encodings["wm"].axis is None  # MatMul per tensor, as insert-qdq
+    again, _ = run_adaround(module, samples, iterations=50)
+    assert not again.modified
+
+
+def test_deterministic_with_a_seed():
+    samples = sample_inputs(small_conv(), PassContext(seed=3), 4)
+    first, second = small_conv(), small_conv()
+    run_adaround(first, samples, iterations=100, positions=16, seed=5)
+    run_adaround(second, samples, iterations=100, positions=16, seed=5)
+    for name in ("w", "wm"):
+        assert np.array_equal(const_value(first.graph.tensors()[name]), const_value(second.graph.tensors()[name]))
+
+
+def test_learn_rounding_objective_and_fallback():
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((1, 6, 12))
+    x = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12))  # correlated inputs: rounding errors interact
+    gram = (x.T @ x / len(x))[None]
+    scale = np.abs(matrix).max(axis=2, keepdims=True) / 7
+    learned = learn_rounding(matrix, scale, gram, BITS, iterations=500, lr=0.01, reg=0.01)
+    assert not learned.kept_nearest and learned.learned_error < learned.nearest_error
+    assert np.all(np.abs(learned.codes - matrix / scale) < 1)  # each weight rounds to floor or ceil
+    # With a gram of zero the objective cannot improve: round-to-nearest is kept.
+    flat = learn_rounding(matrix, scale, np.zeros_like(gram), BITS, iterations=20, lr=0.01, reg=0.01)
+    assert flat.kept_nearest and np.array_equal(flat.codes, np.clip(np.round(matrix / scale), -8, 7))
+
+
+def test_declines_without_data():
+    module = small_conv()
+    ctx = PassContext(log=lambda m: None)
+    result = AdaRound().run(module, ctx)
+    assert not result.modified and not module.encodings
+    assert any("calibration data" in r.message for r in ctx.remarks)
