@@ -31,6 +31,9 @@ def add_command(sub) -> None:
     p.add_argument("quant_model", metavar="QUANT.onnx")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of samples (.npy, .npz or images)")
     p.add_argument("--count", type=int, default=8, help="number of samples to use (default 8)")
+    p.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
+    p.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
+    p.add_argument("--image-std", metavar="R,G,B")
     p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
     p.add_argument("--top", type=int, default=10, help="rows in the table of worst layers (default 10)")
     p.add_argument("--json", metavar="OUT.json", help="write every layer's numbers as JSON")
@@ -67,6 +70,28 @@ def gate_failures(analysis: Analysis, gate: dict) -> list[str]:
     return failures
 
 
+def _floats(flag: str, text: str | None, count: int) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise QccError(f"{flag} '{text}': expected {count} comma-separated numbers")
+    return values
+
+
+def image_options(args):
+    from compiler.data import ImageOptions
+    size = _floats("--image-size", args.image_size, 2)
+    std = _floats("--image-std", args.image_std, 3) or (1.0, 1.0, 1.0)
+    if any(v == 0 for v in std):
+        raise QccError(f"--image-std '{args.image_std}': values must be non-zero")
+    return ImageOptions(mean=_floats("--image-mean", args.image_mean, 3) or (0.0, 0.0, 0.0), std=std,
+                        size=tuple(int(v) for v in size) if size else None)
+
+
 def _load_models(args):
     shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
     float_module = load(args.float_model, shapes)
@@ -83,7 +108,7 @@ def cmd_analyze(args) -> int:
         if out and not Path(out).resolve().parent.is_dir():
             raise QccError(f"{out}: output folder '{Path(out).parent}' does not exist")
     float_module, quant_module = _load_models(args)
-    data = Dataset(args.data, specs_of(float_module), count=args.count)
+    data = Dataset(args.data, specs_of(float_module), count=args.count, image=image_options(args))
     analysis = analyze(float_module.to_onnx(), quant_module.to_onnx(), data)
     report = report_dict(analysis, args, gate)
     if args.json:

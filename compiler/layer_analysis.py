@@ -41,7 +41,6 @@ import onnx
 from onnx import numpy_helper
 
 from compiler.encoding import Encoding, fake_quantize
-from compiler.golden import cosine
 from compiler.ir import QccError
 from compiler.progress import Progress
 from compiler.runtime import make_session
@@ -311,6 +310,20 @@ def sqnr_db(signal: float, noise: float) -> float | None:
     return 10.0 * math.log10(signal / noise)
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # einsum accumulates float32 products in float64 without a converted copy; ``@`` / np.dot on long
+    # vectors go to multithreaded OpenBLAS, tens of times slower when the cores are busy.
+    return float(np.einsum("i,i->", a, b, dtype=np.float64))
+
+
+class Reference:
+    """A reference tensor prepared once for several comparisons: flat, with its energy."""
+
+    def __init__(self, value: np.ndarray):
+        self.values = np.ravel(value)
+        self.energy = _dot(self.values, self.values)
+
+
 class ErrorStats:
     """Streaming comparison of a tensor against its reference over samples."""
 
@@ -319,13 +332,16 @@ class ErrorStats:
         self.signal = 0.0
         self.noise = 0.0
 
-    def update(self, ref: np.ndarray, got: np.ndarray) -> None:
-        ref64 = np.asarray(ref, dtype=np.float64).ravel()
-        got64 = np.asarray(got, dtype=np.float64).ravel()
-        self.cosines.append(cosine(ref64, got64))
-        diff = got64 - ref64
-        self.signal += float(ref64 @ ref64)
-        self.noise += float(diff @ diff)
+    def update(self, ref: Reference, got: np.ndarray, with_cosine: bool = True) -> None:
+        got = np.ravel(got)
+        diff = got - ref.values
+        self.signal += ref.energy
+        self.noise += _dot(diff, diff)
+        if with_cosine:
+            got_energy = _dot(got, got)
+            denom = math.sqrt(ref.energy * got_energy)
+            # Same convention as compiler.golden.cosine: two all-zero tensors agree.
+            self.cosines.append(_dot(ref.values, got) / denom if denom else float(not got_energy and not ref.energy))
 
     @property
     def cos(self) -> float | None:
@@ -551,16 +567,18 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
                 if value.size:
                     ranges[r.name][0] = min(ranges[r.name][0], float(value.min()))
                     ranges[r.name][1] = max(ranges[r.name][1], float(value.max()))
-                stats[r.name, "acc"].update(value, got[r.dq_output])
-                stats[r.name, "local"].update(value, local[r.dq_output])
+                reference = Reference(value)
+                stats[r.name, "acc"].update(reference, got[r.dq_output])
+                stats[r.name, "local"].update(reference, local[r.dq_output])
                 if with_blame:
-                    stats[r.name, "weights"].update(value, weights_local[r.name])
-                    stats[r.name, "activations"].update(value, fake_quantize(value, r.params.encoding))
+                    stats[r.name, "weights"].update(reference, weights_local[r.name], with_cosine=False)
+                    stats[r.name, "activations"].update(reference, fake_quantize(value, r.params.encoding), with_cosine=False)
             for f, q in mapping.outputs:
-                outputs[f, "acc"].update(ref[f], got[q])
+                reference = Reference(ref[f])
+                outputs[f, "acc"].update(reference, got[q])
                 if with_blame:
-                    outputs[f, "weights"].update(ref[f], weights_out[f])
-                    outputs[f, "activations"].update(ref[f], activations_out[q])
+                    outputs[f, "weights"].update(reference, weights_out[f])
+                    outputs[f, "activations"].update(reference, activations_out[q])
             count += 1
             bar.advance()
     if not count:
