@@ -12,7 +12,10 @@ Observers
   ``2 * bins`` bins are kept, and when data falls outside the covered span the
   width doubles, merging bin pairs exactly. So no first min-max pass is needed,
   the observed span always has between ``bins / 2`` and ``2 * bins`` bins, and two
-  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add.
+  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. A tensor with
+  more than ``HISTOGRAM_SAMPLES`` values per sample adds every k-th value to its histogram
+  (k <= 31 and prime; min and max always see every value): the histogram is a shape estimate,
+  and this keeps its cost near that of a min-max pass on large feature maps.
 
 Range searches (each returns ``(lo, hi)``, widened to contain 0 by the encoding):
 - percentile ``p``: lo = the (100 - p)-th percentile, hi = the p-th (each tail
@@ -33,13 +36,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.encoding import activation_encoding
+from compiler.encoding import MIN_RANGE, activation_encoding
 from compiler.ir import Module, QccError, const_value
 from compiler.progress import Progress
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 ENTROPY_CANDIDATES = 256
 MSE_CANDIDATES = 100
+HISTOGRAM_SAMPLES = 2 ** 14  # per tensor and sample; beyond, every k-th value (min and max stay exact)
 _FIRST_WIDTH_EXPONENT = -40  # bin width for a histogram that has only seen zeros
 
 
@@ -53,10 +57,9 @@ class MinMaxObserver:
         return self.min > self.max
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(x)
+        x, lo, hi = _finite(x)
         if x.size:
-            self.min = min(self.min, float(x.min()))
-            self.max = max(self.max, float(x.max()))
+            self.min, self.max = min(self.min, lo), max(self.max, hi)
 
     def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
         self.min = min(self.min, other.min)
@@ -85,20 +88,25 @@ class HistogramObserver(MinMaxObserver):
         return 2.0 ** self.exponent
 
     def update(self, x: np.ndarray) -> None:
-        x = _finite(x)
+        x, lo, hi = _finite(x)
         if not x.size:
             return
-        lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.exponent is None:
             span = max(hi, 0.0) - min(lo, 0.0)
             self.exponent = math.ceil(math.log2(span / self.capacity)) if span > 0 else _FIRST_WIDTH_EXPONENT
         self._cover(lo, hi)
-        inv = np.float32(2.0 ** -self.exponent)
-        index = np.floor(x.astype(np.float32, copy=False) * inv).astype(np.int64) - self.origin
-        # float32 rounding of x * inv can land exactly on the upper edge of the last bin.
-        np.clip(index, 0, len(self.counts) - 1, out=index)
-        self.counts += np.bincount(index, minlength=len(self.counts))
+        # Index = floor(x / w) - origin >= 0, so truncation is floor; w is a power of two, so x * (1 / w) is exact.
+        # float32 holds every bin index exactly below 2^24; data far from zero needs float64.
+        dtype = np.float32 if abs(self.origin) + len(self.counts) < 2 ** 22 else np.float64
+        scaled = x.astype(dtype, copy=False) * dtype(2.0 ** -self.exponent)
+        scaled -= dtype(self.origin)
+        index = scaled.astype(np.int32)
+        counts = np.bincount(index, minlength=len(self.counts))
+        if len(counts) > len(self.counts):  # float32 rounding put a value on the upper edge of the last bin
+            counts[len(self.counts) - 1] += counts[len(self.counts):].sum()
+            counts = counts[:len(self.counts)]
+        self.counts += counts
 
     def _cover(self, lo: float, hi: float) -> None:
         """Grow (and coarsen as needed) so that [lo, hi] falls inside the covered bins."""
@@ -205,14 +213,10 @@ class HistogramObserver(MinMaxObserver):
         weights = self.counts / self.counts.sum()
         lo, hi = min(self.min, 0.0), max(self.max, 0.0)
 
-        def error(candidates_lo, candidates_hi):
-            costs = []
-            for a, b in zip(candidates_lo, candidates_hi):
-                enc = activation_encoding(a, b, bw)
-                qmin, qmax, scale = float(enc.min[0]), float(enc.max[0]), enc.scale[0]
-                clipped = np.clip(centers, qmin, qmax)
-                costs.append(float(weights @ ((centers - clipped) ** 2)) + scale * scale / 12)
-            return np.asarray(costs)
+        def error(lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
+            qmin, qmax, scale = grid_bounds(lows, highs, bw)
+            clipped = np.clip(centers[None, :], qmin[:, None], qmax[:, None])
+            return ((centers[None, :] - clipped) ** 2) @ weights + scale * scale / 12
 
         fractions = np.linspace(1.0 / MSE_CANDIDATES, 1.0, MSE_CANDIDATES)
         if hi > 0:
@@ -220,6 +224,17 @@ class HistogramObserver(MinMaxObserver):
         if lo < 0:
             lo = float(lo * fractions[np.argmin(error(lo * fractions, np.full(MSE_CANDIDATES, hi)))])
         return max(lo, self.min), min(hi, self.max)
+
+
+def grid_bounds(lows: np.ndarray, highs: np.ndarray, bw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(min, max, scale) of ``activation_encoding(lo, hi, bw)`` for arrays of ranges, vectorised."""
+    lows, highs = np.minimum(lows, 0.0), np.maximum(highs, 0.0)
+    highs = np.where(highs - lows < MIN_RANGE, lows + MIN_RANGE, highs)
+    levels = 2 ** bw - 1
+    scale = (highs - lows) / levels
+    offset = np.clip(np.round(lows / scale), -levels, 0)
+    scale = scale.astype(np.float32).astype(np.float64)
+    return offset * scale, (offset + levels) * scale, scale
 
 
 def _kl_after_quantization(hist: np.ndarray, i: int, levels: int) -> float:
@@ -243,13 +258,26 @@ def _kl_after_quantization(hist: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
+def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(flat finite values, min, max); NaN and infinities are dropped (they would make any range useless)."""
     x = np.asarray(x).ravel()
     if x.dtype.kind != "f":
         x = x.astype(np.float32)
-    if not np.isfinite(x).all():
+    if not x.size:
+        return x, math.inf, -math.inf
+    lo, hi = float(x.min()), float(x.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or an infinity reaches min or max
         x = x[np.isfinite(x)]
-    return x
+        if not x.size:
+            return x, math.inf, -math.inf
+        lo, hi = float(x.min()), float(x.max())
+    return x, lo, hi
+
+
+def _stride(size: int) -> int:
+    """Histogram every k-th value of a large tensor (k prime, so it cannot alias power-of-two layouts)."""
+    wanted = size // HISTOGRAM_SAMPLES
+    return max([1] + [p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31) if p <= wanted])
 
 
 def make_observer(method: str, bins: int = 2048) -> MinMaxObserver:
@@ -288,6 +316,7 @@ def collect(module: Module, data, tensors: list[str], method: str = "minmax", bi
     observers = {name: make_observer(method, bins) for name in tensors}
     count = 0
     total = len(data) if hasattr(data, "__len__") else None
+
     with Progress(total, label) as bar:
         for sample in data:
             for name in tensors:

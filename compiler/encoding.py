@@ -224,3 +224,49 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 def has_qdq(graph) -> bool:
     """True once encodings are materialised as QuantizeLinear/DequantizeLinear nodes."""
     return any(node.op in QDQ_OPS for node in graph.nodes)
+
+
+# --- The ONNX form of an encoding (QuantizeLinear / DequantizeLinear parameters) ----------------------
+# Unsigned codes q in [0, 2^bw - 1] with x = (q + offset) * scale map to ONNX's x = (s - zero_point) * scale:
+# asymmetric encodings use unsigned storage (s = q, zero_point = -offset); symmetric ones signed storage
+# (s = q - 2^(bw-1), zero_point = -offset - 2^(bw-1), i.e. 0). 4-bit weights are stored as int8 holding
+# values in [-8, 7]: onnx-graphsurgeon cannot serialize INT4 initializers, and onnxruntime and QNN's HTP
+# compute the same result from them (the .encodings file still says bw=4).
+_STORAGE = {(4, True): np.int8, (8, True): np.int8, (8, False): np.uint8, (16, True): np.int16,
+            (16, False): np.uint16, (32, True): np.int32}
+
+
+def storage_dtype(enc: Encoding) -> np.dtype:
+    try:
+        return np.dtype(_STORAGE[(enc.bw, enc.symmetric)])
+    except KeyError:
+        kind = "symmetric" if enc.symmetric else "asymmetric"
+        raise ValueError(f"no ONNX storage type for a {kind} {enc.bw}-bit encoding") from None
+
+
+def qdq_params(enc: Encoding) -> tuple[np.ndarray, np.ndarray]:
+    """(scale as float32, zero point in the storage type): scalars per tensor, 1-D per channel."""
+    shift = 2 ** (enc.bw - 1) if enc.symmetric else 0
+    scale = np.asarray(enc.scale, dtype=np.float32)
+    zero_point = (-np.asarray(enc.offset, dtype=np.int64) - shift).astype(storage_dtype(enc))
+    if not enc.per_channel:
+        return scale.reshape(()), zero_point.reshape(())
+    return scale, zero_point
+
+
+def stored_values(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """``x`` quantized with ``enc``, in the storage type DequantizeLinear reads."""
+    shift = 2 ** (enc.bw - 1) if enc.symmetric else 0
+    return np.asarray(quantize(np.asarray(x, dtype=np.float64), enc) - shift).astype(storage_dtype(enc))
+
+
+def encoding_from_qdq(scale: np.ndarray, zero_point: np.ndarray, axis: int | None, bw: int | None = None) -> Encoding:
+    """The inverse of ``qdq_params``: an Encoding from a QDQ node's scale and zero point."""
+    dtype = np.dtype(zero_point.dtype)
+    symmetric = dtype.kind == "i"
+    bw = bw or dtype.itemsize * 8
+    shift = 2 ** (bw - 1) if symmetric else 0
+    offsets = tuple(int(-z - shift) for z in np.asarray(zero_point, dtype=np.int64).reshape(-1))
+    scales = tuple(float(s) for s in np.asarray(scale, dtype=np.float32).reshape(-1))
+    return Encoding(bw=bw, scale=scales, offset=offsets, symmetric=symmetric,
+                    axis=axis if np.ndim(scale) == 1 else None)

@@ -196,3 +196,14 @@ def test_calibrate_streams_a_dataset(tmp_path):
     reference = _module()
     _calibrate(reference, samples)
     assert module.encodings == reference.encodings
+
+
+def test_grid_bounds_mirror_activation_encoding():
+    rng = np.random.default_rng(7)
+    lows, highs = rng.uniform(-10, 1, 50), rng.uniform(-1, 10, 50)
+    lows[0], highs[0] = 0.0, 0.001  # below the minimum range
+    for bw in (8, 16):
+        qmin, qmax, scale = calibration.grid_bounds(lows, highs, bw)
+        for i in range(len(lows)):
+            enc = activation_encoding(lows[i], highs[i], bw)
+            assert (qmin[i], qmax[i], scale[i]) == pytest.approx((enc.min[0], enc.max[0], enc.scale[0]), rel=1e-12, abs=1e-15)

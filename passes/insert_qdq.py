@@ -1,0 +1,310 @@
+"""Materialise encodings as QuantizeLinear/DequantizeLinear nodes, in the QDQ form onnxruntime's QNN EP reads.
+
+Activations (every float tensor with an encoding; graph inputs included): one Q -> DQ pair shared
+by all consumers, as onnxruntime's quantizer writes it. A graph output keeps its name on the DQ:
+
+    %t = Relu(%c)                         %t = Relu(%c_dq)
+    %u = MaxPool(%t)              ->      %t_q = QuantizeLinear(%t, @t_scale, @t_zero_point)
+                                          %t_dq = DequantizeLinear(%t_q, @t_scale, @t_zero_point)
+                                          %u = MaxPool(%t_dq)
+
+Weights (Conv/ConvTranspose/Gemm/MatMul input 1, BatchNormalization scale) are stored quantized,
+with no Q node: ``@w_quantized (int8) -> DequantizeLinear(axis) -> Conv``. Symmetric, per output
+channel (axis 0 for Conv and Gemm with transB=1, 1 for ConvTranspose and Gemm with transB=0);
+MatMul weights per tensor (QNN has no per-channel MatMul), as are all weights with per-channel=false
+or opset < 13 (per-axis DequantizeLinear needs 13). A zero (padded) channel gets the minimum range,
+so its scale is valid and its weights quantize to 0. An encoding already in ``module.encodings`` for
+a weight (a loaded encodings file, AdaRound) is used as is.
+
+Biases (Conv/ConvTranspose/Gemm input 2, BatchNormalization B): int32, zero point 0, scale
+s_in * s_w per channel. If a bias value would overflow int32, that channel's weight scale is raised
+until it fits (onnxruntime does the same).
+
+Other float constants feeding data inputs (Add/Mul/Div operands, ...) are quantized like
+activations at the activation bit-width from their own min/max (onnxruntime gives them the activation
+type too); a constant input of a shared-encoding op (Concat, Pad, ...) takes that op's output
+encoding. Parameter inputs (Clip bounds, Resize scales, BatchNormalization mean/var) stay float.
+
+Bit-widths: an activation keeps its ``act_bits`` annotation, else takes ``act-bits``; an encoding
+of another width is re-derived from its range (fixed ranges re-encoded exactly). 8-bit Q/DQ use the
+default domain; 16-bit ones the default domain from opset 21, else ``com.microsoft`` (onnxruntime's
+contrib Q/DQ, which its CPU and QNN providers both run). Tensors that are already quantized (consumed
+by a QuantizeLinear or produced by a DequantizeLinear) are skipped, so a second run changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.calibration import activation_tensors
+from compiler.encoding import (ALL, SHARED_ENCODING_OPS, Encoding, activation_encoding, fixed_ranges, qdq_params,
+                               range_encoding, stored_values, weight_encoding)
+from compiler.ir import Module, QccError, const_value
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
+from compiler.patterns import is_graph_output
+
+MS_DOMAIN = "com.microsoft"
+INT32_MAX = 2 ** 31 - 1
+
+# Float constant inputs that are parameters of the op, not data: they stay float.
+PARAMETER_INPUTS = {
+    "Clip": {1, 2}, "Resize": {1, 2, 3}, "Upsample": {1}, "BatchNormalization": {3, 4}, "Pad": {1, 2, 3},
+    "Slice": {1, 2, 3, 4}, "Reshape": {1}, "Expand": {1}, "Tile": {1}, "Split": {1}, "Squeeze": {1},
+    "Unsqueeze": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "TopK": {1},
+    "Range": {0, 1, 2}, "ConstantOfShape": {0},
+}
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
+BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization"})
+
+
+def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
+    """The output-channel axis of ``node``'s weight (input 1), or None where QNN takes it per tensor."""
+    if node.op == "Conv" or node.op == "BatchNormalization":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if node.attrs.get("group", 1) == 1 else None
+    if node.op == "Gemm" and weight.ndim == 2:
+        return 0 if node.attrs.get("transB", 0) else 1
+    return None
+
+
+def _fits(enc: Encoding, weight: np.ndarray, axis: int | None) -> bool:
+    if enc.axis is None:
+        return len(enc.scale) == 1
+    return enc.axis == axis and len(enc.scale) == weight.shape[axis]
+
+
+@register
+class InsertQdq(Pass):
+    name = "insert-qdq"
+    kind = PassKind.LOWERING
+
+    @dataclass(frozen=True)
+    class Options:
+        act_bits: int = 8
+        weight_bits: int = 8
+        per_channel: bool = True
+        bias_bits: int = 32
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if opts.act_bits not in (8, 16):
+            raise QccError(f"insert-qdq: act-bits must be 8 or 16, got {opts.act_bits}")
+        if opts.weight_bits not in (4, 8, 16):
+            raise QccError(f"insert-qdq: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
+        if opts.bias_bits != 32:
+            raise QccError(f"insert-qdq: bias-bits must be 32 (QNN's HTP takes int32 biases), got {opts.bias_bits}")
+        per_channel = opts.per_channel
+        if per_channel and module.opset < 13:
+            ctx.remark("graph", f"opset {module.opset} < 13 has no per-axis DequantizeLinear; weights quantized per tensor "
+                                f"(run upgrade-opset first)")
+            per_channel = False
+        self.graph, self.module, self.ctx = module.graph, module, ctx
+        self.stats = {"activations": 0, "weights": 0, "biases": 0, "constants": 0, "rebitted": 0}
+        self.dequantized: dict[str, gs.Variable] = {}  # constant name -> its DQ output
+        self.kept_float: set[tuple[int, int]] = set()  # (id(node), input index) deliberately left float
+        self.taken = set(self.graph.tensors()) | {n.name for n in self.graph.nodes} | set(module.encodings)
+
+        activations = self._activations()
+        for node in list(self.graph.nodes):
+            if node.op in WEIGHT_OPS:
+                self._quantize_weight_op(node, per_channel)
+        for node in list(self.graph.nodes):
+            self._quantize_constant_inputs(node)
+        tensors = self.graph.tensors()
+        for name in activations:
+            self._quantize_activation(tensors[name])
+        self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        modified = any(self.stats[k] for k in ("activations", "weights", "biases", "constants"))
+        return PassResult(modified, {k: v for k, v in self.stats.items() if v})
+
+    # --- activations ------------------------------------------------------------------------------
+
+    def _activations(self) -> list[str]:
+        """Float tensors to quantize now, with their encodings settled at the final bit-width."""
+        module, tensors = self.module, self.graph.tensors()
+        fixed = fixed_ranges(module)
+        chosen, unencoded = [], []
+        for name in activation_tensors(module):
+            tensor = tensors[name]
+            if _is_quantized(tensor):
+                continue
+            enc = module.encodings.get(name)
+            if enc is None:
+                if tensor.outputs or is_graph_output(self.graph, tensor):
+                    unencoded.append(name)
+                continue
+            if enc.dtype != "int":
+                continue
+            bw = int(module.annotations.get(name, {}).get("act_bits", self.options.act_bits))
+            if enc.bw != bw:
+                module.encodings[name] = (range_encoding(*fixed[name], bw) if name in fixed else
+                                          activation_encoding(float(enc.min[0]), float(enc.max[0]), bw))
+                self.stats["rebitted"] += 1
+            chosen.append(name)
+        if unencoded:
+            self.ctx.remark(unencoded[0], f"{len(unencoded)} float tensor(s) have no encoding and stay float "
+                                          f"(run calibrate first): {', '.join(unencoded[:5])}")
+            self.stats["unencoded"] = len(unencoded)
+        return chosen
+
+    def _quantize_activation(self, tensor: gs.Variable) -> None:
+        enc = self.module.encodings[tensor.name]
+        scale, zero_point = self._qparams(tensor.name, enc)
+        domain = self._domain(enc)
+        quantized = gs.Variable(self._name(f"{tensor.name}_q"), dtype=zero_point.dtype, shape=tensor.shape)
+        if is_graph_output(self.graph, tensor) and tensor.inputs:
+            # Keep the output's name on the DQ: the producer now writes a renamed float tensor.
+            before = gs.Variable(self._name(f"{tensor.name}_float"), dtype=tensor.dtype, shape=tensor.shape)
+            producer = tensor.inputs[0]
+            producer.outputs[producer.outputs.index(tensor)] = before
+            self._node("QuantizeLinear", [before, scale, zero_point], [quantized], domain)
+            self._node("DequantizeLinear", [quantized, scale, zero_point], [tensor], domain)
+        else:
+            after = gs.Variable(self._name(f"{tensor.name}_dq"), dtype=tensor.dtype, shape=tensor.shape)
+            users = list(tensor.outputs)
+            self._node("QuantizeLinear", [tensor, scale, zero_point], [quantized], domain)
+            self._node("DequantizeLinear", [quantized, scale, zero_point], [after], domain)
+            for user in users:
+                for i, value in enumerate(user.inputs):
+                    if value is tensor:
+                        user.inputs[i] = after
+        self.stats["activations"] += 1
+
+    # --- weights, biases and other constants --------------------------------------------------------
+
+    def _quantize_weight_op(self, node: gs.Node, per_channel: bool) -> None:
+        weight = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or not np.issubdtype(weight.dtype, np.floating):
+            return
+        name = node.inputs[1].name
+        axis = weight_axis(node, weight) if per_channel else None
+        bias = const_value(node.inputs[2]) if node.op in BIAS_OPS and len(node.inputs) > 2 and node.inputs[2].name else None
+        input_enc = self.module.encodings.get(node.inputs[0].name)
+        shared = self.module.encodings.get(name) if name in self.dequantized else None
+        if shared is not None and shared.axis in (None, weight_axis(node, weight)):
+            enc = shared  # a weight shared by several nodes: one DequantizeLinear
+            node.inputs[1] = self.dequantized[name]
+        else:
+            enc = self.module.encodings.get(name)
+            if name in self.dequantized:  # shared by ops that need another axis (e.g. Gemm and MatMul)
+                name, enc = self._name(name), None
+            if enc is not None and not _fits(enc, weight, weight_axis(node, weight) if enc.per_channel else None):
+                self.ctx.remark(node, f"encoding given for weight '{name}' does not match its shape {list(weight.shape)}; recomputed")
+                enc = None
+            if enc is None:
+                enc = weight_encoding(weight, self.options.weight_bits, axis)
+            if bias is not None and input_enc is not None and np.issubdtype(bias.dtype, np.floating):
+                enc = self._fit_bias(node, enc, bias, input_enc)
+            self.module.encodings[name] = enc
+            node.inputs[1] = self._dequantized_constant(name, weight, enc)
+            self.stats["weights"] += 1
+        if bias is not None and np.issubdtype(bias.dtype, np.floating):
+            if input_enc is None:
+                self.ctx.remark(node, f"input '{node.inputs[0].name}' has no encoding; bias left float")
+                self.kept_float.add((id(node), 2))
+                return
+            self._quantize_bias(node, bias, input_enc, enc)
+
+    def _fit_bias(self, node: gs.Node, weight_enc: Encoding, bias: np.ndarray, input_enc: Encoding) -> Encoding:
+        """Raise weight scales whose bias scale s_in * s_w would overflow int32 for this bias."""
+        scales = np.asarray(weight_enc.scale, dtype=np.float64)
+        magnitude = np.abs(bias.astype(np.float64))
+        limit = INT32_MAX * input_enc.scale[0] / 1.0001
+        if not weight_enc.per_channel:
+            raised = np.maximum(scales, magnitude.max(initial=0.0) / limit)
+        elif magnitude.ndim and magnitude.shape[-1] == len(scales):
+            raised = np.maximum(scales, magnitude.reshape(-1, len(scales)).max(axis=0) / limit)
+        else:
+            return weight_enc  # _quantize_bias leaves such a bias float
+        if np.array_equal(raised, scales):
+            return weight_enc
+        self.ctx.remark(node, "weight scale raised so that the int32 bias does not overflow")
+        self.stats["weight-scales-raised"] = self.stats.get("weight-scales-raised", 0) + 1
+        return Encoding(bw=weight_enc.bw, scale=tuple(float(np.float32(s)) for s in raised), offset=weight_enc.offset,
+                        symmetric=True, axis=weight_enc.axis)
+
+    def _quantize_bias(self, node: gs.Node, bias: np.ndarray, input_enc: Encoding, weight_enc: Encoding) -> None:
+        """int32, zero point 0, scale s_in * s_w along the bias's last axis (the output channels)."""
+        input_scale = np.float32(input_enc.scale[0])
+        if weight_enc.per_channel:
+            if bias.ndim == 0 or bias.shape[-1] != len(weight_enc.scale):
+                self.ctx.remark(node, f"bias shape {list(bias.shape)} does not match {len(weight_enc.scale)} weight channels; left float")
+                self.kept_float.add((id(node), 2))
+                return
+            scales, axis = tuple(float(input_scale * np.float32(s)) for s in weight_enc.scale), bias.ndim - 1
+        else:
+            scales, axis = (float(input_scale * np.float32(weight_enc.scale[0])),), None
+        enc = Encoding(bw=32, scale=scales, offset=tuple(-(2 ** 31) for _ in scales), symmetric=True, axis=axis)
+        name = node.inputs[2].name
+        if name in self.dequantized and self.module.encodings.get(name) == enc:
+            node.inputs[2] = self.dequantized[name]
+            return
+        if name in self.dequantized:  # a bias shared by nodes with different input or weight scales
+            name = self._name(name)
+        self.module.encodings[name] = enc
+        node.inputs[2] = self._dequantized_constant(name, bias, enc)
+        self.stats["biases"] += 1
+
+    def _quantize_constant_inputs(self, node: gs.Node) -> None:
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
+            return
+        skip = PARAMETER_INPUTS.get(node.op, set())
+        rule = SHARED_ENCODING_OPS.get(node.op)
+        for index, tensor in enumerate(node.inputs):
+            value = const_value(tensor) if tensor.name else None
+            if index in skip or (id(node), index) in self.kept_float or value is None or not np.issubdtype(value.dtype, np.floating):
+                continue
+            if tensor.name in self.dequantized:
+                node.inputs[index] = self.dequantized[tensor.name]
+                continue
+            shared = rule is not None and (rule.inputs == ALL or index in rule.inputs)
+            enc = self.module.encodings.get(tensor.name)
+            if enc is None and shared and node.outputs[0].name in self.module.encodings:
+                enc = self.module.encodings[node.outputs[0].name]
+            if enc is None:
+                enc = activation_encoding(float(value.min(initial=0.0)), float(value.max(initial=0.0)), self.options.act_bits)
+            self.module.encodings[tensor.name] = enc
+            node.inputs[index] = self._dequantized_constant(tensor.name, value, enc)
+            self.stats["constants"] += 1
+
+    def _dequantized_constant(self, name: str, value: np.ndarray, enc: Encoding) -> gs.Variable:
+        """``@name_quantized -> DequantizeLinear -> %name_dq``, shared by every use of the constant."""
+        stored = gs.Constant(self._name(f"{name}_quantized"), stored_values(value, enc))
+        scale, zero_point = self._qparams(name, enc)
+        out = gs.Variable(self._name(f"{name}_dq"), dtype=np.float32, shape=list(value.shape))
+        attrs = {"axis": enc.axis} if enc.per_channel else {}
+        self._node("DequantizeLinear", [stored, scale, zero_point], [out], self._domain(enc), attrs)
+        self.dequantized[name] = out
+        return out
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _qparams(self, name: str, enc: Encoding) -> tuple[gs.Constant, gs.Constant]:
+        scale, zero_point = qdq_params(enc)
+        scale_const = gs.Constant(self._name(f"{name}_scale"), scale)
+        zp_const = gs.Constant(self._name(f"{name}_zero_point"), zero_point)
+        return scale_const, zp_const
+
+    def _name(self, hint: str) -> str:
+        """A tensor name unused in the graph and the encodings table (compiler.ir.unique_name rescans the graph)."""
+        name, i = hint, 0
+        while name in self.taken:
+            i += 1
+            name = f"{hint}_{i}"
+        self.taken.add(name)
+        return name
+
+    def _domain(self, enc: Encoding) -> str:
+        standard = enc.bw in (4, 8, 32) or self.module.opset >= 21
+        return "" if standard else MS_DOMAIN
+
+    def _node(self, op: str, inputs: list, outputs: list, domain: str, attrs: dict | None = None) -> None:
+        self.graph.nodes.append(gs.Node(op, inputs=inputs, outputs=outputs, attrs=attrs or {}, domain=domain))
+
+
+def _is_quantized(tensor) -> bool:
+    produced_by_dq = bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
+    return produced_by_dq or any(user.op == "QuantizeLinear" for user in tensor.outputs)
