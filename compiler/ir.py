@@ -56,6 +56,10 @@ class Module:
     def annotate(self, tensor_name: str, **hints) -> None:
         self.annotations.setdefault(tensor_name, {}).update(hints)
 
+    def infer_shapes(self) -> None:
+        """Recompute every intermediate shape (after folding made reshape targets constant)."""
+        self.graph = from_onnx(infer_shapes(self.to_onnx())).graph
+
     def to_onnx(self) -> onnx.ModelProto:
         self.graph.cleanup().toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)

@@ -30,4 +30,6 @@ class FoldConstants(Pass):
         graph.fold_constants(fold_shapes=self.options.fold_shapes, error_ok=True, flatten_subgraphs=False)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         removed = before - len(graph.nodes)
+        if removed:
+            module.infer_shapes()
         return PassResult(removed > 0, {"nodes-folded": removed, "constant-nodes": constant_nodes})
