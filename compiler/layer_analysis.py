@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compiler.encoding import Encoding, fake_quantize
+from compiler.encoding import Encoding, encoding_from_qdq, fake_quantize
 from compiler.ir import QccError
 from compiler.progress import Progress
 from compiler.runtime import make_session
@@ -68,7 +68,7 @@ def is_dq(node: onnx.NodeProto) -> bool:
     return node.op_type == "DequantizeLinear" and node.domain in QDQ_DOMAINS
 
 
-class _Graph:
+class GraphIndex:
     """Name indexes over a ModelProto's graph."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -115,10 +115,9 @@ class QdqParams:
 
     @property
     def encoding(self) -> Encoding:
-        """The same grid as a compiler.encoding.Encoding (offset = qmin - zero_point)."""
-        scale = tuple(float(s) for s in np.ravel(self.scale))
-        offset = tuple(self.qmin - int(z) for z in np.broadcast_to(np.ravel(self.zero_point), (len(scale),)))
-        return Encoding(bw=self.bits, scale=scale, offset=offset, symmetric=self.qmin < 0, axis=self.axis)
+        """The same grid as a compiler.encoding.Encoding."""
+        zero_point = np.broadcast_to(self.zero_point, np.shape(self.scale))
+        return encoding_from_qdq(self.scale, zero_point, self.axis, self.bits)
 
     @property
     def min(self) -> float:
@@ -137,7 +136,7 @@ class QdqParams:
         return ((q.astype(np.float64) - zero) * scale).astype(self.scale.dtype)
 
 
-def _qdq_params(g: _Graph, dq: onnx.NodeProto) -> QdqParams | None:
+def dq_params(g: GraphIndex, dq: onnx.NodeProto) -> QdqParams | None:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
     if attrs.get("block_size"):
         return None
@@ -157,7 +156,7 @@ def _qdq_params(g: _Graph, dq: onnx.NodeProto) -> QdqParams | None:
     return QdqParams(np.asarray(scale), np.asarray(zero), qmin, qmax, _BITS[elem], axis)
 
 
-def _dq_input_type(g: _Graph, dq: onnx.NodeProto) -> int:
+def _dq_input_type(g: GraphIndex, dq: onnx.NodeProto) -> int:
     """The integer type of a DQ's input when it has no zero point: from the constant, or the Q's output_dtype."""
     value = g.constant(dq.input[0])
     if value is not None:
@@ -201,7 +200,7 @@ class QdqMapping:
     unmatched: list[str]
 
 
-def _match_node(fg: _Graph, node: onnx.NodeProto) -> int | None:
+def _match_node(fg: GraphIndex, node: onnx.NodeProto) -> int | None:
     """The FLOAT node corresponding to a QUANT node: same name and op, else one that writes the same output."""
     index = fg.by_name.get(node.name) if node.name else None
     if index is not None and fg.nodes[index].op_type == node.op_type:
@@ -222,7 +221,7 @@ def _strip(name: str) -> list[str]:
 
 
 def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMapping:
-    fg, qg = _Graph(float_model), _Graph(quant_model)
+    fg, qg = GraphIndex(float_model), GraphIndex(quant_model)
     outputs = [(f, f) for f in fg.outputs if f in qg.outputs]
     if not outputs and len(fg.outputs) == len(qg.outputs):
         outputs = list(zip(fg.outputs, qg.outputs))
@@ -238,7 +237,7 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
         if not is_dq(dq):
             continue
         out = dq.output[0]
-        params = _qdq_params(qg, dq)
+        params = dq_params(qg, dq)
         if params is None:
             unmatched.append(f"{out}: unsupported DequantizeLinear parameters (non-constant scale, block size or type)")
             continue
@@ -273,7 +272,7 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
     return QdqMapping(activations, weights, outputs, unmatched)
 
 
-def _float_activation(fg: _Graph, qg: _Graph, out: str, users: list[int], source: int, output_of: dict) -> str | None:
+def _float_activation(fg: GraphIndex, qg: GraphIndex, out: str, users: list[int], source: int, output_of: dict) -> str | None:
     if out in output_of and output_of[out] in fg.tensors:
         return output_of[out]
     votes: dict[str, int] = {}
@@ -416,7 +415,7 @@ def _replace_inputs(model: onnx.ModelProto, replacements: list[tuple[int, int, n
         node.input[index] = name
 
 
-def weight_values(fg: _Graph, qg: _Graph, mapping: QdqMapping) -> tuple[list, list]:
+def weight_values(fg: GraphIndex, qg: GraphIndex, mapping: QdqMapping) -> tuple[list, list]:
     """(FLOAT node, index, dequantized weight) and (QUANT node, index, float weight) replacements."""
     dequantized, floats = [], []
     for use in mapping.weights:
@@ -494,7 +493,7 @@ def _finite_dict(row: dict) -> dict:
 
 class _Sessions:
     def __init__(self, float_model: onnx.ModelProto, quant_model: onnx.ModelProto, mapping: QdqMapping, with_blame: bool):
-        fg, qg = _Graph(float_model), _Graph(quant_model)
+        fg, qg = GraphIndex(float_model), GraphIndex(quant_model)
         rows = mapping.activations
         float_names = [r.name for r in rows]
         float_outputs = [f for f, _ in mapping.outputs]
@@ -611,7 +610,7 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
 def _layer_weights(mapping: QdqMapping, float_model: onnx.ModelProto) -> dict:
     """FLOAT tensor -> (bits, per channel) of the weights its layer reads: the FLOAT nodes between the
     tensor and the quantized activations (or graph inputs) upstream."""
-    fg = _Graph(float_model)
+    fg = GraphIndex(float_model)
     quantized = {r.name for r in mapping.activations}
     uses: dict[int, list[WeightUse]] = {}
     for use in mapping.weights:
