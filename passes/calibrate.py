@@ -34,7 +34,7 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: str = choices(*METHODS, default="percentile")
+        method: str = choices(*METHODS, default="mse")
         percentile: float = 99.99
         bins: int = 2048
         act_bits: int = 8

@@ -30,9 +30,11 @@ of another width is re-derived from its range (fixed ranges re-encoded exactly).
 default domain; 16-bit ones the default domain from opset 21, else ``com.microsoft`` (onnxruntime's
 contrib Q/DQ, which its CPU and QNN providers both run). Tensors that are already quantized (consumed
 by a QuantizeLinear or produced by a DequantizeLinear) are skipped, so a second run changes nothing.
+The model's metadata ``qcc.qdq-constants`` maps each quantized constant to its stored initializer.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,9 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, regis
 from compiler.patterns import is_graph_output
 
 MS_DOMAIN = "com.microsoft"
+# Model metadata: JSON {constant's encoding name: its stored initializer}, so the encodings of
+# quantized weights can be read back from a saved QDQ model (compiler.export).
+QDQ_CONSTANTS_KEY = "qcc.qdq-constants"
 INT32_MAX = 2 ** 31 - 1
 
 # Float constant inputs that are parameters of the op, not data: they stay float.
@@ -105,6 +110,7 @@ class InsertQdq(Pass):
         self.stats = {"activations": 0, "weights": 0, "biases": 0, "constants": 0, "rebitted": 0}
         self.dequantized: dict[str, gs.Variable] = {}  # constant name -> its DQ output
         self.kept_float: set[tuple[int, int]] = set()  # (id(node), input index) deliberately left float
+        self.stored: dict[str, str] = {}  # constant's encoding name -> its stored (quantized) initializer
         self.taken = set(self.graph.tensors()) | {n.name for n in self.graph.nodes} | set(module.encodings)
 
         activations = self._activations()
@@ -117,6 +123,9 @@ class InsertQdq(Pass):
         for name in activations:
             self._quantize_activation(tensors[name])
         self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if self.stored:
+            recorded = json.loads(module.metadata.get(QDQ_CONSTANTS_KEY, "{}"))
+            module.metadata[QDQ_CONSTANTS_KEY] = json.dumps({**recorded, **self.stored}, sort_keys=True)
         modified = any(self.stats[k] for k in ("activations", "weights", "biases", "constants"))
         return PassResult(modified, {k: v for k, v in self.stats.items() if v})
 
@@ -278,6 +287,7 @@ class InsertQdq(Pass):
         attrs = {"axis": enc.axis} if enc.per_channel else {}
         self._node("DequantizeLinear", [stored, scale, zero_point], [out], self._domain(enc), attrs)
         self.dequantized[name] = out
+        self.stored[name] = stored.name
         return out
 
     # --- helpers -----------------------------------------------------------------------------------

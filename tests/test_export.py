@@ -1,0 +1,115 @@
+"""Encodings files: both layouts, numbers identical to the QDQ nodes, and a lossless round trip."""
+import json
+
+import numpy as np
+import onnx.parser
+import pytest
+
+from compiler.encoding import qdq_params
+from compiler.export import apply_encodings, encodings_document, qdq_encodings, read_encodings, write_encodings
+from compiler.ir import QccError, const_value, from_onnx, infer_shapes
+from compiler.pass_manager import PassContext, PassManager, parse_pipeline
+from compiler.runtime import sample_inputs
+
+MODEL = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,2,4,4] x) => (float[1,2] y, float[1,3,4,4] r)
+  <float[3,2,1,1] w = {1.0, -2.0, 0.0, 0.0, 0.5, 3.0}, float[3] b = {0.1, 0.0, -0.2}, float[3] k = {0.5, 1.0, 2.0},
+   float[3,2] fc = {0.1, -0.2, 0.3, 0.4, -0.5, 0.6}> {
+  c = Conv(x, w, b)
+  r = Relu(c)
+  p = GlobalAveragePool(r)
+  f = Flatten(p)
+  m = Mul(f, k)
+  g = MatMul(m, fc)
+  y = Softmax <axis = 1> (g)
+}"""
+PIPELINE = "calibrate{method=percentile},propagate-encodings,insert-qdq"
+
+
+def _float():
+    return from_onnx(infer_shapes(onnx.parser.parse_model(MODEL)))
+
+
+def _compile(module, pipeline=PIPELINE):
+    ctx = PassContext(calib_data=sample_inputs(module, PassContext(seed=0), count=4), log=lambda m: None)
+    PassManager(parse_pipeline(pipeline), quiet=True).run(module, ctx)
+    return module
+
+
+def _qdq_nodes(module):
+    return [n for n in module.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
+
+
+@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+def test_numbers_in_the_file_are_those_of_the_qdq_nodes(tmp_path, fmt):
+    module = _float()
+    module.annotate("c", act_bits=16)
+    _compile(module)
+    path = tmp_path / "m.encodings"
+    write_encodings(module, path, fmt)
+    activations, params = read_encodings(path)
+    stored = json.loads(module.metadata["qcc.qdq-constants"])
+    by_stored = {v: k for k, v in stored.items()}
+    outputs = {t.name for t in module.graph.outputs}
+    checked = 0
+    for node in _qdq_nodes(module):
+        if node.op == "QuantizeLinear":
+            dq = node.outputs[0].outputs[0]
+            name = dq.outputs[0].name if dq.outputs[0].name in outputs else node.inputs[0].name
+            enc = activations[name]
+        elif node.inputs[0].name in by_stored:
+            enc = params[by_stored[node.inputs[0].name]]
+        else:
+            continue  # the DQ of an activation: checked with its Q
+        scale, zero_point = qdq_params(enc)
+        np.testing.assert_array_equal(const_value(node.inputs[1]), scale)
+        np.testing.assert_array_equal(const_value(node.inputs[2]), zero_point)
+        assert const_value(node.inputs[2]).dtype == zero_point.dtype
+        checked += 1
+    q_nodes = [n for n in module.graph.nodes if n.op == "QuantizeLinear"]
+    assert len(activations) == len(q_nodes) and set(params) == set(stored) == {"w", "b", "k", "fc"}
+    assert checked == len(q_nodes) + len(stored)
+    assert activations["c"].bw == 16 and activations["x"].bw == 8 and params["b"].bw == 32
+
+
+def test_layouts_use_aimet_field_names(tmp_path):
+    module = _compile(_float())
+    v1 = encodings_document(module, "1.0.0")
+    assert v1["version"] == "1.0.0" and isinstance(v1["activation_encodings"], list)
+    weight = next(e for e in v1["param_encodings"] if e["name"] == "w")
+    assert set(weight) == {"name", "dtype", "enc_type", "is_sym", "bw", "scale", "offset"}
+    assert weight["enc_type"] == "PER_CHANNEL" and weight["is_sym"] is True and weight["offset"] == [-128] * 3
+    relu = next(e for e in v1["activation_encodings"] if e["name"] == "r")
+    assert relu["enc_type"] == "PER_TENSOR" and relu["is_sym"] is False and relu["offset"] == [0] and relu["dtype"] == "INT"
+    legacy = encodings_document(module, "0.6.1")
+    assert legacy["version"] == "0.6.1" and isinstance(legacy["param_encodings"], dict)
+    channels = legacy["param_encodings"]["w"]
+    assert len(channels) == 3 and set(channels[0]) == {"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"}
+    assert channels[0]["is_symmetric"] == "True" and legacy["activation_encodings"]["r"][0]["is_symmetric"] == "False"
+    assert channels[0]["min"] == pytest.approx(-128 * channels[0]["scale"])
+
+
+@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+def test_loading_the_file_reproduces_the_qdq_model(tmp_path, fmt):
+    module = _float()
+    module.annotate("c", act_bits=16)
+    _compile(module, PIPELINE.replace("insert-qdq", "insert-qdq{weight-bits=4}"))
+    path = tmp_path / "m.encodings"
+    write_encodings(module, path, fmt)
+    fresh = _float()
+    applied = apply_encodings(fresh, *read_encodings(path))
+    assert applied["activations"] == len([n for n in module.graph.nodes if n.op == "QuantizeLinear"])
+    PassManager(parse_pipeline("insert-qdq{weight-bits=4}"), quiet=True).run(fresh, PassContext(log=lambda m: None))
+    assert fresh.to_onnx().graph.SerializeToString() == module.to_onnx().graph.SerializeToString()
+    assert qdq_encodings(fresh) == qdq_encodings(module)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(QccError, match="nothing to export"):
+        encodings_document(_float())
+    with pytest.raises(QccError, match="unknown encodings format"):
+        encodings_document(_compile(_float()), "2.0")
+    bad = tmp_path / "bad.encodings"
+    bad.write_text("{not json")
+    with pytest.raises(QccError, match="bad.encodings: cannot read encodings"):
+        read_encodings(bad)
