@@ -84,3 +84,30 @@ def test_declines_without_data():
     result = AdaRound().run(module, ctx)
     assert not result.modified and not module.encodings
     assert any("calibration data" in r.message for r in ctx.remarks)
+
+
+def test_insert_qdq_emits_exactly_the_learned_weights():
+    from compiler.pass_manager import PassManager, parse_pipeline
+    from onnx import numpy_helper
+    module = small_conv()
+    samples = sample_inputs(module, PassContext(seed=3), 4)
+    run_adaround(module, samples, iterations=50)
+    learned = {name: const_value(module.graph.tensors()[name]).copy() for name in ("w", "wm")}
+    ctx = PassContext(calib_data=samples, log=lambda m: None)
+    PassManager(parse_pipeline(f"calibrate,insert-qdq{{weight-bits={BITS}}}"), quiet=True).run(module, ctx)
+    proto = module.to_onnx()
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    dequantized = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            q, scale, zero = (inits[n] for n in node.input[:3])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * q.ndim
+            if scale.ndim:
+                shape[axis] = -1
+            dequantized[node.output[0]] = ((q.astype(np.int32) - zero.astype(np.int32).reshape(shape)).astype(np.float32)
+                                           * scale.reshape(shape))
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "MatMul"):
+            name = "w" if node.op_type == "Conv" else "wm"
+            assert np.array_equal(dequantized[node.input[1]], learned[name]), name
