@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from compiler import analyze_cmd, compare_dump
+from compiler import htp
 from compiler.ir import QccError, load, parse_input_shape, save
 from compiler.pass_manager import PassContext, PassManager, load_passes, parse_pipeline
 from compiler.printer import print_module
@@ -94,7 +95,7 @@ def cmd_print(args) -> int:
     return 0
 
 
-COMMANDS = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command]
+COMMANDS = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command, htp.add_command]
 
 
 def make_parser() -> argparse.ArgumentParser:

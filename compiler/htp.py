@@ -1,0 +1,291 @@
+"""`qcc run-htp MODEL --data DIR`: run a QDQ model on the QNN HTP backend and compare it with CPU simulation.
+
+The backend is the one onnxruntime-qnn ships (an optional dependency: ``pip install '.[qnn]'``);
+on x86-64 it simulates the NPU's integer arithmetic. The session runs with CPU fallback disabled,
+so a model that loads runs as a whole graph on HTP; one that does not raises QccError naming the
+refused nodes and QNN's reason. The reference is onnxruntime's CPU provider with graph
+optimisations off (compiler.runtime), i.e. the exact QDQ simulation.
+
+Per output, over the samples: cosine (mean and min over samples), SQNR = 10 log10(Σ cpu² / Σ (htp -
+cpu)²) in dB, the largest absolute difference, and that difference in quantization steps when the
+output comes out of a per-tensor DequantizeLinear (its scale is the step). HTP's integer
+arithmetic differs from the float simulation by a few steps; docs/htp-backend.md lists which QDQ
+forms the backend accepts.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compiler.ir import QccError, fix_input_shapes, load, parse_input_shape
+from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
+from compiler.runtime import run_model
+
+EP_NAME = "QNNExecutionProvider"
+INSTALL_HINT = ("the QNN HTP backend needs the optional package onnxruntime-qnn: "
+                "pip install 'qcc[qnn]' (or: pip install onnxruntime-qnn==2.7.0)")
+# Elementwise ops whose constant inputs must be quantized too: a float constant there leaves a float
+# tensor inside the HTP graph (docs/htp-backend.md, "Rejected").
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "MatMul", "Concat", "Where", "PRelu"})
+_VALIDATION_FAILED = re.compile(r"Validation FAILED for \d+ nodes in OrtNodeUnit \((?P<unit>[^)]*)\)")
+_UNIT_NODE = re.compile(r"Operator type: (?P<op>\S+) Node name: (?P<name>.*?) Node index: (?P<index>\d+)")
+_UNSUPPORTED = re.compile(r"Unsupported nodes in QNN EP: (?P<nodes>.*)")
+
+
+def qnn_module():
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise QccError(INSTALL_HINT) from None
+    return onnxruntime_qnn
+
+
+@functools.cache
+def htp_devices() -> tuple:
+    """Register onnxruntime-qnn's execution provider library (once per process) and return its devices."""
+    qnn = qnn_module()
+    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        try:
+            ort.register_execution_provider_library(EP_NAME, qnn.get_library_path())
+        except Exception as exc:
+            if "already registered" not in str(exc):
+                raise QccError(f"cannot load onnxruntime-qnn's execution provider: {_first_line(exc)}") from None
+    devices = tuple(d for d in ort.get_ep_devices() if d.ep_name == EP_NAME)
+    if not devices:
+        raise QccError("onnxruntime-qnn is installed but onnxruntime lists no QNN device")
+    return devices
+
+
+def htp_session_options(log_severity: int = 3) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    # Nodes HTP refuses would silently run on CPU; refuse the session instead.
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options.add_provider_for_devices(list(htp_devices()), {"backend_path": qnn_module().get_qnn_htp_path()})
+    return options
+
+
+class _CapturedLog:
+    """onnxruntime's log messages while the block runs, instead of on stderr."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def __enter__(self):
+        # Severity 2 is onnxruntime's default, so the default logger is as before after restoring it.
+        ort.set_default_logger_callback(lambda severity, category, logid, where, message: self.messages.append(message), 2)
+        return self
+
+    def __exit__(self, *exc):
+        ort.set_default_logger_callback(None, 2)
+        return False
+
+
+def htp_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An HTP session for ``model``; QccError naming what the backend refused when the graph does not fit."""
+    data = model.SerializeToString()
+    options = htp_session_options()
+    with _CapturedLog():
+        try:
+            return ort.InferenceSession(data, options)
+        except Exception as exc:
+            error = exc
+    raise QccError(diagnose(model, error)) from None
+
+
+def diagnose(model: onnx.ModelProto, error: Exception) -> str:
+    """One line saying why HTP refused ``model``: QNN's per-node validation reasons, which onnxruntime only
+    logs at verbose level (so the session is tried again with verbose logs captured), or for a graph
+    that fails to finalize, the float tensors between quantized ops that cause it."""
+    first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(error))
+    with _CapturedLog() as log:
+        try:
+            ort.InferenceSession(model.SerializeToString(), htp_session_options(log_severity=0))
+        except Exception:
+            pass
+    refused = refused_nodes(model, log.messages)
+    if refused:
+        more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+        return f"the QNN HTP backend cannot run the whole graph: {'; '.join(refused[:3])}{more}"
+    if "finalize" in first.lower():
+        suspects = float_tensors_between_quantized_ops(model)
+        if suspects:
+            more = f" (and {len(suspects) - 5} more)" if len(suspects) > 5 else ""
+            return (f"the QNN HTP backend failed to build the graph ({first}); likely cause, float tensors "
+                    f"between quantized ops: {', '.join(suspects[:5])}{more}")
+    return f"the QNN HTP backend refused the model: {first}"
+
+
+def refused_nodes(model: onnx.ModelProto, messages: list[str]) -> list[str]:
+    """'Conv (output 'y'): REASON' for each node group QNN's validation failed, from its verbose log."""
+    found = []
+    for message in messages:
+        failed = _VALIDATION_FAILED.search(message)
+        if failed:
+            unit_op = failed["unit"]
+            members = list(_UNIT_NODE.finditer(message))
+            main = next((m for m in members if m["op"] == unit_op), members[0] if members else None)
+            reason = message.split("REASON :", 1)[1].strip().splitlines()[0] if "REASON :" in message else "refused"
+            # QNN glues a second sentence on without a space ("... by QNN EP.Hardmax node ..."): keep the first.
+            reason = re.split(r"(?<=\.)(?=[A-Z])", reason)[0]
+            where = _describe(model, main["op"], main["name"].strip(), int(main["index"])) if main else unit_op
+            found.append(f"{where}: {reason}")
+    if not found:
+        found = [f"unsupported nodes {m['nodes'].strip()}" for m in map(_UNSUPPORTED.search, messages) if m]
+    return list(dict.fromkeys(found))
+
+
+def _describe(model: onnx.ModelProto, op: str, name: str, index: int) -> str:
+    # onnxruntime numbers the nodes it loads in file order; nodes it inserts (layout changes) come after.
+    if index < len(model.graph.node) and model.graph.node[index].op_type == op:
+        node = model.graph.node[index]
+        return f"{op} '{node.name}'" if node.name else f"{op} (output '{node.output[0]}')"
+    return f"{op} '{name}'" if name else op
+
+
+def float_tensors_between_quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """Outputs of compute ops that no QuantizeLinear takes, and float constants read by elementwise ops."""
+    g = GraphIndex(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    float_type = onnx.TensorProto.FLOAT
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    suspects = []
+    for node in g.nodes:
+        if is_q(node) or is_dq(node) or node.op_type == "Constant":
+            continue
+        for out in node.output:
+            users = g.consumers.get(out, [])
+            if types.get(out) == float_type and not all(is_q(g.nodes[i]) for i in users):
+                suspects.append(f"{node.op_type} output '{out}' (not quantized)")
+        if node.op_type in _ELEMENTWISE:
+            for name in node.input:
+                value = g.constant(name) if name else None
+                if value is not None and value.dtype.kind == "f":
+                    suspects.append(f"{node.op_type} (output '{node.output[0]}') reads float constant '{name}' without a DequantizeLinear")
+    return suspects
+
+
+def run_htp(model: onnx.ModelProto, samples: list[dict]) -> tuple[list[dict], float]:
+    """Outputs of ``model`` on HTP for each sample, and the mean seconds per sample."""
+    session = htp_session(model)
+    names = [o.name for o in session.get_outputs()]
+    results, start = [], time.perf_counter()
+    for sample in samples:
+        try:
+            results.append(dict(zip(names, session.run(names, sample))))
+        except Exception as exc:
+            raise QccError(f"the QNN HTP backend failed to run the model: {_first_line(exc)}") from None
+    return results, (time.perf_counter() - start) / max(len(samples), 1)
+
+
+@dataclass
+class OutputAgreement:
+    name: str
+    cos_mean: float
+    cos_min: float
+    sqnr_db: float | None   # None: identical
+    max_abs_diff: float
+    step: float | None       # the output's quantization step, when it comes out of a per-tensor DQ
+    max_steps: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_steps(model: onnx.ModelProto) -> dict[str, float | None]:
+    """Graph output -> its quantization step (scale of the per-tensor DequantizeLinear producing it), else None."""
+    g = GraphIndex(model)
+    steps = {}
+    for name in g.outputs:
+        index = g.producer.get(name)
+        params = dq_params(g, g.nodes[index]) if index is not None and is_dq(g.nodes[index]) else None
+        steps[name] = float(params.scale.reshape(-1)[0]) if params is not None and params.scale.size == 1 else None
+    return steps
+
+
+def compare_outputs(reference: list[dict], candidate: list[dict], steps: dict | None = None) -> list[OutputAgreement]:
+    """Agreement of ``candidate`` with ``reference`` per output name, over all samples."""
+    steps = steps or {}
+    rows = []
+    for name in reference[0]:
+        stats, max_abs = ErrorStats(), 0.0
+        for ref, got in zip(reference, candidate):
+            stats.update(Reference(ref[name]), got[name].astype(ref[name].dtype, copy=False))
+            max_abs = max(max_abs, float(np.max(np.abs(got[name] - ref[name]))) if ref[name].size else 0.0)
+        step = steps.get(name)
+        rows.append(OutputAgreement(name, stats.cos, stats.cos_min, stats.sqnr, max_abs, step,
+                                    max_abs / step if step else None))
+    return rows
+
+
+def compare_with_cpu(model: onnx.ModelProto, samples: list[dict]) -> tuple[list[OutputAgreement], float]:
+    """Run ``model`` on HTP and on CPU simulation; per-output agreement and HTP seconds per sample."""
+    htp_outputs, seconds = run_htp(model, samples)
+    cpu_outputs = run_model(model, samples)
+    return compare_outputs(cpu_outputs, htp_outputs, output_steps(model)), seconds
+
+
+def render(rows: list[OutputAgreement], count: int, seconds: float) -> str:
+    lines = [f"QNN HTP backend vs CPU simulation, {count} sample(s), {seconds:.2f} s per sample on HTP",
+             f"{'output':<40} {'cos mean':>9} {'cos min':>9} {'SQNR dB':>8} {'max |d|':>10} {'steps':>6}"]
+    for r in rows:
+        name = r.name if len(r.name) <= 40 else "…" + r.name[-39:]
+        sqnr = "inf" if r.sqnr_db is None else f"{r.sqnr_db:.1f}"
+        steps = "-" if r.max_steps is None else f"{r.max_steps:.1f}"
+        lines.append(f"{name:<40} {r.cos_mean:>9.6f} {r.cos_min:>9.6f} {sqnr:>8} {r.max_abs_diff:>10.4g} {steps:>6}")
+    return "\n".join(lines) + "\n"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def add_command(sub) -> None:
+    p = sub.add_parser("run-htp", help="run a QDQ model on the QNN HTP backend (onnxruntime-qnn) and compare with CPU")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder of samples (.npy, .npz or images)")
+    p.add_argument("--count", type=int, default=3, help="samples to run (default 3; HTP takes ~1 s per small image)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
+    p.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
+    p.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
+    p.add_argument("--image-std", metavar="R,G,B")
+    p.add_argument("--json", metavar="OUT.json", help="write the comparison as JSON")
+    p.set_defaults(func=cmd_run_htp)
+
+
+def cmd_run_htp(args) -> int:
+    import json
+
+    from compiler.analyze_cmd import image_options
+    from compiler.data import Dataset, specs_of
+    from compiler.ir import write_atomic
+    qnn_module()
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise QccError(f"{args.json}: output folder '{Path(args.json).parent}' does not exist")
+    shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
+    module = load(args.model, shapes)
+    samples = list(Dataset(args.data, specs_of(module), count=args.count, image=image_options(args)))
+    model = onnx.load(args.model)
+    # QNN compiles for static shapes: pin every input to the samples' shapes.
+    model = fix_input_shapes(model, {name: list(value.shape) for name, value in samples[0].items()}, args.model)
+    rows, seconds = compare_with_cpu(model, samples)
+    sys.stdout.write(render(rows, len(samples), seconds))
+    if args.json:
+        write_atomic(Path(args.json), json.dumps({"samples": len(samples), "htp_seconds_per_sample": seconds,
+                                                 "outputs": [r.to_dict() for r in rows]}, indent=1) + "\n")
+    return 0
