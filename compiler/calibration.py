@@ -197,6 +197,10 @@ class HistogramObserver(MinMaxObserver):
 
     def _entropy_range(self, bw: int) -> tuple[float, float]:
         hist = self._abs_histogram()
+        if len(hist) > 1:
+            # The spike of exact zeros after Relu would dominate the KL and drag the threshold down
+            # (pytorch-quantization flattens it the same way).
+            hist[0] = hist[1]
         one_sided = self.min >= 0 or self.max <= 0
         levels = 2 ** bw - 1 if one_sided else 2 ** (bw - 1)
         n = len(hist)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from compiler import analyze_cmd, compare_dump
 from compiler import htp
+from compiler import quantize
 from compiler.ir import QccError, load, parse_input_shape, save
 from compiler.pass_manager import PassContext, PassManager, load_passes, parse_pipeline
 from compiler.printer import print_module
@@ -37,6 +39,7 @@ def _add_compile(sub) -> None:
     p.add_argument("--dump-dir", default=None, help="folder for --dump-after (default: OUTPUT's stem + '.dumps')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true")
+    quantize.add_arguments(p)
     p.set_defaults(func=cmd_compile)
 
 
@@ -52,17 +55,19 @@ def cmd_compile(args) -> int:
     if output.exists() and not args.force:
         raise QccError(f"{output}: already exists; pass --force to overwrite it")
     target = get_target(args.target or "cpu")
-    pipeline = parse_pipeline(args.passes if args.passes else target.pipeline)
+    pipeline = parse_pipeline(quantize.pipeline_text(target, args))
     if args.dump_after and args.dump_after != "all" and args.dump_after not in {p.name for p in pipeline}:
         raise QccError(f"--dump-after: pass '{args.dump_after}' is not in the pipeline ({pipeline})")
     module = load(model_path, _input_shapes(args.input_shape))
     ctx = build_context(args)
+    original = quantize.prepare_context(module, ctx, args, pipeline)
     dump_dir = args.dump_dir or output.with_name(output.stem + ".dumps")
     manager = PassManager(pipeline, verify=args.verify, dump_after=args.dump_after, dump_dir=dump_dir, quiet=args.quiet)
+    start = time.perf_counter()
     manager.run(module, ctx)
+    seconds = time.perf_counter() - start
     save(module, output, protect=(model_path,))
-    if not args.quiet:
-        print(f"wrote {output}", file=sys.stderr)
+    quantize.finish(original, module, manager, ctx, args, output, seconds)
     return 0
 
 

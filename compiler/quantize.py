@@ -1,0 +1,178 @@
+"""Quantized compilation end to end: data, pipeline, outputs (.onnx, .encodings, report), summary.
+
+``qcc compile MODEL --target htp --calib-data DIR -o OUT.onnx`` writes OUT.onnx (QDQ),
+OUT.encodings (AIMET/QNN JSON) and OUT.report.json (per-pass stats and timings, remarks, and with
+``--eval-data`` each output's cosine and SQNR against FP32). The same flow from Python:
+
+    result = compile_model(load("m.onnx"), "htp", calib_data=folder, image=ImageOptions(...))
+    result.module, result.metrics, result.seconds
+
+Evaluation metrics per output: cosine per sample (mean, min) and SQNR in dB over all samples
+(compiler.layer_analysis.ErrorStats). A sample whose FP32 output is all ~0 (|x| < 1e-3: a detector
+on an image without text) has no meaningful direction, so it is left out of the cosine and
+counted; it still counts in the SQNR.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compiler.data import Dataset, ImageOptions, specs_of
+from compiler.ir import Module, QccError, write_atomic
+from compiler.pass_manager import PassContext, PassManager, parse_pipeline
+from compiler.targets import get_target
+
+NEAR_ZERO = 1e-3
+
+
+def add_arguments(parser) -> None:
+    """The quantization flags of ``qcc compile``."""
+    from compiler.calibration import METHODS
+    from compiler.export import FORMATS
+    group = parser.add_argument_group("quantization (targets htp, dsp, hta)")
+    group.add_argument("--calib-data", metavar="DIR", help="folder of calibration samples (.npy, .npz or images)")
+    group.add_argument("--calib-count", type=int, metavar="N", help="use at most N calibration samples")
+    group.add_argument("--eval-data", metavar="DIR", help="held-out samples: report each output's cosine and SQNR vs FP32")
+    group.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
+    group.add_argument("--image-std", metavar="R,G,B")
+    group.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
+    group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
+    group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
+    group.add_argument("--calib-method", choices=METHODS, help="activation range method (target default: mse)")
+    group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
+                       help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
+
+
+def pipeline_text(target, args) -> str:
+    """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method applied."""
+    if args.passes:
+        given = [flag for flag, value in (("--act-bits", args.act_bits), ("--weight-bits", args.weight_bits),
+                                          ("--calib-method", args.calib_method)) if value is not None]
+        if given:
+            raise QccError(f"{', '.join(given)} set a target's defaults; with --passes, give the options in the "
+                           f"pipeline (e.g. calibrate{{act-bits=16}},insert-qdq{{act-bits=16}})")
+        return args.passes
+    return target.pipeline_text(act_bits=args.act_bits, weight_bits=args.weight_bits, calib_method=args.calib_method)
+
+
+def image_options(args) -> ImageOptions:
+    from compiler.analyze_cmd import image_options as parse
+    return parse(args)
+
+
+def prepare_context(module: Module, ctx: PassContext, args, pipeline) -> Module | None:
+    """Attach --calib-data / --eval-data to ``ctx`` (a pipeline that calibrates needs calibration
+    data); returns a copy of the float module to evaluate against when there is --eval-data."""
+    image = image_options(args)
+    if args.calib_data:
+        ctx.calib_data = Dataset(args.calib_data, specs_of(module), count=args.calib_count, image=image)
+    elif args.calib_count is not None:
+        raise QccError("--calib-count needs --calib-data")
+    if args.eval_data:
+        ctx.eval_data = Dataset(args.eval_data, specs_of(module), image=image)
+    if ctx.calib_data is None and any(p.name == "calibrate" for p in pipeline):
+        raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
+                       "(.npy, .npz or images)")
+    return module.clone() if ctx.eval_data is not None else None
+
+
+@dataclass
+class CompileResult:
+    module: Module
+    manager: PassManager
+    context: PassContext
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def compile_model(module: Module, target: str = "htp", *, calib_data=None, eval_data=None, passes: str | None = None,
+                  act_bits: int | None = None, weight_bits: int | None = None, calib_method: str | None = None,
+                  verify: bool = False, quiet: bool = True, log=None) -> CompileResult:
+    """Run a target's pipeline (or ``passes``) on ``module`` in place; evaluate on ``eval_data`` if given."""
+    text = passes or get_target(target).pipeline_text(act_bits=act_bits, weight_bits=weight_bits, calib_method=calib_method)
+    pipeline = parse_pipeline(text)
+    ctx = PassContext(calib_data=calib_data, eval_data=eval_data)
+    if log is not None:
+        ctx.log = log
+    original = module.clone() if eval_data is not None else None
+    manager = PassManager(pipeline, verify=verify, quiet=quiet)
+    start = time.perf_counter()
+    manager.run(module, ctx)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(original, module, eval_data) if eval_data is not None else {}
+    return CompileResult(module, manager, ctx, seconds, metrics)
+
+
+def evaluate(reference: Module, candidate: Module, data) -> dict:
+    """Per output: cosine mean/min over samples (near-zero FP32 outputs left out), SQNR dB over all."""
+    from compiler.layer_analysis import ErrorStats, Reference
+    from compiler.runtime import make_session
+    ref_session, got_session = make_session(reference), make_session(candidate)
+    names = [o.name for o in ref_session.get_outputs()]
+    stats = {name: ErrorStats() for name in names}
+    skipped = {name: 0 for name in names}
+    count = 0
+    for sample in data:
+        for name, ref, got in zip(names, ref_session.run(names, sample), got_session.run(names, sample)):
+            meaningful = float(np.abs(ref).max(initial=0.0)) >= NEAR_ZERO
+            stats[name].update(Reference(ref.astype(np.float32)), got.astype(np.float32), with_cosine=meaningful)
+            skipped[name] += not meaningful
+        count += 1
+    return {name: {"cosine_mean": s.cos, "cosine_min": s.cos_min, "sqnr_db": s.sqnr, "samples": count,
+                   "near_zero_samples": skipped[name]} for name, s in stats.items()}
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    lines = []
+    for name, m in metrics.items():
+        cos = "n/a" if m["cosine_mean"] is None else f"{m['cosine_mean']:.5f} (min {m['cosine_min']:.5f})"
+        sqnr = "inf" if m["sqnr_db"] is None else f"{m['sqnr_db']:.2f} dB"
+        note = f", {m['near_zero_samples']} near-zero sample(s) not in the cosine" if m["near_zero_samples"] else ""
+        lines.append(f"output {name}: cosine {cos}, SQNR {sqnr} vs FP32 on {m['samples']} held-out sample(s){note}")
+    return lines
+
+
+def report(manager: PassManager, ctx: PassContext, seconds: float, metrics: dict, outputs: dict) -> dict:
+    return {
+        "pipeline": str(manager.pipeline),
+        "seconds": round(seconds, 3),
+        "passes": [{"name": r.name, "pipeline": r.text, "modified": r.modified, "seconds": round(r.seconds, 3),
+                    "stats": r.stats, **({"verify_max_rel_diff": r.verify_error} if r.verify_error is not None else {})}
+                   for r in manager.records],
+        "remarks": [{"pass": r.pass_name, "where": r.where, "message": r.message} for r in ctx.remarks],
+        "calibration_samples": len(ctx.calib_data) if hasattr(ctx.calib_data, "__len__") else None,
+        "evaluation": metrics,
+        "outputs": outputs,
+    }
+
+
+def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, output: Path,
+           seconds: float) -> None:
+    """After saving OUT.onnx: OUT.encodings when quantized, OUT.report.json, and the summary."""
+    from compiler.encoding import has_qdq
+    from compiler.export import write_encodings
+    outputs = {"model": output.name}
+    if has_qdq(module.graph):
+        encodings = output.with_suffix(".encodings")
+        write_encodings(module, encodings, args.encodings_format)
+        outputs["encodings"] = encodings.name
+    metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
+    report_path = output.with_name(output.stem + ".report.json")
+    write_atomic(report_path, json.dumps(report(manager, ctx, seconds, metrics, outputs), indent=1, default=_json) + "\n")
+    if not args.quiet:
+        for line in summary_lines(metrics):
+            print(line, file=sys.stderr)
+        timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in manager.records)
+        print(f"compiled in {seconds:.2f}s ({timings})", file=sys.stderr)
+        print(f"wrote {', '.join(list(outputs.values()) + [report_path.name])}", file=sys.stderr)
+
+
+def _json(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    return str(value)
