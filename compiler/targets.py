@@ -46,9 +46,14 @@ QUANT_TUNING = (("bias-correction", {"samples": 16}),)
 class Target:
     name: str
     description: str
-    pipeline: str
+    canonicalize: str  # a float target's whole pipeline; a quantized target's first passes
     quantized: bool
     quant: QuantDefaults | None = None
+
+    @property
+    def pipeline(self) -> str:
+        """The default pipeline text (built from the registered passes for a quantized target)."""
+        return self.pipeline_text()
 
     def pipeline_text(self, act_bits: int | None = None, weight_bits: int | None = None,
                       calib_method: str | None = None) -> str:
@@ -59,13 +64,13 @@ class Target:
             if given:
                 raise QccError(f"target '{self.name}' is not quantized; {', '.join(given)} needs a quantized target "
                                f"({', '.join(n for n, t in TARGETS.items() if t.quant)})")
-            return self.pipeline
+            return self.canonicalize
         from compiler.pass_manager import load_passes
         registry = load_passes()
         act = act_bits or self.quant.act_bits
         weight = weight_bits or self.quant.weight_bits
         per_channel = "true" if self.quant.per_channel else "false"
-        parts = [self.pipeline, *(p for p in FLOAT_REWRITES if p in registry),
+        parts = [self.canonicalize, *(p for p in FLOAT_REWRITES if p in registry),
                  f"calibrate{{method={calib_method or self.quant.calib_method} act-bits={act}}}"]
         for name, fixed in QUANT_TUNING:
             if name in registry:
