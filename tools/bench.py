@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Benchmark qcc's htp target against onnxruntime's quantize_static on the real PP-OCR models.
+
+One process; per model every tool gets the same float model (input shape pinned, canonicalized as
+below), the same calibration samples and the same held-out samples:
+
+- ``qcc htp W8A8`` and ``qcc htp W8A16``: the ``htp`` target's pipeline (compiler/targets.py) through
+  the compiler API, with every pass option ``act-bits`` set to 16 for the second;
+- ``ort minmax`` and ``ort percentile``: ``onnxruntime.quantization.quantize_static``, QDQ format,
+  per-channel, uint8 activations, int8 weights, MinMax or Percentile calibration;
+- ``ort qnn``: the same through onnxruntime's QNN helper ``get_qnn_qdq_config`` (uint8 activations,
+  int8 per-channel weights, MinMax), the configuration onnxruntime recommends for its QNN EP.
+
+The float model is the original with fold-constants, cleanup and upgrade-opset{version=13} (per-channel
+QDQ needs opset 13). onnxruntime gets it as qcc does; ``quant_pre_process`` (its recommended preparation, which
+folds BatchNormalization) runs first and counts in its compile time.
+
+Data: ``text_cls/`` (48x192) and ``text_det/`` (320x320) rendered text images of the assets cache
+(tools/fetch_assets.py), natural images (``images/``) when a folder is missing. Preprocessing is each
+model's own: RGB, [0, 1], then cls ``(x - 0.5) / 0.5``, det ``(x - mean) / std`` with ImageNet's mean
+and std (PaddleOCR's NormalizeImage for det), NCHW. The first ``--calib`` files calibrate, the next
+``--eval`` files are held out.
+
+Every QDQ model is evaluated on onnxruntime CPU with graph optimisations off (exact QDQ simulation,
+compiler.runtime) against the float model: cosine per sample (mean and min) and SQNR in dB over the
+held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is ~0 on an image without
+text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
+(det). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
+
+Usage (from the repository root):
+
+    python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--htp] [--json OUT.json]
+                          [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
+
+``--models``    which models (default cls,det)
+``--calib N``   calibration samples (default 32)
+``--eval N``    held-out samples (default 32; cls cosine moves by ~0.03 per flipped sample, so fewer is noisy)
+``--htp``       also run every quantized model on onnxruntime-qnn's HTP backend (CPU fallback disabled)
+                on 2 held-out samples: cosine and max difference in output steps against CPU simulation,
+                cosine against FP32. Needs ``pip install '.[qnn]'``; about a second per cls sample.
+``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
+``--json OUT``  write every row as JSON
+``--save-dir``  keep the quantized models there (default: a temporary folder)
+
+The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
+--htp adds about a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from compiler.data import Dataset, ImageOptions, specs_of  # noqa: E402
+from compiler.ir import QccError, load  # noqa: E402
+from compiler.layer_analysis import ErrorStats, Reference  # noqa: E402
+from compiler.pass_manager import PassContext, PassManager, parse_pipeline  # noqa: E402
+from compiler.runtime import run_model  # noqa: E402
+
+ZERO_OUTPUT = 1e-3     # a held-out sample whose FP32 output stays below this everywhere is left out
+DET_THRESHOLD = 0.3    # PaddleOCR's DBPostProcess binarisation threshold
+HTP_SAMPLES = 2
+# Opset 13 at least: per-channel QuantizeLinear/DequantizeLinear (onnxruntime's per_channel) needs it.
+CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=13}"
+IMAGENET = ImageOptions(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    shape: list
+    folder: str
+    image: ImageOptions
+    task: str  # "top1" or "iou"
+
+
+MODELS = {
+    "cls": BenchModel("cls", [1, 3, 48, 192], "text_cls", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3), "top1"),
+    "det": BenchModel("det", [1, 3, 320, 320], "text_det", IMAGENET, "iou"),
+}
+QCC_TOOLS = {"qcc-w8a8": 8, "qcc-w8a16": 16}
+ORT_TOOLS = ("ort-minmax", "ort-percentile", "ort-qnn")
+TOOLS = tuple(QCC_TOOLS) + ORT_TOOLS
+TOOL_LABELS = {"qcc-w8a8": ("qcc", "htp W8A8"), "qcc-w8a16": ("qcc", "htp W8A16"),
+               "ort-minmax": ("ort", "MinMax per-ch QDQ u8/s8"), "ort-percentile": ("ort", "Percentile per-ch QDQ u8/s8"),
+               "ort-qnn": ("ort", "QNN helper MinMax per-ch u8/s8")}
+
+
+@dataclass
+class Row:
+    model: str
+    tool: str
+    config: str
+    compile_seconds: float | None = None
+    cos_mean: float | None = None
+    cos_min: float | None = None
+    sqnr_db: float | None = None
+    task_metric: float | None = None
+    task: str = ""
+    samples: int = 0
+    ratio_to_ort: float | None = None
+    htp: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# --- data and models -------------------------------------------------------------------------------
+
+def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int):
+    """(float model path, calibration samples, held-out samples)."""
+    module = load(assets / "models" / f"ppocr_{model.name}.onnx", {"x": model.shape})
+    PassManager(parse_pipeline(CANONICALIZE), quiet=True).run(module, PassContext(log=lambda m: None))
+    float_path = work / f"{model.name}.fp32.onnx"
+    onnx.save(module.to_onnx(), float_path)
+    folder = assets / model.folder
+    if not folder.is_dir():
+        log(f"{folder} missing: using the natural images in {assets / 'images'}")
+        folder = assets / "images"
+    files = Dataset(folder, specs_of(module), image=model.image).files
+    if len(files) < calib + held:
+        raise SystemExit(f"bench: {folder} has {len(files)} samples, --calib {calib} + --eval {held} need "
+                         f"{calib + held} (python tools/fetch_assets.py --count N renders more)")
+    dataset = Dataset(None, specs_of(module), image=model.image, files=files[:calib + held])
+    samples = list(dataset)
+    return float_path, samples[:calib], samples[calib:]
+
+
+# --- tools ------------------------------------------------------------------------------------------
+
+def qcc_pipeline(act_bits: int):
+    """The htp target's pipeline with every ``act_bits`` option set to ``act_bits``."""
+    from compiler.targets import TARGETS
+    if "htp" not in TARGETS:
+        raise SystemExit("bench: qcc has no 'htp' target yet (compiler/targets.py has "
+                         f"{', '.join(TARGETS)}); run the onnxruntime peers alone with --tools {','.join(ORT_TOOLS)}")
+    pipeline = parse_pipeline(TARGETS["htp"].pipeline)
+    for p in pipeline:
+        if any(f.name == "act_bits" for f in dataclasses.fields(p.options)):
+            p.options = dataclasses.replace(p.options, act_bits=act_bits)
+    return pipeline
+
+
+def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list) -> None:
+    pipeline = qcc_pipeline(act_bits)
+    module = load(float_path, {"x": shape})
+    PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=calib, log=lambda m: None))
+    onnx.save(module.to_onnx(), out)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a list of samples."""
+
+    def __init__(self, samples: list[dict]):
+        self._samples = iter(samples)
+
+    def get_next(self):
+        return next(self._samples, None)
+
+
+def run_ort(tool: str, float_path: Path, out: Path, calib: list[dict]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(float_path), str(prepared))
+    if tool == "ort-qnn":
+        from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+        config = get_qnn_qdq_config(str(prepared), _Reader(calib), calibrate_method=CalibrationMethod.MinMax,
+                                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        quantize(str(prepared), str(out), config)
+        return
+    method = CalibrationMethod.Percentile if tool == "ort-percentile" else CalibrationMethod.MinMax
+    quantize_static(str(prepared), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def kept_samples(reference: list[dict]) -> list[int]:
+    return [i for i, outputs in enumerate(reference)
+            if max(float(np.max(np.abs(v))) for v in outputs.values()) > ZERO_OUTPUT]
+
+
+def accuracy(reference: list[dict], candidate: list[dict], keep: list[int], task: str) -> dict:
+    name = next(iter(reference[0]))
+    stats = ErrorStats()
+    for i in keep:
+        stats.update(Reference(reference[i][name]), candidate[i][name])
+    if task == "top1":
+        agree = [int(np.argmax(reference[i][name])) == int(np.argmax(candidate[i][name])) for i in keep]
+        task_value = float(np.mean(agree)) if agree else None
+    else:
+        ref = np.concatenate([(reference[i][name] > DET_THRESHOLD).ravel() for i in keep])
+        got = np.concatenate([(candidate[i][name] > DET_THRESHOLD).ravel() for i in keep])
+        union = np.logical_or(ref, got).sum()
+        task_value = float(np.logical_and(ref, got).sum() / union) if union else None
+    return {"cos_mean": stats.cos, "cos_min": stats.cos_min, "sqnr_db": stats.sqnr, "task_metric": task_value}
+
+
+def htp_agreement(model: onnx.ModelProto, samples: list[dict], cpu: list[dict], fp32: list[dict]) -> dict:
+    from compiler.htp import compare_outputs, output_steps, run_htp
+    try:
+        outputs, seconds = run_htp(model, samples)
+    except QccError as exc:
+        return {"error": str(exc)}
+    (vs_cpu,) = compare_outputs(cpu, outputs, output_steps(model))
+    (vs_fp32,) = compare_outputs(fp32, outputs)
+    return {"cos_vs_cpu": vs_cpu.cos_mean, "max_steps_vs_cpu": vs_cpu.max_steps, "sqnr_vs_cpu": vs_cpu.sqnr_db,
+            "cos_vs_fp32": vs_fp32.cos_mean, "seconds_per_sample": seconds}
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+def bench_model(model: BenchModel, tools: list[str], args, assets: Path, work: Path) -> list[Row]:
+    log(f"{model.name}: preparing the float model and {args.calib} + {args.eval} samples")
+    float_path, calib, held = prepare(model, assets, work, args.calib, args.eval)
+    fp32 = run_model(onnx.load(float_path), held)
+    keep = kept_samples(fp32)
+    log(f"{model.name}: {len(keep)} of {len(held)} held-out samples have a non-zero FP32 output")
+    rows = []
+    for tool in tools:
+        row = Row(model.name, *TOOL_LABELS[tool], task=model.task, samples=len(keep))
+        out = work / f"{model.name}.{tool}.onnx"
+        log(f"{model.name}: {tool} ...")
+        start = time.perf_counter()
+        try:
+            if tool in QCC_TOOLS:
+                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape)
+            else:
+                # onnxruntime's calibrators print progress on stdout, where the table goes.
+                with contextlib.redirect_stdout(sys.stderr):
+                    run_ort(tool, float_path, out, calib)
+        except QccError as exc:
+            row.error = str(exc)
+            rows.append(row)
+            log(f"{model.name}: {tool} failed: {exc}")
+            continue
+        row.compile_seconds = time.perf_counter() - start
+        quantized = onnx.load(out)
+        outputs = run_model(quantized, held)
+        for key, value in accuracy(fp32, outputs, keep, model.task).items():
+            setattr(row, key, value)
+        if args.htp:
+            first = keep[:HTP_SAMPLES] or list(range(min(HTP_SAMPLES, len(held))))
+            row.htp = htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
+                                    [fp32[i] for i in first])
+        log(f"{model.name}: {tool} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
+        rows.append(row)
+    ort_seconds = next((r.compile_seconds for r in rows if r.tool == "ort" and r.config.startswith("MinMax")), None)
+    for r in rows:
+        if r.tool == "qcc" and r.compile_seconds and ort_seconds:
+            r.ratio_to_ort = r.compile_seconds / ort_seconds
+    return rows
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def render(rows: list[Row], with_htp: bool) -> str:
+    head = (f"{'model':<6}{'tool':<5}{'config':<32}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
+            f"{'task':>12}{'qcc/ORT':>9}")
+    if with_htp:
+        head += f"  {'HTP cos/CPU':>11}{'steps':>7}{'HTP cos/FP32':>13}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.model:<6}{r.tool:<5}{r.config:<32}  failed: {r.error}")
+            continue
+        task = f"{'top1' if r.task == 'top1' else 'IoU'} {_fmt(r.task_metric, '.3f')}"
+        line = (f"{r.model:<6}{r.tool:<5}{r.config:<32}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
+                f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
+        if with_htp:
+            if "error" in r.htp:
+                line += f"  HTP refused: {r.htp['error'][:100]}"
+            else:
+                line += (f"  {_fmt(r.htp.get('cos_vs_cpu'), '.5f'):>11}{_fmt(r.htp.get('max_steps_vs_cpu'), '.0f'):>7}"
+                         f"{_fmt(r.htp.get('cos_vs_fp32'), '.5f'):>13}")
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="cls,det")
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--htp", action="store_true")
+    p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--json", metavar="OUT.json")
+    p.add_argument("--save-dir", metavar="DIR")
+    args = p.parse_args(argv)
+    args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for name in args.model_list:
+        if name not in MODELS:
+            p.error(f"--models: unknown model '{name}' (known: {', '.join(MODELS)})")
+    for tool in args.tool_list:
+        if tool not in TOOLS:
+            p.error(f"--tools: unknown tool '{tool}' (known: {', '.join(TOOLS)})")
+    if args.calib <= 0 or args.eval <= 0:
+        p.error("--calib and --eval must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if any(t in QCC_TOOLS for t in args.tool_list):
+        qcc_pipeline(8)  # fail before any work when the htp target is missing
+    if args.htp:
+        from compiler.htp import htp_devices
+        try:
+            htp_devices()
+        except QccError as exc:
+            raise SystemExit(f"bench: --htp: {exc}")
+    from tools.fetch_assets import fetch
+    assets = fetch()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qcc-bench-") as tmp:
+        work = Path(args.save_dir) if args.save_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in args.model_list:
+            rows += bench_model(MODELS[name], args.tool_list, args, assets, work)
+    sys.stdout.write(render(rows, args.htp))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"calib": args.calib, "eval": args.eval,
+                                               "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
