@@ -1,4 +1,4 @@
-"""tools/bench.py: sample selection, metrics and the qcc pipeline it benchmarks (the full run is a tool, not a test)."""
+"""tools/bench.py: sample selection, metrics and the missing-target check (the full run is a tool, not a test)."""
 import numpy as np
 import pytest
 
@@ -28,15 +28,7 @@ def test_iou_of_thresholded_maps():
     assert result["task_metric"] == pytest.approx(4 / 12)
 
 
-def test_w8a16_sets_every_act_bits_option(monkeypatch):
-    monkeypatch.setitem(targets.TARGETS, "htp", targets.Target(
-        "htp", "test", "fold-constants,calibrate,insert-qdq", quantized=True))
-    pipeline = bench.qcc_pipeline(16)
-    bits = {p.name: getattr(p.options, "act_bits", None) for p in pipeline}
-    assert bits == {"fold-constants": None, "calibrate": 16, "insert-qdq": 16}
-
-
 def test_missing_htp_target_fails_clearly(monkeypatch):
     monkeypatch.delitem(targets.TARGETS, "htp", raising=False)
     with pytest.raises(SystemExit, match="no 'htp' target.*--tools ort-minmax"):
-        bench.qcc_pipeline(8)
+        bench.require_htp_target()

@@ -4,8 +4,8 @@
 One process; per model every tool gets the same float model (input shape pinned, canonicalized as
 below), the same calibration samples and the same held-out samples:
 
-- ``qcc htp W8A8`` and ``qcc htp W8A16``: the ``htp`` target's pipeline (compiler/targets.py) through
-  the compiler API, with every pass option ``act-bits`` set to 16 for the second;
+- ``qcc htp W8A8`` and ``qcc htp W8A16``: the ``htp`` target through the compiler API
+  (``compiler.quantize.compile_model``, ``act_bits=16`` for the second), as ``qcc compile --target htp``;
 - ``ort minmax`` and ``ort percentile``: ``onnxruntime.quantization.quantize_static``, QDQ format,
   per-channel, uint8 activations, int8 weights, MinMax or Percentile calibration;
 - ``ort qnn``: the same through onnxruntime's QNN helper ``get_qnn_qdq_config`` (uint8 activations,
@@ -142,23 +142,18 @@ def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int):
 
 # --- tools ------------------------------------------------------------------------------------------
 
-def qcc_pipeline(act_bits: int):
-    """The htp target's pipeline with every ``act_bits`` option set to ``act_bits``."""
+def require_htp_target() -> None:
     from compiler.targets import TARGETS
     if "htp" not in TARGETS:
         raise SystemExit("bench: qcc has no 'htp' target yet (compiler/targets.py has "
                          f"{', '.join(TARGETS)}); run the onnxruntime peers alone with --tools {','.join(ORT_TOOLS)}")
-    pipeline = parse_pipeline(TARGETS["htp"].pipeline)
-    for p in pipeline:
-        if any(f.name == "act_bits" for f in dataclasses.fields(p.options)):
-            p.options = dataclasses.replace(p.options, act_bits=act_bits)
-    return pipeline
 
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list) -> None:
-    pipeline = qcc_pipeline(act_bits)
+    from compiler.quantize import compile_model
+    require_htp_target()
     module = load(float_path, {"x": shape})
-    PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=calib, log=lambda m: None))
+    compile_model(module, "htp", calib_data=calib, act_bits=act_bits, log=lambda m: None)
     onnx.save(module.to_onnx(), out)
 
 
@@ -320,7 +315,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if any(t in QCC_TOOLS for t in args.tool_list):
-        qcc_pipeline(8)  # fail before any work when the htp target is missing
+        require_htp_target()  # fail before any work
     if args.htp:
         from compiler.htp import htp_devices
         try:
