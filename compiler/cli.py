@@ -54,6 +54,8 @@ def cmd_compile(args) -> int:
         raise QccError(f"{output}: refusing to overwrite the input model; choose another output path")
     if output.exists() and not args.force:
         raise QccError(f"{output}: already exists; pass --force to overwrite it")
+    if not output.parent.is_dir():
+        raise QccError(f"{output}: output folder '{output.parent}' does not exist")
     target = get_target(args.target or "cpu")
     pipeline = parse_pipeline(quantize.pipeline_text(target, args))
     if args.dump_after and args.dump_after != "all" and args.dump_after not in {p.name for p in pipeline}:
