@@ -11,6 +11,13 @@ fractional part of W / s (round-to-nearest after hardening), no regulariser for 
 of the iterations, then beta annealed linearly from 20 to 2 so h is driven to 0 or 1; Adam on V.
 The result rounds up where V >= 0. x is the layer's FP32 input on ctx.calib_data.
 
+The quantized model feeds the layer x + n, where n is the rounding noise of the input's own
+encoding. When calibrate ran first (``act-noise``, the default), that encoding is in
+module.encodings and the objective is the expected error with the noise, E[(W~ (x + n) - W x)^2]
+= the term above + sigma^2 |W~|^2 with sigma^2 = step^2 / 12: without it the learned rounding
+may trade error along directions x hardly varies in, which the noise then excites. Order:
+calibrate, adaround, propagate-encodings, insert-qdq.
+
 The reconstruction term is quadratic in W~, so only the Gram matrix of the input patches is
 kept: E[(D x)^2] = D G D^T with G = E[x x^T] per group ([g, K, K]; Conv inputs as im2col
 patches, compiler.linear). One onnxruntime pass over at most ``samples`` samples fills every
@@ -53,9 +60,9 @@ def rectified_sigmoid(v: np.ndarray) -> np.ndarray:
     return np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _reconstruction(delta: np.ndarray, gram: np.ndarray) -> float:
-    """sum_o E[(delta x)_o^2] = sum_g trace(D_g G_g D_g^T)."""
-    return float(np.einsum("gok,gkl,gol->", delta, gram, delta))
+def _reconstruction(delta: np.ndarray, gram: np.ndarray, rounded: np.ndarray, noise: float) -> float:
+    """sum_o E[(W~ (x + n) - W x)_o^2] = sum_g trace(D_g G_g D_g^T) + noise * |W~|^2, for input noise n of variance ``noise``."""
+    return float(np.sum(np.matmul(delta, gram) * delta) + noise * np.sum(rounded * rounded))
 
 
 @dataclass
@@ -69,7 +76,7 @@ class Rounding:
 
 
 def learn_rounding(matrix: np.ndarray, scale: np.ndarray, gram: np.ndarray, bits: int, *, iterations: int,
-                   lr: float, reg: float) -> Rounding:
+                   lr: float, reg: float, noise: float = 0.0) -> Rounding:
     """AdaRound on one layer: ``matrix`` [g, O/g, K] float weights, ``scale`` broadcastable to it,
     ``gram`` [g, K, K]. Returns the signed integer codes (symmetric grid [-2^(b-1), 2^(b-1) - 1])."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -77,32 +84,35 @@ def learn_rounding(matrix: np.ndarray, scale: np.ndarray, gram: np.ndarray, bits
     floor = np.floor(scaled)
     rest = scaled - floor
     nearest = np.clip(np.round(scaled), qmin, qmax)
-    nearest_error = _reconstruction(scale * nearest - matrix, gram)
+    nearest_error = _reconstruction(scale * nearest - matrix, gram, scale * nearest, noise)
+    # The loop runs in float32 (twice the speed of float64): only the sign of V is kept in the end.
+    f32 = np.float32
+    target, step, corr, low = matrix.astype(f32), scale.astype(f32), gram.astype(f32), floor.astype(f32)
     p = np.clip((rest - GAMMA) / (ZETA - GAMMA), 1e-6, 1 - 1e-6)
-    v = np.log(p / (1 - p))
+    v = np.log(p / (1 - p)).astype(f32)
     m, s2 = np.zeros_like(v), np.zeros_like(v)
     warmup = int(WARMUP * iterations)
-    for step in range(1, iterations + 1):
+    for t in range(1, iterations + 1):
         sig = 1.0 / (1.0 + np.exp(-v))
-        raw = sig * (ZETA - GAMMA) + GAMMA
+        raw = sig * f32(ZETA - GAMMA) + f32(GAMMA)
         h = np.clip(raw, 0.0, 1.0)
-        codes = floor + h
+        codes = low + h
         inside = (codes >= qmin) & (codes <= qmax)
-        delta = scale * np.clip(codes, qmin, qmax) - matrix
-        grad_h = 2.0 * np.einsum("gok,gkl->gol", delta, gram) * scale * inside
-        if step > warmup:
-            progress = (step - warmup) / max(iterations - warmup, 1)
+        rounded = step * np.clip(codes, qmin, qmax)
+        grad_h = f32(2.0) * (np.matmul(rounded - target, corr) + f32(noise) * rounded) * step * inside
+        if t > warmup:
+            progress = (t - warmup) / max(iterations - warmup, 1)
             beta = BETA_END + (BETA_START - BETA_END) * (1.0 - progress)
-            centered = 2.0 * h - 1.0
-            grad_h = grad_h - reg * beta * np.abs(centered) ** (beta - 1.0) * np.sign(centered) * 2.0
-        grad_v = grad_h * (ZETA - GAMMA) * sig * (1.0 - sig) * ((raw > 0.0) & (raw < 1.0))
-        m = ADAM_BETAS[0] * m + (1 - ADAM_BETAS[0]) * grad_v
-        s2 = ADAM_BETAS[1] * s2 + (1 - ADAM_BETAS[1]) * grad_v * grad_v
-        m_hat = m / (1 - ADAM_BETAS[0] ** step)
-        s2_hat = s2 / (1 - ADAM_BETAS[1] ** step)
-        v = v - lr * m_hat / (np.sqrt(s2_hat) + ADAM_EPS)
+            centered = f32(2.0) * h - f32(1.0)
+            grad_h -= f32(2.0 * reg * beta) * np.abs(centered) ** f32(beta - 1.0) * np.sign(centered)
+        grad_v = grad_h * f32(ZETA - GAMMA) * sig * (1.0 - sig) * ((raw > 0.0) & (raw < 1.0))
+        m = f32(ADAM_BETAS[0]) * m + f32(1 - ADAM_BETAS[0]) * grad_v
+        s2 = f32(ADAM_BETAS[1]) * s2 + f32(1 - ADAM_BETAS[1]) * grad_v * grad_v
+        m_hat = m / f32(1 - ADAM_BETAS[0] ** t)
+        s2_hat = s2 / f32(1 - ADAM_BETAS[1] ** t)
+        v -= f32(lr) * m_hat / (np.sqrt(s2_hat) + f32(ADAM_EPS))
     learned = np.clip(floor + (v >= 0), qmin, qmax)
-    learned_error = _reconstruction(scale * learned - matrix, gram)
+    learned_error = _reconstruction(scale * learned - matrix, gram, scale * learned, noise)
     if learned_error >= nearest_error:
         return Rounding(nearest, nearest_error, nearest_error, 0, True)
     return Rounding(learned, nearest_error, learned_error, int(np.count_nonzero(learned != nearest)), False)
@@ -122,6 +132,7 @@ class AdaRound(Pass):
         positions: int = 512
         weight_bits: int = 8
         per_channel: bool = True
+        act_noise: bool = True
         seed: int = 0
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
@@ -144,8 +155,8 @@ class AdaRound(Pass):
                 encoding = weight_encoding(layer.weight, opts.weight_bits, layer.quant_axis(opts.per_channel))
                 matrix = layer.to_matrix(layer.weight.astype(np.float64))
                 scale = _scale_matrix(layer, encoding, matrix.shape)
-                rounding = learn_rounding(matrix, scale, grams[layer], opts.weight_bits,
-                                          iterations=opts.iterations, lr=opts.lr, reg=opts.reg)
+                rounding = learn_rounding(matrix, scale, grams[layer], opts.weight_bits, iterations=opts.iterations,
+                                          lr=opts.lr, reg=opts.reg, noise=self._input_noise(module, layer))
                 values = (scale * rounding.codes).astype(np.float32)  # on the grid: s * n, exactly as DequantizeLinear
                 name = layer.weight_tensor.name
                 set_input_const(module.graph, layer.node, 1, layer.from_matrix(values))
@@ -161,6 +172,16 @@ class AdaRound(Pass):
         if ratios:
             stats["error-ratio-mean"] = float(np.mean(ratios))  # learned / nearest output MSE, per layer
         return PassResult(True, stats)
+
+    def _input_noise(self, module: Module, layer: LinearLayer) -> float:
+        """Variance step^2 / 12 of the rounding noise the layer's input will carry, from its encoding
+        (calibrate before adaround); 0 when it has none."""
+        encoding = module.encodings.get(layer.node.inputs[0].name)
+        if not self.options.act_noise or encoding is None or encoding.dtype != "int":
+            return 0.0
+        bits = int(module.annotations.get(layer.node.inputs[0].name, {}).get("act_bits", encoding.bw))
+        step = float(encoding.max[0] - encoding.min[0]) / (2 ** bits - 1)
+        return step * step / 12.0
 
     def _layers(self, module: Module, ctx: PassContext) -> list[LinearLayer]:
         layers = []

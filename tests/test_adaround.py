@@ -111,3 +111,13 @@ def test_insert_qdq_emits_exactly_the_learned_weights():
         if node.op_type in ("Conv", "MatMul"):
             name = "w" if node.op_type == "Conv" else "wm"
             assert np.array_equal(dequantized[node.input[1]], learned[name]), name
+
+
+def test_input_noise_term_rounds_towards_zero():
+    # With no signal term left, E[(W~ n)^2] = noise * |W~|^2: every weight should round towards zero.
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((1, 4, 10))
+    scale = np.abs(matrix).max(axis=2, keepdims=True) / 7
+    result = learn_rounding(matrix, scale, np.zeros((1, 10, 10)), BITS, iterations=300, lr=0.05, reg=0.01, noise=1.0)
+    assert not result.kept_nearest
+    np.testing.assert_array_equal(result.codes, np.trunc(matrix / scale))
