@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.encoding import MIN_RANGE, activation_encoding
+from compiler.encoding import MIN_RANGE, activation_encoding, fake_quantize
 from compiler.ir import Module, QccError, const_value
 from compiler.progress import Progress
 
@@ -396,3 +396,36 @@ def statistics(module: Module, data, tensors: list[str], method: str, bins: int 
 
 def encoding_from_observer(observer: MinMaxObserver, method: str, bw: int, percentile: float = 99.99):
     return activation_encoding(*observer.range(method, percentile=percentile, bw=bw), bw)
+
+
+# --- per-tensor method choice (calibrate{method=auto}) --------------------------------------------
+
+AUTO = "auto"
+AUTO_CANDIDATES = ("minmax", "percentile", "mse")
+_SUBDIVISIONS = 8  # evaluation points per histogram bin
+
+
+def histogram_sqnr(observer: HistogramObserver, enc) -> float:
+    """SQNR in dB of quantizing the observed values with ``enc``: each bin's count spread evenly over
+    ``_SUBDIVISIONS`` points of the bin, so rounding inside a bin and clipping beyond the range both count."""
+    points = observer._edges()[:-1, None] + (np.arange(_SUBDIVISIONS) + 0.5) / _SUBDIVISIONS * observer.width
+    weights = np.repeat(observer.counts[:, None], _SUBDIVISIONS, axis=1)
+    signal = float(np.sum(weights * points * points))
+    noise = float(np.sum(weights * np.square(points - fake_quantize(points, enc))))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+
+
+def choose_encoding(observer: MinMaxObserver, bw: int, percentile: float = 99.99) -> tuple[str, object, float]:
+    """(method, encoding, SQNR dB) of the candidate method whose encoding quantizes the observed values
+    best; min-max wins ties (and is the only choice without a histogram)."""
+    if not isinstance(observer, HistogramObserver) or observer.empty:
+        return "minmax", encoding_from_observer(observer, "minmax", bw), math.nan
+    best = None
+    for method in AUTO_CANDIDATES:
+        enc = encoding_from_observer(observer, method, bw, percentile)
+        sqnr = histogram_sqnr(observer, enc)
+        if best is None or sqnr > best[2]:
+            best = (method, enc, sqnr)
+    return best

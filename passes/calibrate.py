@@ -1,4 +1,4 @@
-"""Compute activation encodings from sample data: min-max, percentile, entropy (KL) or MSE ranges.
+"""Compute activation encodings from sample data: min-max, percentile, entropy (KL), MSE, or per tensor the best (auto).
 
 Runs ``ctx.calib_data`` through the float model once (compiler.calibration: one onnxruntime
 session, samples streamed, statistics cached in ``module.cache`` so later passes and re-runs do not
@@ -13,6 +13,11 @@ fixes (Sigmoid, HardSigmoid, Softmax, Clip(0, 1) -> [0, 1]; Tanh -> [-1, 1]), en
 compiler.encoding.range_encoding. Other Clips (Relu6 = Clip(0, 6)) keep their calibrated range:
 it lies within the clip bounds already, and when the data never reaches 6 it is finer than [0, 6].
 
+``method=auto`` chooses per tensor among min-max, percentile and MSE: the one whose encoding
+quantizes that tensor's calibration values (its histogram) with the highest SQNR
+(compiler.calibration.choose_encoding). Stats count the choices (``auto-minmax``, ...);
+``module.cache["calibration-choices"]`` maps each tensor to (method, SQNR dB).
+
 Tensors that already have an encoding (an earlier pass, a loaded encodings file, a previous run)
 keep it: the pass is idempotent and never undoes propagate-encodings. A graph that already holds
 QuantizeLinear/DequantizeLinear nodes is left alone.
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compiler.calibration import METHODS, activation_tensors, encoding_from_observer, statistics
+from compiler.calibration import AUTO, METHODS, activation_tensors, choose_encoding, encoding_from_observer, statistics
 from compiler.encoding import fixed_ranges, has_qdq, range_encoding
 from compiler.ir import Module, QccError
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
+
+CHOICES_KEY = "calibration-choices"
 
 
 @register
@@ -34,7 +41,7 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: str = choices(*METHODS, default="mse")
+        method: str = choices(*METHODS, AUTO, default="mse")
         percentile: float = 99.99
         bins: int = 2048
         act_bits: int = 8
@@ -61,14 +68,22 @@ class Calibrate(Pass):
             if ctx.calib_data is None:
                 raise QccError("calibrate needs --calib-data (a folder of sample inputs) to measure activation ranges")
             stats = statistics(module, ctx.calib_data, measured, opts.method, opts.bins)
+        choices_made = {}
         for name in todo:
             bw = int(module.annotations.get(name, {}).get("act_bits", opts.act_bits))
             if name in fixed:
                 module.encodings[name] = range_encoding(*fixed[name], bw)
+            elif opts.method == AUTO:
+                method, module.encodings[name], sqnr = choose_encoding(stats.observers[name], bw, opts.percentile)
+                choices_made[name] = (method, sqnr)
             else:
                 module.encodings[name] = encoding_from_observer(stats.observers[name], opts.method, bw, opts.percentile)
         result = {"encoded": len(todo) - len(set(todo) & set(fixed)), "fixed-range": len(set(todo) & set(fixed)),
                   "kept": len(tensors) - len(todo)}
+        if choices_made:
+            module.cache[CHOICES_KEY] = {**module.cache.get(CHOICES_KEY, {}), **choices_made}
+            for method, _ in choices_made.values():
+                result[f"auto-{method}"] = result.get(f"auto-{method}", 0) + 1
         if stats is not None:
             result["samples"] = stats.samples
         return PassResult(True, result)
