@@ -149,6 +149,11 @@ def _db(value) -> str:
     return "inf" if value is None else f"{value:.1f}"
 
 
+def _weights_db(row: dict, formatter) -> str:
+    # No weights-only measure where FLOAT's weights are not the ones QUANT quantized (blame "unknown").
+    return "?" if row["blame"] == "unknown" else formatter(row["weights_sqnr"])
+
+
 def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
@@ -171,9 +176,12 @@ def render_text(report: dict, top: int) -> str:
                      f"{'[' + fmt(r['enc_min'], '.4g') + ', ' + fmt(r['enc_max'], '.4g') + ']':>21} "
                      f"{'[' + fmt(r['fp32_min'], '.4g') + ', ' + fmt(r['fp32_max'], '.4g') + ']':>21} "
                      f"{fmt(r['cos'], '.5f'):>8} {_db(r['sqnr']):>6} {fmt(r['local_cos'], '.6f'):>9} "
-                     f"{_db(r['local_sqnr']):>6} {_db(r['weights_sqnr']):>6} {_db(r['activations_sqnr']):>6}  {r['blame']}")
+                     f"{_db(r['local_sqnr']):>6} {_weights_db(r, _db):>6} {_db(r['activations_sqnr']):>6}  {r['blame']}")
+    if report["fused"]:
+        lines += ["", f"{len(report['fused'])} quantized tensors feed only a Relu/Clip (fused on HTP): compared after it"]
     if report["unmatched"]:
-        lines += ["", f"{len(report['unmatched'])} DequantizeLinear outputs not compared (first: {report['unmatched'][0]})"]
+        lines += [f"{len(report['unmatched'])} DequantizeLinear outputs not compared (first: {report['unmatched'][0]}); "
+                  f"compare against the float model the quantizer started from"]
     for failure in report["gate"]["failures"]:
         lines.append(f"FAIL {failure}")
     if report["gate"]["bars"] and not report["gate"]["failures"]:
@@ -231,7 +239,8 @@ def _table(rows: list[dict], table_id: str, worst: set) -> str:
     body = []
     for r in rows:
         cls = ' class="worst"' if r["name"] in worst else ""
-        cells = "".join(f'<td data-key="{key}">{html.escape(fmt(r[key], spec))}</td>' for key, _, spec in COLUMNS)
+        cells = "".join(f'<td data-key="{key}">{html.escape(_weights_db(r, lambda v: fmt(v, spec)) if key == "weights_sqnr" else fmt(r[key], spec))}</td>'
+                        for key, _, spec in COLUMNS)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compiler.encoding import Encoding, encoding_from_qdq, fake_quantize
+from compiler.encoding import FUSED_ACTIVATIONS, Encoding, encoding_from_qdq, fake_quantize
 from compiler.ir import QccError
 from compiler.progress import Progress
 from compiler.runtime import make_session
@@ -190,6 +190,8 @@ class WeightUse:
     index: int
     float_name: str
     params: QdqParams
+    dequantized: np.ndarray
+    float_value: np.ndarray
 
 
 @dataclass
@@ -198,6 +200,23 @@ class QdqMapping:
     weights: list[WeightUse]
     outputs: list[tuple[str, str]]   # (FLOAT output, QUANT output)
     unmatched: list[str]
+    fused: list[tuple[str, str]] = field(default_factory=list)  # (tensor, activation output it is fused into)
+    mismatched_nodes: set = field(default_factory=set)  # FLOAT nodes whose weights QUANT quantized differently
+
+
+def quantizes(float_value: np.ndarray, dequantized: np.ndarray, params: QdqParams) -> bool:
+    """Whether ``dequantized`` is ``float_value`` on the DQ's grid: at least 99 % of the values within one
+    step (nearest rounding gives half a step, AdaRound-style rounding one). A rewritten weight (BN folded
+    on one side only, padded, ...) fails."""
+    if float_value.shape != dequantized.shape:
+        return False
+    scale = params.scale.astype(np.float64)
+    if params.axis is not None and scale.size > 1:
+        shape = [1] * float_value.ndim
+        shape[params.axis] = -1
+        scale = scale.reshape(shape)
+    close = np.abs(dequantized.astype(np.float64) - float_value) <= 1.01 * scale + 1e-12
+    return bool(close.mean() >= 0.99)
 
 
 def _match_node(fg: GraphIndex, node: onnx.NodeProto) -> int | None:
@@ -232,7 +251,7 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
             depth.setdefault(out, i + 1)
 
     found: dict[str, QuantizedTensor] = {}
-    weights, unmatched = [], []
+    weights, unmatched, fused, mismatched = [], [], [], set()
     for qi, dq in enumerate(qg.nodes):
         if not is_dq(dq):
             continue
@@ -243,19 +262,32 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
             continue
         users = [i for i in qg.consumers.get(out, []) if not is_q(qg.nodes[i]) and not is_dq(qg.nodes[i])]
         if qg.is_constant(dq.input[0]):
+            dequantized = params.dequantize(qg.constant(dq.input[0]))
             for user in users:
                 fnode = _match_node(fg, qg.nodes[user])
+                reader = qg.nodes[user].name or qg.nodes[user].op_type
                 for index, name in enumerate(qg.nodes[user].input):
-                    if name == out and fnode is not None and index < len(fg.nodes[fnode].input) \
-                            and fg.is_constant(fg.nodes[fnode].input[index]):
-                        weights.append(WeightUse(out, user, fnode, index, fg.nodes[fnode].input[index], params))
-                    elif name == out:
-                        unmatched.append(f"{out}: weight read by '{qg.nodes[user].name or qg.nodes[user].op_type}' "
-                                         f"has no float counterpart")
+                    if name != out:
+                        continue
+                    float_name = fg.nodes[fnode].input[index] if fnode is not None and index < len(fg.nodes[fnode].input) else ""
+                    float_value = fg.constant(float_name) if float_name else None
+                    if float_value is None:
+                        unmatched.append(f"{out}: weight read by '{reader}' has no float counterpart")
+                    elif not quantizes(float_value, dequantized, params):
+                        unmatched.append(f"{out}: not a quantization of the float '{float_name}' (rewritten?)")
+                    else:
+                        weights.append(WeightUse(out, user, fnode, index, float_name, params, dequantized, float_value))
+                        continue
+                    if fnode is not None:
+                        mismatched.add(fnode)
             continue
         source = qg.producer.get(dq.input[0])
         if source is None or not is_q(qg.nodes[source]):
             unmatched.append(f"{out}: input is neither a QuantizeLinear output nor a constant")
+            continue
+        into = _fused_into(qg, users, out, output_of)
+        if into is not None:
+            fused.append((qg.nodes[source].input[0], into))
             continue
         name = _float_activation(fg, qg, out, users, source, output_of)
         if name is None or fg.is_constant(name):
@@ -269,7 +301,19 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
                                       fg.nodes[producer].op_type if producer is not None else "input",
                                       fg.nodes[producer].name if producer is not None else "")
     activations = sorted(found.values(), key=lambda t: (t.depth, t.name))
-    return QdqMapping(activations, weights, outputs, unmatched)
+    return QdqMapping(activations, weights, outputs, unmatched, fused, mismatched)
+
+
+def _fused_into(qg: GraphIndex, users: list[int], out: str, output_of: dict) -> str | None:
+    """The output of the Relu/Clip this quantized tensor feeds, when that is its only reader and is quantized
+    itself: on HTP the producer and the activation are one op, so the tensor in between does not exist (its
+    quantizer clamps as the activation does; the activation's own row carries that error)."""
+    if out in output_of or len(users) != 1 or qg.nodes[users[0]].op_type not in FUSED_ACTIVATIONS:
+        return None
+    result = qg.nodes[users[0]].output[0]
+    if any(is_q(qg.nodes[i]) for i in qg.consumers.get(result, [])):
+        return result
+    return None
 
 
 def _float_activation(fg: GraphIndex, qg: GraphIndex, out: str, users: list[int], source: int, output_of: dict) -> str | None:
@@ -415,17 +459,10 @@ def _replace_inputs(model: onnx.ModelProto, replacements: list[tuple[int, int, n
         node.input[index] = name
 
 
-def weight_values(fg: GraphIndex, qg: GraphIndex, mapping: QdqMapping) -> tuple[list, list]:
+def weight_replacements(mapping: QdqMapping) -> tuple[list, list]:
     """(FLOAT node, index, dequantized weight) and (QUANT node, index, float weight) replacements."""
-    dequantized, floats = [], []
-    for use in mapping.weights:
-        dq = qg.nodes[qg.producer[use.dq_output]]
-        value = use.params.dequantize(qg.constant(dq.input[0]))
-        reference = fg.constant(use.float_name)
-        if reference is None or reference.shape != value.shape:
-            continue
-        dequantized.append((use.float_node, use.index, value.astype(reference.dtype)))
-        floats.append((use.quant_node, use.index, reference))
+    dequantized = [(u.float_node, u.index, u.dequantized.astype(u.float_value.dtype)) for u in mapping.weights]
+    floats = [(u.quant_node, u.index, u.float_value) for u in mapping.weights]
     return dequantized, floats
 
 
@@ -473,6 +510,7 @@ class Analysis:
     samples: int
     seconds: float
     unmatched: list[str]
+    fused: list[dict] = field(default_factory=list)  # quantized tensors fused into the next Relu/Clip
 
     def worst(self, count: int) -> list[LayerReport]:
         """The layers adding the most error on their own: lowest local SQNR first (exact layers last)."""
@@ -483,7 +521,7 @@ class Analysis:
         return {"samples": self.samples, "seconds": round(self.seconds, 3),
                 "outputs": [_finite_dict(asdict(o)) for o in self.outputs],
                 "layers": [_finite_dict(asdict(r)) for r in self.layers],
-                "unmatched": list(self.unmatched)}
+                "unmatched": list(self.unmatched), "fused": list(self.fused)}
 
 
 def _finite_dict(row: dict) -> dict:
@@ -493,7 +531,6 @@ def _finite_dict(row: dict) -> dict:
 
 class _Sessions:
     def __init__(self, float_model: onnx.ModelProto, quant_model: onnx.ModelProto, mapping: QdqMapping, with_blame: bool):
-        fg, qg = GraphIndex(float_model), GraphIndex(quant_model)
         rows = mapping.activations
         float_names = [r.name for r in rows]
         float_outputs = [f for f, _ in mapping.outputs]
@@ -509,7 +546,7 @@ class _Sessions:
         self.local = make_session(local, [r.dq_output for r in rows])
         if not with_blame:
             return
-        dequantized, floats = weight_values(fg, qg, mapping)
+        dequantized, floats = weight_replacements(mapping)
         weights_only = _copy(float_model)
         _replace_inputs(weights_only, dequantized, "dequantized")
         self.weights_only = make_session(weights_only, float_outputs)
@@ -569,9 +606,9 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
                 reference = Reference(value)
                 stats[r.name, "acc"].update(reference, got[r.dq_output])
                 stats[r.name, "local"].update(reference, local[r.dq_output])
+                stats[r.name, "activations"].update(reference, fake_quantize(value, r.params.encoding), with_cosine=False)
                 if with_blame:
                     stats[r.name, "weights"].update(reference, weights_local[r.name], with_cosine=False)
-                    stats[r.name, "activations"].update(reference, fake_quantize(value, r.params.encoding), with_cosine=False)
             for f, q in mapping.outputs:
                 reference = Reference(ref[f])
                 outputs[f, "acc"].update(reference, got[q])
@@ -582,51 +619,63 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
             bar.advance()
     if not count:
         raise QccError("analyze: no samples")
-    weights_of = _layer_weights(mapping, float_model)
+    segments = _layer_segments(mapping, GraphIndex(float_model))
+    weights_of = _layer_weights(mapping, segments)
+    # Weights FLOAT does not hold as QUANT quantized them: no weights-only measure for those layers.
+    known = lambda name: not (segments[name] & mapping.mismatched_nodes)
     layers = []
     for r in rows:
         if r.name in skipped:
             continue
         s = {kind: stats[r.name, kind] for kind in fields}
         w_bits, w_pc = weights_of.get(r.name, (None, None))
+        blame = blame_label(s["weights"].noise, s["activations"].noise) if known(r.name) else "unknown"
         layers.append(LayerReport(
             index=r.depth, name=r.name, op=r.op, node=r.node, bits=r.params.bits,
             enc_min=r.params.min, enc_max=r.params.max, fp32_min=ranges[r.name][0], fp32_max=ranges[r.name][1],
             cos=s["acc"].cos, cos_min=s["acc"].cos_min, sqnr=s["acc"].sqnr,
             local_cos=s["local"].cos, local_sqnr=s["local"].sqnr,
-            weights_sqnr=s["weights"].sqnr if with_blame else None,
-            activations_sqnr=s["activations"].sqnr if with_blame else None,
-            blame=blame_label(s["weights"].noise, s["activations"].noise) if with_blame else "",
+            weights_sqnr=s["weights"].sqnr if with_blame and known(r.name) else None,
+            activations_sqnr=s["activations"].sqnr,
+            blame=blame if with_blame else "",
             weight_bits=w_bits, weight_per_channel=w_pc))
     reports = []
+    split = with_blame and not mapping.mismatched_nodes  # a partial swap of weights would measure neither
     for f, _ in mapping.outputs:
         acc, w, a = outputs[f, "acc"], outputs[f, "weights"], outputs[f, "activations"]
         reports.append(OutputReport(f, acc.cos, acc.cos_min, acc.sqnr,
-                                    w.cos if with_blame else None, w.sqnr if with_blame else None,
-                                    a.cos if with_blame else None, a.sqnr if with_blame else None))
-    return Analysis(layers, reports, count, time.perf_counter() - start, mapping.unmatched + list(skipped.values()))
+                                    w.cos if split else None, w.sqnr if split else None,
+                                    a.cos if split else None, a.sqnr if split else None))
+    return Analysis(layers, reports, count, time.perf_counter() - start, mapping.unmatched + list(skipped.values()),
+                    [{"tensor": t, "into": into} for t, into in mapping.fused])
 
 
-def _layer_weights(mapping: QdqMapping, float_model: onnx.ModelProto) -> dict:
-    """FLOAT tensor -> (bits, per channel) of the weights its layer reads: the FLOAT nodes between the
-    tensor and the quantized activations (or graph inputs) upstream."""
-    fg = GraphIndex(float_model)
+def _layer_segments(mapping: QdqMapping, fg: GraphIndex) -> dict[str, set]:
+    """Row tensor -> its layer: the FLOAT nodes between it and the quantized activations (or graph inputs) upstream."""
     quantized = {r.name for r in mapping.activations}
-    uses: dict[int, list[WeightUse]] = {}
-    for use in mapping.weights:
-        uses.setdefault(use.float_node, []).append(use)
-    result = {}
+    segments = {}
     for r in mapping.activations:
-        seen, todo, found = set(), [r.name], []
+        seen, todo = set(), [r.name]
         while todo:
             index = fg.producer.get(todo.pop())
             if index is None or index in seen:
                 continue
             seen.add(index)
-            found += uses.get(index, [])
             todo += [t for t in fg.nodes[index].input if t and t not in quantized and not fg.is_constant(t)]
+        segments[r.name] = seen
+    return segments
+
+
+def _layer_weights(mapping: QdqMapping, segments: dict) -> dict:
+    """Row tensor -> (bits, per channel) of the weights its layer reads."""
+    uses: dict[int, list[WeightUse]] = {}
+    for use in mapping.weights:
+        uses.setdefault(use.float_node, []).append(use)
+    result = {}
+    for name, nodes in segments.items():
+        found = [u for index in nodes for u in uses.get(index, [])]
         # 32-bit constants are biases (int32 by convention): the narrowest other weight is the one that limits.
         narrow = [u for u in found if u.params.bits < 32] or found
         if narrow:
-            result[r.name] = (min(u.params.bits for u in narrow), any(u.params.axis is not None for u in narrow))
+            result[name] = (min(u.params.bits for u in narrow), any(u.params.axis is not None for u in narrow))
     return result
