@@ -88,11 +88,6 @@ def _alive(ranges: np.ndarray) -> np.ndarray:
     return ranges > DEAD_FRACTION * ranges.max() if ranges.size else np.zeros(0, dtype=bool)
 
 
-def _ratios(ranges: np.ndarray) -> np.ndarray:
-    alive = ranges[_alive(ranges)]
-    return alive.max() / alive if alive.size else np.zeros(0)
-
-
 @register
 class CrossLayerEqualization(Pass):
     name = "cle"
