@@ -1,0 +1,372 @@
+"""Move the activations that cost the most accuracy to 16 bits until the outputs are close enough to FP32.
+
+Runs after calibrate (and propagate-encodings), before insert-qdq; insert-converts must follow
+insert-qdq. Label-free: the quantized model is compared with the float model on ``samples``
+calibration samples.
+
+HTP computes each op at one width, its output's: activation inputs of another width are converted
+(insert-converts), so an edge t -> op carries t at min(width of t, width of the op). A tensor at 16
+bits gains only where its readers compute at 16 bits too; the unit of promotion is therefore a
+tensor with the outputs of the ops that read it (plus what must share their width, below).
+
+1. Simulate. insert-qdq runs on a clone (every activation at its current width; weights as
+   ``weight-bits`` / ``per-channel`` will quantize them), and once more with every unsigned
+   activation at 16 bits. Each activation's QuantizeLinear -> DequantizeLinear pair, and each edge
+   from it to an op with a quantized output, becomes Clip(lo, hi) -> QuantizeLinear ->
+   DequantizeLinear on a 16-bit container with lo, hi, scale and zero point fed at run time: the
+   tensor's own quantizer, then the edge's convert (an exact identity when the widths agree).
+   Constants whose quantization follows their node's input width (biases: scale s_in * s_w) are
+   dequantized both ways and picked with Where. One onnxruntime session thus runs, bit for bit, the
+   model insert-qdq + insert-converts would write for any choice of widths.
+2. Group. Tensors that must share a width move together: shared-encoding ops
+   (compiler.encoding.SHARED_ENCODING_OPS: Concat inputs and output, MaxPool, Reshape, ...; no
+   convert inside a data-movement chain), a producer fused with its Relu/Clip (no convert inside the
+   fused op), and BIT_WIDTH_TIES (MatMul's two activation inputs: 8x8 or 16x16).
+3. Rank by cost. A unit's cost is the output error it causes: error(as is) - error(this unit alone
+   at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples.
+   Units that cost nothing are never promoted.
+4. Choose. Costliest first, the units that fit the budget (``budget``: share of activation tensors
+   at 16 bits) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
+   samples and outputs) reaches ``target-cos`` is promoted: prefixes of 1, 2, 4, ... units until
+   one does, then bisection (the greedy one-unit-at-a-time result in log2 evaluations). Short of
+   the target, the best prefix measured is promoted, and a remark says whether the budget or the
+   weights (all activations at 16 bits still miss it) stop it.
+5. Apply. Promoted tensors get ``act_bits=16`` and their encodings re-derived at 16 bits over the
+   same range (fixed ranges exactly), as insert-qdq would.
+
+Stats: output cosine before and after, tensors promoted, 16-bit share, converts HTP will run.
+``module.cache["promote-16bit"]`` lists each promoted unit and why (the output error it cost).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compiler.calibration import activation_tensors
+from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, Encoding,
+                               fixed_ranges, has_qdq, qdq_params)
+from compiler.ir import Module, QccError
+from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
+from compiler.runtime import make_session
+from passes.insert_converts import rebit, requantized_constant
+
+CACHE_KEY = "promote-16bit"
+MS_DOMAIN = "com.microsoft"
+# Op -> input indices whose activations HTP needs at one bit-width (MatMul of two activations: 8x8 or 16x16).
+BIT_WIDTH_TIES = {"MatMul": (0, 1)}
+# Run-time quantizer parameters of the simulation, one vector entry per quantizer: name and type.
+PARAMETERS = (("lo", onnx.TensorProto.FLOAT), ("hi", onnx.TensorProto.FLOAT), ("scale", onnx.TensorProto.FLOAT),
+              ("zero", onnx.TensorProto.UINT16))
+
+
+def tie_graph(module: Module, names: set[str]) -> nx.Graph:
+    """Tensors (among ``names``) joined when they must share one bit-width."""
+    ties = nx.Graph()
+    ties.add_nodes_from(names)
+    for node in module.graph.nodes:
+        rule = SHARED_ENCODING_OPS.get(node.op)
+        if rule is not None:
+            ins = node.inputs if rule.inputs == ALL else [node.inputs[i] for i in rule.inputs if i < len(node.inputs)]
+            outs = node.outputs if rule.outputs == ALL else [node.outputs[i] for i in rule.outputs if i < len(node.outputs)]
+            nx.add_path(ties, [t.name for t in list(ins) + list(outs) if t.name in names])
+        if node.op in BIT_WIDTH_TIES:
+            nx.add_path(ties, [node.inputs[i].name for i in BIT_WIDTH_TIES[node.op]
+                               if i < len(node.inputs) and node.inputs[i].name in names])
+        if node.op in FUSED_ACTIVATIONS and node.inputs and node.outputs:
+            source = node.inputs[0]
+            if source.inputs and source.inputs[0].op in FUSIBLE_PRODUCERS and len(source.outputs) == 1:
+                nx.add_path(ties, [t for t in (source.name, node.outputs[0].name) if t in names])
+    return ties
+
+
+def promotion_units(module: Module, names: set[str]) -> list[list[str]]:
+    """Per tensor: itself and the outputs of the ops reading it, closed under the ties; deduplicated, in graph order."""
+    ties = tie_graph(module, names)
+    component = {n: frozenset(c) for c in nx.connected_components(ties) for n in c}
+    order = {n: i for i, n in enumerate(t.name for node in module.graph.nodes for t in list(node.inputs) + list(node.outputs))}
+    order.update({t.name: -1 for t in module.graph.inputs})
+    tensors = module.graph.tensors()
+    units = {}
+    for name in sorted(names, key=lambda n: order.get(n, 0)):
+        members = {name} | {user.outputs[0].name for user in tensors[name].outputs
+                            if user.outputs and user.outputs[0].name in names}
+        unit = frozenset().union(*(component[m] for m in members))
+        units.setdefault(unit, sorted(unit, key=lambda n: order.get(n, 0)))
+    return list(units.values())
+
+
+@dataclass
+class Measure:
+    cos: float    # mean over samples and outputs
+    error: float  # Σ ||q - f||² / Σ ||f||² over samples and outputs
+
+
+class QdqSimulation:
+    """The QDQ model of a module, its activation quantizers and converts parameterised at run time."""
+
+    def __init__(self, module: Module, weight_bits: int, per_channel: bool, samples: list[dict]):
+        self.fixed = fixed_ranges(module)
+        self.qdq_model = self._insert_qdq(module, weight_bits, per_channel, wide=False)
+        # The same with every unsigned activation at 16 bits: the biases (scale s_in * s_w) follow their input.
+        self.wide_model = self._insert_qdq(module, weight_bits, per_channel, wide=True)
+        self.float_model = module.clone().to_onnx()
+        g = GraphIndex(self.qdq_model)
+        # (tensor, its DequantizeLinear): insert-qdq's Q reads the tensor, or for a graph output its DQ writes it.
+        # Unsigned activations only: their 8- and 16-bit grids both fit the uint16 container.
+        self.pairs = []
+        for node in g.nodes:
+            source = g.producer.get(node.input[0]) if is_dq(node) else None
+            if source is None or not is_q(g.nodes[source]):
+                continue
+            name = node.output[0] if node.output[0] in g.outputs else g.nodes[source].input[0]
+            if name in module.encodings and not module.encodings[name].symmetric:
+                self.pairs.append((name, node.output[0]))
+        # (tensor, reading node, input index, tensor the node writes): the edges insert-converts may convert.
+        tensor_of_output = {g.nodes[g.producer[g.nodes[g.producer[dq]].input[0]]].input[0]: name for name, dq in self.pairs}
+        self.edges = []
+        for name, dq in self.pairs:
+            for user in g.consumers.get(dq, []):
+                node = g.nodes[user]
+                writes = tensor_of_output.get(node.output[0]) if node.output and not is_q(node) and not is_dq(node) else None
+                self.edges += [(name, user, i, writes) for i, x in enumerate(node.input) if x == dq and writes]
+        self.outputs = [o.name for o in self.qdq_model.graph.output]
+        self.samples = samples
+        self.session = make_session(self._parameterised())
+        reference = make_session(self.float_model)
+        self.reference = [[Reference(v) for v in reference.run(self.outputs, s)] for s in samples]
+
+    @staticmethod
+    def _insert_qdq(module: Module, weight_bits: int, per_channel: bool, wide: bool) -> onnx.ModelProto:
+        qdq = module.clone()
+        for name, enc in module.encodings.items():
+            if enc.dtype == "int":
+                qdq.annotate(name, act_bits=16 if wide and not enc.symmetric else enc.bw)
+        insert = make_pass("insert-qdq", {"weight-bits": str(weight_bits), "per-channel": str(per_channel).lower()})
+        insert.run(qdq, PassContext(log=lambda message: None))
+        return qdq.to_onnx()
+
+    def _parameterised(self) -> onnx.ModelProto:
+        model = onnx.ModelProto.FromString(self.qdq_model.SerializeToString())
+        default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        domain = "" if default.version >= 21 else MS_DOMAIN
+        if domain and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        g = GraphIndex(model)
+        replace: dict[int, list[onnx.NodeProto]] = {}
+        # Parameters come as one vector per kind, gathered per quantizer: onnxruntime validates every feed on
+        # every run, which for det's hundreds of scalars cost more than the run itself.
+        for group, count in (("act", len(self.pairs)), ("edge", len(self.edges))):
+            for key, dtype in PARAMETERS:
+                model.graph.input.append(helper.make_tensor_value_info(f"qcc_{group}_{key}", dtype, [count]))
+        model.graph.input.append(helper.make_tensor_value_info("qcc_act_wide", onnx.TensorProto.BOOL, [len(self.pairs)]))
+
+        def quantizer(group: str, i: int, x: str, y: str) -> list[onnx.NodeProto]:
+            tag = f"qcc_{group}{i}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(i, dtype=np.int64), f"{tag}_index"))
+            lo, hi, scale, zero = (f"{tag}_{key}" for key, _ in PARAMETERS)
+            return [helper.make_node("Gather", [f"qcc_{group}_{key}", f"{tag}_index"], [f"{tag}_{key}"])
+                    for key, _ in PARAMETERS] + [
+                helper.make_node("Clip", [x, lo, hi], [f"{tag}_clip"]),
+                helper.make_node("QuantizeLinear", [f"{tag}_clip", scale, zero], [f"{tag}_q"], domain=domain),
+                helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zero], [y], domain=domain)]
+
+        head = []  # the width flags, first: a node may depend on the width of its own output
+        for i, (_, dq_output) in enumerate(self.pairs):
+            dq_index = g.producer[dq_output]
+            q_index = g.producer[g.nodes[dq_index].input[0]]
+            head.append(helper.make_node("Gather", ["qcc_act_wide", f"qcc_act{i}_index"], [f"qcc_act{i}_wide"]))
+            replace[dq_index] = quantizer("act", i, g.nodes[q_index].input[0], dq_output)
+            replace[q_index] = []
+        self._switch_constants(model, g, replace)
+        for e, (_, user, index, _) in enumerate(self.edges):
+            node = g.nodes[user]
+            replace.setdefault(user, [node])[-1:-1] = quantizer("edge", e, node.input[index], f"qcc_edge{e}_out")
+            node.input[index] = f"qcc_edge{e}_out"
+        nodes = head + [n for i, node in enumerate(g.nodes) for n in replace.get(i, [node])]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        return model
+
+    def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict) -> None:
+        """Constants whose quantization follows a width are dequantized both ways and picked with Where, so
+        either choice is bit-exact: biases (scale s_in * s_w) follow their node's input, as insert-qdq
+        derives them; activation-like constants follow the node's own width, as insert-converts stores them."""
+        wide = GraphIndex(self.wide_model)
+        pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
+        pair_of_tensor = {name: i for i, (name, _) in enumerate(self.pairs)}
+        writes = {user: w for _, user, _, w in self.edges}
+        for index, node in enumerate(g.nodes):
+            if not is_dq(node) or not g.is_constant(node.input[0]):
+                continue
+            base = [g.constant(name) for name in node.input]
+            for user in g.consumers.get(node.output[0], []):
+                consumer = g.nodes[user]
+                if consumer.input[0] in pair_of and node.output[0] in wide.producer:
+                    other = wide.nodes[wide.producer[node.output[0]]]
+                    values = [wide.constant(name) for name in other.input]
+                    if not all(v is not None and np.array_equal(v, b) for v, b in zip(values, base)):
+                        self._pick(model, replace, consumer, user, node.output[0], f"qcc_act{pair_of[consumer.input[0]]}_wide",
+                                   values, other, wide_first=True)
+                        continue
+                if user in writes and len(base) == 3:
+                    narrow = base[0].dtype.itemsize * 8 <= 8
+                    alternative = requantized_constant(*base, 16 if narrow else 8)
+                    if alternative is not None:
+                        stored, enc = alternative
+                        self._pick(model, replace, consumer, user, node.output[0], f"qcc_act{pair_of_tensor[writes[user]]}_wide",
+                                   [stored, *qdq_params(enc)], helper.make_node("DequantizeLinear", [], [], domain=(
+                                       "" if enc.bw == 8 else node.domain or MS_DOMAIN)), wide_first=narrow)
+
+    @staticmethod
+    def _pick(model, replace, consumer, user: int, tensor: str, flag: str, values: list, template, wide_first: bool):
+        """consumer reads Where(flag, alternative, tensor) (or the reverse) instead of ``tensor``."""
+        tag = f"{flag}_{user}_{list(consumer.input).index(tensor)}"
+        inputs = [f"{tag}_{k}" for k in range(len(values))]
+        model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), n) for v, n in zip(values, inputs))
+        choice = [f"{tag}_dq", tensor] if wide_first else [tensor, f"{tag}_dq"]
+        replace.setdefault(user, [consumer])[-1:-1] = [
+            helper.make_node("DequantizeLinear", inputs, [f"{tag}_dq"], domain=template.domain,
+                             **{a.name: helper.get_attribute_value(a) for a in template.attribute}),
+            helper.make_node("Where", [flag, *choice], [f"{tag}_pick"])]
+        consumer.input[list(consumer.input).index(tensor)] = f"{tag}_pick"
+
+    def _feeds(self, encodings: dict) -> dict:
+        acts = [self._parameters(encodings[name]) for name, _ in self.pairs]
+        edges = []
+        for name, _, _, writes in self.edges:
+            enc, width = encodings[name], encodings[writes].bw
+            edges.append(self._parameters(enc if enc.bw == width else self._rebit(enc, width, self.fixed.get(name))))
+        feed = {"qcc_act_wide": np.array([encodings[name].bw >= 16 for name, _ in self.pairs], dtype=np.bool_)}
+        for group, rows in (("act", acts), ("edge", edges)):
+            for (key, dtype), column in zip(PARAMETERS, zip(*rows) if rows else [()] * len(PARAMETERS)):
+                feed[f"qcc_{group}_{key}"] = np.array(column, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+        return feed
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _rebit(enc: Encoding, width: int, fixed: tuple | None) -> Encoding:
+        return rebit(enc, width, fixed)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _parameters(enc: Encoding) -> tuple:
+        """(lo, hi, scale, zero point) of one encoding, in PARAMETERS order."""
+        scale, zero_point = qdq_params(enc)
+        return float(enc.min[0]), float(enc.max[0]), float(scale), int(zero_point)
+
+    def measure(self, encodings: dict, count: int | None = None) -> Measure:
+        params = self._feeds(encodings)
+        stats = ErrorStats()
+        for sample, references in list(zip(self.samples, self.reference))[:count]:
+            for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
+                stats.update(reference, got)
+        return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)
+
+    def converts(self, encodings: dict) -> int:
+        """The converts insert-converts will insert: distinct (tensor, width) pairs read at another width."""
+        return len({(name, encodings[writes].bw) for name, _, _, writes in self.edges
+                    if encodings[writes].bw != encodings[name].bw})
+
+
+@register
+class Promote16Bit(Pass):
+    name = "promote-16bit"
+    kind = PassKind.ANNOTATING
+
+    @dataclass(frozen=True)
+    class Options:
+        target_cos: float = 0.999
+        budget: float = 0.25
+        samples: int = 4
+        screen_samples: int = 2
+        weight_bits: int = 8
+        per_channel: bool = True
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if not 0 < opts.target_cos <= 1:
+            raise QccError(f"promote-16bit: target-cos must be in (0, 1], got {opts.target_cos}")
+        if not 0 <= opts.budget <= 1:
+            raise QccError(f"promote-16bit: budget must be in [0, 1], got {opts.budget}")
+        if opts.samples < 1 or opts.screen_samples < 1:
+            raise QccError("promote-16bit: samples and screen-samples must be at least 1")
+        if has_qdq(module.graph):
+            ctx.remark("graph", "already has QuantizeLinear/DequantizeLinear nodes; promote-16bit runs before insert-qdq")
+            return PassResult(False)
+        activations = [n for n in activation_tensors(module) if n in module.encodings and module.encodings[n].dtype == "int"]
+        if not activations:
+            ctx.remark("graph", "no activation encodings; run calibrate first")
+            return PassResult(False)
+        if ctx.calib_data is None:
+            raise QccError("promote-16bit needs calibration data (--calib-data) to measure the output cosine")
+        samples = [s for _, s in zip(range(opts.samples), ctx.calib_data)]
+
+        sim = QdqSimulation(module, opts.weight_bits, opts.per_channel, samples)
+        encodings = dict(module.encodings)
+        wide = {n for n in activations if encodings[n].bw >= 16}
+        total = len(activations)
+        share_of = lambda tensors: len(tensors) / total
+        start = sim.measure(encodings)
+        stats = {"cos-before": start.cos, "activations": total}
+        if start.cos >= opts.target_cos:
+            return PassResult(False, {**stats, "share-16bit": share_of(wide)})
+
+        simulated = {name for name, _ in sim.pairs}
+        widened = lambda unit: {n: rebit(encodings[n], 16, sim.fixed.get(n)) for n in unit if n not in wide}
+        units = [u for u in promotion_units(module, set(activations)) if not set(u) <= wide and set(u) <= simulated]
+        best_case = sim.measure({**encodings, **{n: e for u in units for n, e in widened(u).items()}})
+        baseline = sim.measure(encodings, opts.screen_samples).error
+        cost = {tuple(u): baseline - sim.measure({**encodings, **widened(u)}, opts.screen_samples).error for u in units}
+
+        # The costliest units first, as many as the budget holds. Prefixes of 1, 2, 4, ... units are measured
+        # until one reaches the target, then bisection finds the shortest; short of the target, the best prefix.
+        helpful = sorted((u for u in units if cost[tuple(u)] > 0), key=lambda u: -cost[tuple(u)])
+        chosen = []
+        for unit in helpful:
+            if share_of(wide.union(*chosen, unit)) <= opts.budget:
+                chosen.append(unit)
+        prefix = lambda k: {**encodings, **{n: e for u in chosen[:k] for n, e in widened(u).items()}}
+        measured = {0: start.cos}
+        low, high = 0, None
+        for size in sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0}):
+            measured[size] = sim.measure(prefix(size)).cos
+            if measured[size] >= opts.target_cos:
+                high = size
+                break
+            low = size
+        if high is not None:
+            while high - low > 1:
+                middle = (low + high) // 2
+                measured[middle] = sim.measure(prefix(middle)).cos
+                low, high = (middle, high) if measured[middle] < opts.target_cos else (low, middle)
+            count = high
+        else:
+            count = max(measured, key=lambda k: (measured[k], -k))
+        cos, encodings = measured[count], prefix(count)
+        wide = wide.union(*chosen[:count])
+        if cos < opts.target_cos:
+            limits = [f"even with every activation at 16 bits it is {best_case.cos:.6f}: the weights limit it "
+                      f"(per-channel, bias correction, AdaRound)"] if best_case.cos < opts.target_cos else []
+            if len(chosen) < len(helpful):
+                limits.append(f"the budget ({opts.budget:g}) holds no more")
+            ctx.remark("graph", f"output cosine {cos:.6f} < {opts.target_cos:g} with {share_of(wide):.1%} of the "
+                                f"activations at 16 bits; {'; '.join(limits) or 'no unit helps further'}")
+        if not count:
+            return PassResult(False, {**stats, "share-16bit": share_of(wide)})
+        promoted = [{"tensors": u, "output_error_cost": cost[tuple(u)]} for u in chosen[:count]]
+        changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
+        for name in changed:
+            module.annotate(name, act_bits=16)
+            module.encodings[name] = encodings[name]
+        module.cache[CACHE_KEY] = {"target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
+                                   "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(wide),
+                                   "converts": sim.converts(encodings), "promoted": promoted}
+        return PassResult(True, {**stats, "cos-after": cos, "promoted": len(changed),
+                                 "share-16bit": share_of(wide), "converts": sim.converts(encodings),
+                                 "evaluations": len(units) + len(measured) + 1})

@@ -1,0 +1,160 @@
+"""promote-16bit and insert-converts: the simulation is the model they write, the costly tensor is promoted,
+the budget holds, widths agree per op, and the mixed-precision model runs on HTP."""
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from compiler.golden import GOLDEN_ROOT
+from compiler.ir import QccError, from_onnx, infer_shapes
+from compiler.layer_analysis import ErrorStats, Reference
+from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
+from compiler.runtime import make_session
+from passes.insert_converts import output_width, rebit
+from passes.promote_16bit import QdqSimulation, promotion_units
+
+# Conv (bias) -> Relu -> Add(constant) -> Conv (bias) -> Mul(constant) -> Concat with x -> Conv: biases and
+# activation-like constants whose quantization follows a width, and a shared-encoding Concat.
+MODEL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+  c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  r1 = Relu(c1)
+  a = Add(r1, k)
+  c2 = Conv(a, w2, b2)
+  m = Mul(c2, half)
+  cat = Concat <axis = 1> (m, x)
+  y = Conv(cat, w3)
+}
+"""
+SHAPES = {"w1": [4, 4, 3, 3], "b1": [4], "w2": [4, 4, 1, 1], "b2": [4], "w3": [4, 8, 1, 1], "k": [1, 4, 1, 1], "half": [1]}
+
+
+def model() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(MODEL)
+    rng = np.random.default_rng(0)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+                                   for name, shape in SHAPES.items())
+    return infer_shapes(proto)
+
+
+def samples(count=4, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def calibrated(proto=None):
+    module = from_onnx(proto if proto is not None else model())
+    ctx = PassContext(calib_data=samples(), log=lambda message: None)
+    PassManager(parse_pipeline("calibrate{method=minmax},propagate-encodings"), quiet=True).run(module, ctx)
+    return module, ctx
+
+
+def lowered(module, wide=()):
+    """insert-qdq + insert-converts on a clone with ``wide`` tensors at 16 bits."""
+    module = module.clone()
+    for name in wide:
+        module.annotate(name, act_bits=16)
+        module.encodings[name] = rebit(module.encodings[name], 16)
+    ctx = PassContext(log=lambda message: None)
+    make_pass("insert-qdq").run(module, ctx)
+    result = make_pass("insert-converts").run(module, ctx)
+    return module, result
+
+
+def test_simulation_is_the_lowered_model_bit_for_bit():
+    module, _ = calibrated()
+    data = samples(2, seed=5)
+    sim = QdqSimulation(module, 8, True, data)
+    reference = make_session(sim.float_model)
+    names = set(module.encodings)
+    for wide in ([], ["c1", "r1"], ["a", "c2"], ["m", "x", "cat"], sorted(names)):
+        encodings = {**module.encodings, **{n: rebit(module.encodings[n], 16) for n in wide}}
+        simulated = sim.measure(encodings)
+        real_module, _ = lowered(module, wide)
+        session, stats = make_session(real_module.to_onnx()), ErrorStats()
+        for sample in data:
+            stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
+        assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), wide
+
+
+def test_units_follow_readers_and_ties():
+    module, _ = calibrated()
+    units = {tuple(u) for u in promotion_units(module, set(module.encodings))}
+    # c1 is fused with its Relu; a tensor goes with the outputs of its readers; Concat shares one width.
+    assert ("c1", "r1") in units
+    assert any({"r1", "a", "c1"} <= set(u) for u in units)
+    assert all(not ({"m", "x", "cat"} & set(u)) or {"m", "x", "cat"} <= set(u) for u in units)
+
+
+def test_insert_converts_gives_every_op_its_own_width():
+    module, _ = calibrated()
+    lowered_module, result = lowered(module, ["a"])
+    assert result.modified and result.stats["converts"] >= 2 and result.stats["constants"] >= 1
+    graph = lowered_module.graph
+    for node in graph.nodes:
+        width = output_width(node) if node.op not in ("QuantizeLinear", "DequantizeLinear") else None
+        if width is None:
+            continue
+        for tensor in node.inputs:
+            dq = tensor.inputs[0] if tensor.inputs else None
+            if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[2].values.dtype.kind == "u":
+                assert dq.inputs[2].values.dtype.itemsize * 8 == width, (node.name, tensor.name)
+    again = make_pass("insert-converts").run(lowered_module, PassContext(log=lambda message: None))
+    assert not again.modified
+
+
+@pytest.fixture(scope="module")
+def promoted():
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    before = module.clone()
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "0.75"}).run(module, ctx)
+    return before, module, ctx, result
+
+
+def test_the_costly_tensor_is_promoted(promoted):
+    before, module, _, result = promoted
+    assert result.modified
+    wide = {n for n, e in module.encodings.items() if e.bw == 16}
+    assert {"c", "r"} <= wide and "x" not in wide
+    assert all(module.annotations[n]["act_bits"] == 16 for n in wide)
+    assert result.stats["cos-before"] < 0.99 <= result.stats["cos-after"]
+    assert result.stats["share-16bit"] == len(wide) / len(before.encodings) <= 0.75
+    record = module.cache["promote-16bit"]
+    assert record["promoted"][0]["output_error_cost"] > 0 and "c" in record["promoted"][0]["tensors"]
+
+
+def test_second_run_changes_nothing(promoted):
+    _, module, ctx, _ = promoted
+    again = module.clone()
+    assert not make_pass("promote-16bit", {"target-cos": "0.99", "budget": "0.75"}).run(again, ctx).modified
+    assert again.encodings == module.encodings
+
+
+def test_budget_is_respected(promoted):
+    before, _, ctx, _ = promoted
+    module = before.clone()
+    ctx.remarks.clear()
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "0.25"}).run(module, ctx)
+    assert not result.modified and all(e.bw == 8 for e in module.encodings.values())
+    assert any("budget (0.25) holds no more" in r.message for r in ctx.remarks)
+
+
+def test_needs_calibration_data():
+    module, _ = calibrated()
+    with pytest.raises(QccError, match="calibration data"):
+        make_pass("promote-16bit").run(module, PassContext(log=lambda message: None))
+
+
+def test_mixed_precision_runs_on_htp(promoted):
+    htp = pytest.importorskip("compiler.htp")
+    pytest.importorskip("onnxruntime_qnn")
+    _, module, _, _ = promoted
+    final, _ = lowered(module)
+    proto = final.to_onnx()
+    outputs, _ = htp.run_htp(proto, samples(1, seed=5))
+    simulated = make_session(proto).run(["y"], samples(1, seed=5)[0])[0]
+    stats = ErrorStats()
+    stats.update(Reference(simulated), outputs[0]["y"])
+    assert stats.cos > 0.999
