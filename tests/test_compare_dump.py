@@ -95,27 +95,15 @@ def test_wrong_sizes_and_missing_input_are_reported(qdq, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
 
 
-def htp_session(model: onnx.ModelProto):
-    """onnxruntime-qnn's HTP backend with CPU fallback disabled (the whole graph on HTP)."""
-    ort = pytest.importorskip("onnxruntime")
-    qnn = pytest.importorskip("onnxruntime_qnn")
-    if not any(d.ep_name == "QNNExecutionProvider" for d in ort.get_ep_devices()):
-        ort.register_execution_provider_library("QNNExecutionProvider", qnn.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == "QNNExecutionProvider"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_provider_for_devices(devices, {"backend_path": qnn.get_qnn_htp_path()})
-    return ort.InferenceSession(model.SerializeToString(), options)
-
-
 def test_htp_dump(qdq, tmp_path):
     from compiler.runtime import expose_tensors
+    htp = pytest.importorskip("compiler.htp")
+    pytest.importorskip("onnxruntime_qnn")
     path, _, sample = qdq
     model = onnx.load(path)
     names = device_names(model)
     # Intermediates leave the HTP graph as outputs of their DequantizeLinear nodes.
-    session = htp_session(expose_tensors(model, list(names.values())))
+    session = htp.htp_session(expose_tensors(model, list(names.values())))
     values = dict(zip(names.values(), session.run(list(names.values()), sample)))
     write_dump(tmp_path / "htp", {device: values[quant] for device, quant in names.items()})
     result = compare_dump(model, tmp_path / "htp", sample, {"cos": 0.99})
