@@ -14,7 +14,9 @@ forms the backend accepts.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
 import sys
 import time
@@ -64,13 +66,28 @@ def htp_devices() -> tuple:
     return devices
 
 
-def htp_session_options(log_severity: int = 3) -> ort.SessionOptions:
+def htp_session_options(log_severity: int = 3, provider_options: dict | None = None) -> ort.SessionOptions:
+    """``provider_options``: the QNN EP's options, e.g. ``{"htp_arch": "73"}`` (the backend simulates v68 by default)."""
     options = ort.SessionOptions()
     options.log_severity_level = log_severity
     # Nodes HTP refuses would silently run on CPU; refuse the session instead.
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_provider_for_devices(list(htp_devices()), {"backend_path": qnn_module().get_qnn_htp_path()})
+    options.add_provider_for_devices(list(htp_devices()), {**(provider_options or {}), "backend_path": qnn_module().get_qnn_htp_path()})
     return options
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 points at stderr meanwhile: QNN's library prints a configuration notice on stdout
+    when it loads, where run-htp's table (and tools/bench.py's) goes."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class _CapturedLog:
@@ -89,26 +106,26 @@ class _CapturedLog:
         return False
 
 
-def htp_session(model: onnx.ModelProto) -> ort.InferenceSession:
+def htp_session(model: onnx.ModelProto, provider_options: dict | None = None) -> ort.InferenceSession:
     """An HTP session for ``model``; QccError naming what the backend refused when the graph does not fit."""
     data = model.SerializeToString()
-    options = htp_session_options()
-    with _CapturedLog():
+    options = htp_session_options(provider_options=provider_options)
+    with _CapturedLog(), _stdout_to_stderr():
         try:
             return ort.InferenceSession(data, options)
         except Exception as exc:
             error = exc
-    raise QccError(diagnose(model, error)) from None
+    raise QccError(diagnose(model, error, provider_options)) from None
 
 
-def diagnose(model: onnx.ModelProto, error: Exception) -> str:
+def diagnose(model: onnx.ModelProto, error: Exception, provider_options: dict | None = None) -> str:
     """One line saying why HTP refused ``model``: QNN's per-node validation reasons, which onnxruntime only
     logs at verbose level (so the session is tried again with verbose logs captured), or for a graph
     that fails to finalize, the float tensors between quantized ops that cause it."""
     first = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(error))
-    with _CapturedLog() as log:
+    with _CapturedLog() as log, _stdout_to_stderr():
         try:
-            ort.InferenceSession(model.SerializeToString(), htp_session_options(log_severity=0))
+            ort.InferenceSession(model.SerializeToString(), htp_session_options(0, provider_options))
         except Exception:
             pass
     refused = refused_nodes(model, log.messages)
@@ -177,9 +194,9 @@ def float_tensors_between_quantized_ops(model: onnx.ModelProto) -> list[str]:
     return suspects
 
 
-def run_htp(model: onnx.ModelProto, samples: list[dict]) -> tuple[list[dict], float]:
+def run_htp(model: onnx.ModelProto, samples: list[dict], provider_options: dict | None = None) -> tuple[list[dict], float]:
     """Outputs of ``model`` on HTP for each sample, and the mean seconds per sample."""
-    session = htp_session(model)
+    session = htp_session(model, provider_options)
     names = [o.name for o in session.get_outputs()]
     results, start = [], time.perf_counter()
     for sample in samples:
@@ -230,9 +247,10 @@ def compare_outputs(reference: list[dict], candidate: list[dict], steps: dict | 
     return rows
 
 
-def compare_with_cpu(model: onnx.ModelProto, samples: list[dict]) -> tuple[list[OutputAgreement], float]:
+def compare_with_cpu(model: onnx.ModelProto, samples: list[dict],
+                     provider_options: dict | None = None) -> tuple[list[OutputAgreement], float]:
     """Run ``model`` on HTP and on CPU simulation; per-output agreement and HTP seconds per sample."""
-    htp_outputs, seconds = run_htp(model, samples)
+    htp_outputs, seconds = run_htp(model, samples, provider_options)
     cpu_outputs = run_model(model, samples)
     return compare_outputs(cpu_outputs, htp_outputs, output_steps(model)), seconds
 
@@ -264,6 +282,8 @@ def add_command(sub) -> None:
     p.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
     p.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
     p.add_argument("--image-std", metavar="R,G,B")
+    p.add_argument("--htp-arch", metavar="N", help="HTP architecture to simulate, e.g. 73 (default: the backend's, v68; "
+                   "v73 and later compute 16-bit convolutions exactly, v68 to ~20 steps)")
     p.add_argument("--json", metavar="OUT.json", help="write the comparison as JSON")
     p.set_defaults(func=cmd_run_htp)
 
@@ -275,6 +295,8 @@ def cmd_run_htp(args) -> int:
     from compiler.data import Dataset, specs_of
     from compiler.ir import write_atomic
     qnn_module()
+    if args.htp_arch is not None and not args.htp_arch.isdigit():
+        raise QccError(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise QccError(f"{args.json}: output folder '{Path(args.json).parent}' does not exist")
     shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
@@ -283,7 +305,7 @@ def cmd_run_htp(args) -> int:
     model = onnx.load(args.model)
     # QNN compiles for static shapes: pin every input to the samples' shapes.
     model = fix_input_shapes(model, {name: list(value.shape) for name, value in samples[0].items()}, args.model)
-    rows, seconds = compare_with_cpu(model, samples)
+    rows, seconds = compare_with_cpu(model, samples, {"htp_arch": args.htp_arch} if args.htp_arch else None)
     sys.stdout.write(render(rows, len(samples), seconds))
     if args.json:
         write_atomic(Path(args.json), json.dumps({"samples": len(samples), "htp_seconds_per_sample": seconds,

@@ -23,19 +23,22 @@ def htp():
     return htp
 
 
-def _qdq(nodes, inits, tensor, scale, zero_point, out):
-    inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{tensor}_scale"),
-              numpy_helper.from_array(np.array(zero_point, np.uint8), f"{tensor}_zp")]
-    nodes += [helper.make_node("QuantizeLinear", [tensor, f"{tensor}_scale", f"{tensor}_zp"], [f"{tensor}_q"]),
-              helper.make_node("DequantizeLinear", [f"{tensor}_q", f"{tensor}_scale", f"{tensor}_zp"], [out])]
+def _qdq(nodes, inits, tensor, scale, zero_point, out, bits=8):
+    # 16-bit activations use the com.microsoft Q/DQ below opset 21, as insert-qdq writes them.
+    dtype, domain, levels = (np.uint16, "com.microsoft", 65535) if bits == 16 else (np.uint8, "", 255)
+    inits += [numpy_helper.from_array(np.array(scale * 255 / levels, np.float32), f"{tensor}_scale"),
+              numpy_helper.from_array(np.array(zero_point * (levels + 1) // 256, dtype), f"{tensor}_zp")]
+    nodes += [helper.make_node("QuantizeLinear", [tensor, f"{tensor}_scale", f"{tensor}_zp"], [f"{tensor}_q"], domain=domain),
+              helper.make_node("DequantizeLinear", [f"{tensor}_q", f"{tensor}_scale", f"{tensor}_zp"], [out], domain=domain)]
 
 
-def qdq_conv(weight_axis=0, middle_op=None, float_divisor=False) -> onnx.ModelProto:
+def qdq_conv(weight_axis=0, middle_op=None, float_divisor=False, act_bits=8) -> onnx.ModelProto:
     """x -> QDQ(u8) -> Conv 3x3 (int8 per-channel weights along ``weight_axis``, int32 bias) -> QDQ(u8) -> y.
-    ``middle_op`` puts that op (quantized) before the Conv; ``float_divisor`` a Div by a float constant."""
+    ``middle_op`` puts that op (quantized) before the Conv; ``float_divisor`` a Div by a float constant;
+    ``act_bits=16`` makes the activations uint16."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
-    _qdq(nodes, inits, "x", 2 / 255, 128, "x_dq")
+    _qdq(nodes, inits, "x", 2 / 255, 128, "x_dq", act_bits)
     conv_input = "x_dq"
     if middle_op:
         nodes.append(helper.make_node(middle_op, ["x_dq"], ["m"]))
@@ -51,7 +54,8 @@ def qdq_conv(weight_axis=0, middle_op=None, float_divisor=False) -> onnx.ModelPr
     w_scale = (np.abs(weights).max(axis=reduce) / 127).astype(np.float32)
     shape = [-1 if i == weight_axis else 1 for i in range(4)]
     w_q = np.clip(np.round(weights / w_scale.reshape(shape)), -127, 127).astype(np.int8)
-    b_scale = (np.float32(2 / 255) * w_scale).astype(np.float32) if weight_axis == 0 else np.float32(2 / 255 * w_scale.max())
+    x_step = 2 / (2 ** act_bits - 1)
+    b_scale = (np.float32(x_step) * w_scale).astype(np.float32) if weight_axis == 0 else np.float32(x_step * w_scale.max())
     b_q = np.round(rng.standard_normal(16) * 0.1 / b_scale).astype(np.int32)
     inits += [numpy_helper.from_array(w_q, "w_q"), numpy_helper.from_array(w_scale, "w_scale"),
               numpy_helper.from_array(np.zeros_like(w_q, shape=w_scale.shape), "w_zp"),
@@ -60,10 +64,11 @@ def qdq_conv(weight_axis=0, middle_op=None, float_divisor=False) -> onnx.ModelPr
     nodes += [helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=weight_axis),
               helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["b"], axis=0),
               helper.make_node("Conv", [conv_input, "w", "b"], ["c"], pads=[1, 1, 1, 1])]
-    _qdq(nodes, inits, "c", 2 * ACT_RANGE / 255, 128, "y")
+    _qdq(nodes, inits, "c", 2 * ACT_RANGE / 255, 128, "y", act_bits)
     graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 16, 16])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opsets = [helper.make_opsetid("", 13)] + ([helper.make_opsetid("com.microsoft", 1)] if act_bits == 16 else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -82,6 +87,12 @@ def test_conv_runs_on_htp_and_agrees_with_cpu_simulation(htp):
     assert row.max_steps <= 2
     assert row.cos_min > 0.999 and row.sqnr_db > 30
     assert seconds > 0
+
+
+def test_16bit_conv_is_exact_on_v73(htp):
+    # The backend simulates v68 by default, which computes 16-bit convolutions to ~20 steps; v73 to one.
+    rows, _ = htp.compare_with_cpu(qdq_conv(act_bits=16), samples(1), {"htp_arch": "73"})
+    assert rows[0].step == pytest.approx(2 * ACT_RANGE / 65535) and rows[0].max_steps <= 2
 
 
 def test_wrong_per_channel_axis_names_the_conv_and_the_reason(htp):

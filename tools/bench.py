@@ -30,7 +30,7 @@ text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps
 Usage (from the repository root):
 
     python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--htp] [--json OUT.json]
-                          [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
+                          [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
 
 ``--models``    which models (default cls,det)
 ``--calib N``   calibration samples (default 32)
@@ -38,6 +38,8 @@ Usage (from the repository root):
 ``--htp``       also run every quantized model on onnxruntime-qnn's HTP backend (CPU fallback disabled)
                 on 2 held-out samples: cosine and max difference in output steps against CPU simulation,
                 cosine against FP32. Needs ``pip install '.[qnn]'``; about a second per cls sample.
+``--htp-arch N`` the HTP architecture the backend simulates (default: its own, v68; v73 and later compute
+                16-bit convolutions exactly, v68 only to ~20 steps)
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
 ``--json OUT``  write every row as JSON
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
@@ -206,10 +208,11 @@ def accuracy(reference: list[dict], candidate: list[dict], keep: list[int], task
     return {"cos_mean": stats.cos, "cos_min": stats.cos_min, "sqnr_db": stats.sqnr, "task_metric": task_value}
 
 
-def htp_agreement(model: onnx.ModelProto, samples: list[dict], cpu: list[dict], fp32: list[dict]) -> dict:
+def htp_agreement(model: onnx.ModelProto, samples: list[dict], cpu: list[dict], fp32: list[dict],
+                  arch: str | None) -> dict:
     from compiler.htp import compare_outputs, output_steps, run_htp
     try:
-        outputs, seconds = run_htp(model, samples)
+        outputs, seconds = run_htp(model, samples, {"htp_arch": arch} if arch else None)
     except QccError as exc:
         return {"error": str(exc)}
     (vs_cpu,) = compare_outputs(cpu, outputs, output_steps(model))
@@ -252,7 +255,7 @@ def bench_model(model: BenchModel, tools: list[str], args, assets: Path, work: P
         if args.htp:
             first = keep[:HTP_SAMPLES] or list(range(min(HTP_SAMPLES, len(held))))
             row.htp = htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
-                                    [fp32[i] for i in first])
+                                    [fp32[i] for i in first], args.htp_arch)
         log(f"{model.name}: {tool} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
         rows.append(row)
     ort_seconds = next((r.compile_seconds for r in rows if r.tool == "ort" and r.config.startswith("MinMax")), None)
@@ -295,6 +298,7 @@ def parse_args(argv):
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=32)
     p.add_argument("--htp", action="store_true")
+    p.add_argument("--htp-arch", metavar="N")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--json", metavar="OUT.json")
     p.add_argument("--save-dir", metavar="DIR")
@@ -307,6 +311,8 @@ def parse_args(argv):
     for tool in args.tool_list:
         if tool not in TOOLS:
             p.error(f"--tools: unknown tool '{tool}' (known: {', '.join(TOOLS)})")
+    if args.htp_arch is not None and not args.htp_arch.isdigit():
+        p.error(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
     if args.calib <= 0 or args.eval <= 0:
         p.error("--calib and --eval must be positive")
     return args
