@@ -10,7 +10,12 @@ consumers: the FLOAT node with the same name (or the same output names) and op t
 FLOAT tensor at the same input index, which survives quantizers that drop a Relu into the Q's
 range (onnxruntime does), (3) by walking Q -> DQ pairs back to the tensor that was quantized,
 with the usual suffixes (``_QuantizeLinear_Input``, ``_DequantizeLinear_Output``, ``_quantized``)
-removed. A DQ matching nothing is listed in ``unmatched``, never guessed.
+removed. A weight matches only if its dequantized values are FLOAT's on the DQ's grid (within one
+step), so FLOAT must be the model the quantizer started from (after fold-bn and the like); a DQ
+matching nothing is listed in ``unmatched``, never guessed, and layers reading an unmatched weight
+get blame ``unknown``. A quantized tensor read only by a Relu/Clip that is quantized itself (qcc
+quantizes a conv output with its Relu's range) is not a row: on HTP the two are one op, and the
+Relu's output carries the error (``fused``).
 
 Errors, per quantized activation ``t`` (rows in FLOAT's topological order), against FLOAT's ``t``:
 - accumulated: QUANT as it is: everything upstream quantized;
