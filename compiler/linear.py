@@ -60,6 +60,16 @@ class LinearLayer:
     def out_channels(self) -> int:
         return self.weight.shape[self.axis]
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input this layer reduces over (Conv: C_in; Gemm/MatMul: K)."""
+        return self.weight.shape[1] * self.groups if self.is_conv else self.weight.shape[1 - self.axis]
+
+    def input_channel_view(self, weight: np.ndarray) -> np.ndarray:
+        """[g, O/g, C_in/g, taps] view of a weight of this layer's shape: axes (0, 2) enumerate input channels."""
+        matrix = self.to_matrix(weight)
+        return matrix.reshape(matrix.shape[0], matrix.shape[1], self.in_channels // self.groups, -1)
+
     def to_matrix(self, weight: np.ndarray) -> np.ndarray:
         """[g, O/g, K] view of a weight of this layer's shape."""
         w = weight.T if self.transposed else weight

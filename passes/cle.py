@@ -1,9 +1,11 @@
 """Cross-layer equalization: rescale the channels between two convolutions so their weight ranges match.
 
 Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", 2019.
-For Conv1 -> [Add(bias)] -> act -> Conv2, where act is positively homogeneous (Relu, LeakyRelu,
-PRelu, or no activation: act(x / s) = act(x) / s for s > 0), channel i between the two layers can
-be divided by s_i in Conv1 and multiplied back in Conv2 without changing the result:
+For Conv1 -> [Add(bias)] -> act -> Conv2 (Gemm and MatMul with constant weights too, as in a
+squeeze-excite block written with fully-connected layers), where act is positively homogeneous
+(Relu, LeakyRelu, PRelu, or no activation: act(x / s) = act(x) / s for s > 0), channel i between
+the two layers can be divided by s_i in Conv1 and multiplied back in Conv2 without changing the
+result:
 
     W1[i] /= s_i    b1[i] /= s_i    W2[:, i] *= s_i        s_i = sqrt(r1_i * r2_i) / r2_i
 
@@ -54,6 +56,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, regis
 from compiler.patterns import has_single_consumer
 from compiler.runtime import make_session
 
+LAYERS = frozenset({"Conv", "Gemm", "MatMul"})
 HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu"})
 CLIPPING = frozenset({"Clip", "HardSwish"})
 TOLERANCE = 1e-3  # |log s| below this counts as converged
@@ -74,14 +77,8 @@ def _output_ranges(layer: LinearLayer) -> np.ndarray:
     return np.abs(matrix).reshape(layer.out_channels, -1).max(axis=1)
 
 
-def _input_view(layer: LinearLayer, weight: np.ndarray) -> np.ndarray:
-    """[g, O/g, Ig, kernel] view of a conv weight, so axis (0, 2) enumerates input channels."""
-    out, per_group = weight.shape[:2]
-    return weight.reshape(layer.groups, out // layer.groups, per_group, -1)
-
-
 def _input_ranges(layer: LinearLayer) -> np.ndarray:
-    return np.abs(_input_view(layer, layer.weight)).max(axis=(1, 3)).reshape(-1)
+    return np.abs(layer.input_channel_view(layer.weight)).max(axis=(1, 3)).reshape(-1)
 
 
 def _alive(ranges: np.ndarray) -> np.ndarray:
@@ -139,7 +136,7 @@ class CrossLayerEqualization(Pass):
         links = []
         self.blocked_by_bn = 0
         for node in graph.nodes:
-            if node.op != "Conv":
+            if node.op not in LAYERS:
                 continue
             first, _ = linear_layer(node)
             if first is None:
@@ -167,7 +164,7 @@ class CrossLayerEqualization(Pass):
         if user.op in HOMOGENEOUS or user.op in CLIPPING:
             if user.op in CLIPPING and not self.options.allow_clip:
                 nxt = user.outputs[0].outputs
-                if len(nxt) == 1 and nxt[0].op == "Conv":
+                if len(nxt) == 1 and nxt[0].op in LAYERS:
                     ctx.remark(user, "not positively homogeneous, pair not equalized "
                                      "(allow-clip=true equalizes it and changes the float result)")
                 return None
@@ -181,13 +178,13 @@ class CrossLayerEqualization(Pass):
         if user.op == "BatchNormalization":
             self.blocked_by_bn += 1
             return None
-        if user.op != "Conv" or user.inputs[0] is not tensor:
+        if user.op not in LAYERS or user.inputs[0] is not tensor:
             return None
         second, why = linear_layer(user)
         if second is None:
             ctx.remark(user, f"not equalized: {why}")
             return None
-        if second.weight.shape[1] * second.groups != first.out_channels:
+        if second.in_channels != first.out_channels:
             return None
         for layer in (first, second):
             if uses(graph, layer.weight_tensor) != 1:
@@ -211,16 +208,14 @@ class CrossLayerEqualization(Pass):
     def _scale_channels(graph, link: Link, scale: np.ndarray) -> None:
         """Divide link channel i by scale[i] in the first layer, multiply it back in the second."""
         first, second = link.first, link.second
-        w1 = first.weight.astype(np.float64)
-        shape = (-1,) + (1,) * (w1.ndim - 1)
-        _set_weight(graph, first, w1 / scale.reshape(shape))
+        w1 = first.to_matrix(first.weight.astype(np.float64))
+        _set_weight(graph, first, first.from_matrix(w1 / scale.reshape(w1.shape[0], w1.shape[1], 1)))
         site = bias_site(graph, first)
         if site is not None and _bias_present(site):
             site.write(graph, site.read() / scale)
-        w2 = second.weight.astype(np.float64)
-        view = _input_view(second, w2)
+        view = second.input_channel_view(second.weight.astype(np.float64))
         scaled = view * scale.reshape(second.groups, 1, view.shape[2], 1)
-        _set_weight(graph, second, scaled.reshape(w2.shape))
+        _set_weight(graph, second, second.from_matrix(scaled))
 
     @staticmethod
     def _range_stats(links: list[Link]) -> tuple[np.ndarray, float]:
@@ -241,6 +236,8 @@ class CrossLayerEqualization(Pass):
         for link in links:
             if link.act is None or link.act.op not in HOMOGENEOUS:
                 continue
+            if not link.first.is_conv and len(link.pre_activation.shape or ()) != 2:
+                continue  # per-channel statistics below read axis 1: NCHW or [N, C] only
             if link.second.has_padding():
                 ctx.remark(link.second.node, "bias not absorbed: the layer pads its input with zeros")
                 continue
@@ -262,8 +259,8 @@ class CrossLayerEqualization(Pass):
             first_site, second_site = bias_site(graph, link.first), bias_site(graph, link.second)
             first_site.write(graph, first_site.read() - shift)
             second = link.second
-            kernel = second.weight[0, 0].size
-            column = np.repeat(shift, kernel).reshape(second.groups, -1)
+            taps = second.input_channel_view(second.weight).shape[3]
+            column = np.repeat(shift, taps).reshape(second.groups, -1)
             added = np.einsum("gok,gk->go", second.to_matrix(second.weight).astype(np.float64), column).reshape(-1)
             second_site.write(graph, second_site.read() + added)
             absorbed += int(np.count_nonzero(shift))

@@ -149,3 +149,21 @@ def test_real_cls_model_stays_float_equal(assets):
     assert record.stats["pairs-equalized"] >= 9  # at least the squeeze-excite pairs
     assert record.stats["precision-after"] > record.stats["precision-before"]
     assert record.stats["range-ratio-mean-after"] < record.stats["range-ratio-mean-before"]
+
+
+def test_gemm_pair_is_equalized():
+    module = parse("""<ir_version: 8, opset_import: ["" : 13]>
+g (float[2,3] x) => (float[2,2] y)
+  <float[4,3] w1 = {1.0, -0.5, 0.2, 0.1, 0.05, -0.02, 3.0, 1.0, 0.5, 0.3, -0.2, 0.1}, float[4] b1 = {0.1, 0.2, 0.0, -0.1},
+   float[4,2] w2 = {0.25, 4.0, -0.5, 2.0, 0.1, 0.2, 1.5, -1.0}> {
+  a = Gemm <transB = 1> (x, w1, b1)
+  r = Relu(a)
+  y = MatMul(r, w2)
+}
+""")
+    original = module.clone()
+    result, ctx = run_cle(module)
+    assert result.stats["pairs-equalized"] == 1
+    link = _chain(module)[0]
+    np.testing.assert_allclose(_output_ranges(link.first), _input_ranges(link.second), rtol=1e-5)
+    verify_outputs(original, module, ctx.calib_data, 1e-5, "cle")
