@@ -45,7 +45,7 @@ Usage (from the repository root):
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
 
 The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
---htp adds about a minute.
+--htp adds 2-3 minutes. Compile times vary by 2x on a busy machine; compare them within one run.
 """
 from __future__ import annotations
 
@@ -284,7 +284,8 @@ def render(rows: list[Row], with_htp: bool) -> str:
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
         if with_htp:
             if "error" in r.htp:
-                line += f"  HTP refused: {r.htp['error'][:100]}"
+                # The cause is at the end of the message ("... likely cause, float tensors ...: Div ...").
+                line += f"  HTP refused: {r.htp['error'].split('likely cause, ')[-1][:100]}"
             else:
                 line += (f"  {_fmt(r.htp.get('cos_vs_cpu'), '.5f'):>11}{_fmt(r.htp.get('max_steps_vs_cpu'), '.0f'):>7}"
                          f"{_fmt(r.htp.get('cos_vs_fp32'), '.5f'):>13}")
