@@ -11,7 +11,8 @@ FLOAT tensor at the same input index, which survives quantizers that drop a Relu
 range (onnxruntime does), (3) by walking Q -> DQ pairs back to the tensor that was quantized,
 with the usual suffixes (``_QuantizeLinear_Input``, ``_DequantizeLinear_Output``, ``_quantized``)
 removed. A weight matches only if its dequantized values are FLOAT's on the DQ's grid (within one
-step), so FLOAT must be the model the quantizer started from (after fold-bn and the like); a DQ
+step; an int32 bias of the same shape always, as bias correction moves it on purpose), so FLOAT
+must be the model the quantizer started from (after fold-bn and the like); a DQ
 matching nothing is listed in ``unmatched``, never guessed, and layers reading an unmatched weight
 get blame ``unknown``. A quantized tensor read only by a Relu/Clip that is quantized itself (qcc
 quantizes a conv output with its Relu's range) is not a row: on HTP the two are one op, and the
@@ -276,9 +277,14 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
                         continue
                     float_name = fg.nodes[fnode].input[index] if fnode is not None and index < len(fg.nodes[fnode].input) else ""
                     float_value = fg.constant(float_name) if float_name else None
+                    if float_value is None and fnode is not None and not float_name and params.bits == 32:
+                        # A bias the quantizer added (bias correction on a conv without one): FLOAT's is zero.
+                        float_value = np.zeros(dequantized.shape, dtype=np.float32)
                     if float_value is None:
                         unmatched.append(f"{out}: weight read by '{reader}' has no float counterpart")
-                    elif not quantizes(float_value, dequantized, params):
+                    elif not quantizes(float_value, dequantized, params) and not (
+                            params.bits == 32 and float_value.shape == dequantized.shape):
+                        # An int32 bias may differ on purpose (bias correction); a rewrite shows in the weight.
                         unmatched.append(f"{out}: not a quantization of the float '{float_name}' (rewritten?)")
                     else:
                         weights.append(WeightUse(out, user, fnode, index, float_name, params, dequantized, float_value))
@@ -459,7 +465,8 @@ def _replace_inputs(model: onnx.ModelProto, replacements: list[tuple[int, int, n
             {t.name for t in model.graph.initializer}
     for node_index, index, value in replacements:
         node = model.graph.node[node_index]
-        name = _fresh(taken, f"{node.input[index]}_{hint}")
+        node.input.extend([""] * (index + 1 - len(node.input)))  # an input FLOAT's node lacks (an added bias)
+        name = _fresh(taken, f"{node.input[index] or node.name or node.op_type}_{index}_{hint}")
         model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         node.input[index] = name
 

@@ -134,6 +134,20 @@ def test_float_weights_that_are_not_the_quantized_ones_get_no_blame(models):
     assert result.outputs[0].weights_only_cos is None and result.outputs[0].activations_only_cos is None
 
 
+def test_biases_moved_or_added_by_the_quantizer_still_match(models):
+    """Bias correction moves int32 biases on purpose and may give a bias to a conv without one."""
+    src, dst = models["clean"]
+    quant, float_model = onnx.load(dst), onnx.load(src)
+    moved = next(t for t in quant.graph.initializer if t.name.startswith("b2") and t.data_type == TensorProto.INT32)
+    moved.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(moved) + 1000, moved.name))
+    conv3 = next(n for n in float_model.graph.node if n.name == "conv3")
+    del conv3.input[2]  # FLOAT's conv3 has no bias; QUANT's has one
+    result = analyze(float_model, quant, samples(1, seed=5))
+    assert result.unmatched == []
+    assert all(r.blame != "unknown" for r in result.layers)
+    assert result.outputs[0].weights_only_cos is not None
+
+
 def test_tensor_fused_into_its_relu_is_compared_after_it():
     """qcc's insert-qdq keeps the Relu and quantizes the conv output with the Relu's range (propagate-encodings):
     on HTP the two are one op, so the conv output is not a layer of its own."""
