@@ -35,7 +35,7 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    same range (fixed ranges exactly), as insert-qdq would.
 
 Stats: output cosine before and after, tensors promoted, 16-bit share, converts HTP will run. A
-remark per promoted unit says why (its share of the output error), and ``module.cache["promote-16bit"]``
+remark per promoted unit says why (the share of the output error it removes alone), and ``module.cache["promote-16bit"]``
 holds the same as data.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ from compiler.ir import Module, QccError
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
 from compiler.runtime import make_session
-from passes.insert_converts import rebit, requantized_constant
+from passes.insert_converts import rebiased, rebit, requantized_constant
 
 CACHE_KEY = "promote-16bit"
 MS_DOMAIN = "com.microsoft"
@@ -113,6 +113,7 @@ class QdqSimulation:
 
     def __init__(self, module: Module, weight_bits: int, per_channel: bool, samples: list[dict]):
         self.fixed = fixed_ranges(module)
+        self.base = dict(module.encodings)
         self.qdq_model = self._insert_qdq(module, weight_bits, per_channel, wide=False)
         # The same with every unsigned activation at 16 bits: the biases (scale s_in * s_w) follow their input.
         self.wide_model = self._insert_qdq(module, weight_bits, per_channel, wide=True)
@@ -195,47 +196,74 @@ class QdqSimulation:
         return model
 
     def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict) -> None:
-        """Constants whose quantization follows a width are dequantized both ways and picked with Where, so
-        either choice is bit-exact: biases (scale s_in * s_w) follow their node's input, as insert-qdq
-        derives them; activation-like constants follow the node's own width, as insert-converts stores them."""
+        """Constants whose quantization follows a width are dequantized every way and picked with Where, so
+        any choice is bit-exact: an int32 bias follows its node's input as insert-qdq derives it (from the
+        tensor's own width) and as insert-converts re-derives it (for the node's width); an activation-like
+        constant follows the node's width, as insert-converts stores it."""
         wide = GraphIndex(self.wide_model)
         pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
-        pair_of_tensor = {name: i for i, (name, _) in enumerate(self.pairs)}
+        flag = {name: f"qcc_act{i}_wide" for i, (name, _) in enumerate(self.pairs)}
         writes = {user: w for _, user, _, w in self.edges}
-        for index, node in enumerate(g.nodes):
+        for node in g.nodes:
             if not is_dq(node) or not g.is_constant(node.input[0]):
                 continue
             base = [g.constant(name) for name in node.input]
             for user in g.consumers.get(node.output[0], []):
                 consumer = g.nodes[user]
+                index = list(consumer.input).index(node.output[0])
                 if consumer.input[0] in pair_of and node.output[0] in wide.producer:
                     other = wide.nodes[wide.producer[node.output[0]]]
-                    values = [wide.constant(name) for name in other.input]
-                    if not all(v is not None and np.array_equal(v, b) for v, b in zip(values, base)):
-                        self._pick(model, replace, consumer, user, node.output[0], f"qcc_act{pair_of[consumer.input[0]]}_wide",
-                                   values, other, wide_first=True)
+                    widened = [wide.constant(name) for name in other.input]
+                    if not all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
+                        tensor = self.pairs[pair_of[consumer.input[0]]][0]
+                        self._bias(model, replace, g, wide, consumer, user, index, tensor, flag, writes.get(user),
+                                   node, other)
                         continue
                 if user in writes and len(base) == 3:
                     narrow = base[0].dtype.itemsize * 8 <= 8
                     alternative = requantized_constant(*base, 16 if narrow else 8)
                     if alternative is not None:
                         stored, enc = alternative
-                        self._pick(model, replace, consumer, user, node.output[0], f"qcc_act{pair_of_tensor[writes[user]]}_wide",
-                                   [stored, *qdq_params(enc)], helper.make_node("DequantizeLinear", [], [], domain=(
-                                       "" if enc.bw == 8 else node.domain or MS_DOMAIN)), wide_first=narrow)
+                        tag = f"qcc_const_{user}_{index}"
+                        variant = self._dequantize(model, tag, [stored, *qdq_params(enc)],
+                                                   "" if enc.bw == 8 else node.domain or MS_DOMAIN, {})
+                        choice = [tag, node.output[0]] if narrow else [node.output[0], tag]
+                        self._read(replace, consumer, user, index, [variant], flag[writes[user]], choice, tag)
+
+    def _bias(self, model, replace, g, wide, consumer, user, index, tensor, flag, writes, base_dq, wide_dq) -> None:
+        """Where(T wide, Where(node wide, wide bias, wide bias rebiased for 8 bits),
+                         Where(node wide, bias rebiased for 16 bits, bias))."""
+        tag = f"qcc_bias_{user}_{index}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in base_dq.attribute}
+        nodes = [self._dequantize(model, f"{tag}_base", [g.constant(n) for n in base_dq.input], base_dq.domain, attrs),
+                 self._dequantize(model, f"{tag}_wide", [wide.constant(n) for n in wide_dq.input], wide_dq.domain, attrs)]
+        if writes is None:  # no quantized output: insert-converts leaves the node alone
+            self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
+            return
+        base_enc = self.base[tensor]
+        wide_enc = base_enc if base_enc.bw >= 16 else rebit(base_enc, 16, self.fixed.get(tensor))
+        for key, source, dq, enc in (("up", g, base_dq, wide_enc), ("down", wide, wide_dq, rebit(wide_enc, 8, self.fixed.get(tensor)))):
+            stored, scale, zero = (source.constant(n) for n in dq.input)
+            weight = source.nodes[source.producer[consumer.input[1]]] if consumer.input[1] in source.producer else None
+            if weight is None or not is_dq(weight) or source.constant(weight.input[1]) is None:
+                return
+            values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
+            nodes.append(self._dequantize(model, f"{tag}_{key}", [values, new_scale, zero], dq.domain, attrs))
+        nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
+                  helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
+        self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
 
     @staticmethod
-    def _pick(model, replace, consumer, user: int, tensor: str, flag: str, values: list, template, wide_first: bool):
-        """consumer reads Where(flag, alternative, tensor) (or the reverse) instead of ``tensor``."""
-        tag = f"{flag}_{user}_{list(consumer.input).index(tensor)}"
-        inputs = [f"{tag}_{k}" for k in range(len(values))]
+    def _dequantize(model: onnx.ModelProto, name: str, values: list, domain: str, attrs: dict) -> onnx.NodeProto:
+        inputs = [f"{name}_{k}" for k in range(len(values))]
         model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), n) for v, n in zip(values, inputs))
-        choice = [f"{tag}_dq", tensor] if wide_first else [tensor, f"{tag}_dq"]
-        replace.setdefault(user, [consumer])[-1:-1] = [
-            helper.make_node("DequantizeLinear", inputs, [f"{tag}_dq"], domain=template.domain,
-                             **{a.name: helper.get_attribute_value(a) for a in template.attribute}),
-            helper.make_node("Where", [flag, *choice], [f"{tag}_pick"])]
-        consumer.input[list(consumer.input).index(tensor)] = f"{tag}_pick"
+        return helper.make_node("DequantizeLinear", inputs, [name], domain=domain, **attrs)
+
+    @staticmethod
+    def _read(replace: dict, consumer, user: int, index: int, nodes: list, flag: str, choice: list, tag: str) -> None:
+        """``consumer`` reads Where(flag, *choice) at ``index``; ``nodes`` run just before it."""
+        replace.setdefault(user, [consumer])[-1:-1] = nodes + [helper.make_node("Where", [flag, *choice], [f"{tag}_pick"])]
+        consumer.input[index] = f"{tag}_pick"
 
     def _feeds(self, encodings: dict) -> dict:
         acts = [self._parameters(encodings[name]) for name, _ in self.pairs]
@@ -362,8 +390,8 @@ class Promote16Bit(Pass):
             return PassResult(False, {**stats, "share-16bit": share_of(wide)})
         promoted = [{"tensors": u, "output_error_cost": cost[tuple(u)]} for u in chosen[:count]]
         for unit in chosen[:count]:  # remarks reach the compile report
-            ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: it caused "
-                                f"{cost[tuple(unit)] / baseline:.1%} of the output error")
+            ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: "
+                                f"alone it removes {cost[tuple(unit)] / baseline:.1%} of the output error")
         changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
         for name in changed:
             module.annotate(name, act_bits=16)
