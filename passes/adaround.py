@@ -125,7 +125,7 @@ class AdaRound(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        iterations: int = 1000
+        iterations: int = 500
         lr: float = 0.01
         reg: float = 0.01
         samples: int = 16
