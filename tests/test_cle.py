@@ -42,7 +42,7 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
 def test_pair_scales_match_hand_computation():
     module = parse(PAIR)
     original = module.clone()
-    result, _ = run_cle(module, absorb_bias=False)
+    result, _ = run_cle(module)
     # r1 = (1, 0.1) per output channel of w1; r2 = (0.5, 4) per input channel of w2; s = sqrt(r1 / r2).
     s = np.sqrt(np.array([1.0, 0.1]) / np.array([0.5, 4.0]))
     got = weights(module)
@@ -81,7 +81,7 @@ def test_paddle_bias_add_is_scaled():
     module = GoldenCase(GOLDEN_ROOT / "cle" / "paddle_bias_add").load_input()
     original = module.clone()
     before = weights(module)["b1"].copy()
-    result, ctx = run_cle(module, absorb_bias=False)
+    result, ctx = run_cle(module)
     assert result.stats["pairs-equalized"] == 1
     after = weights(module)["b1"]
     assert after.shape == before.shape and not np.allclose(after, before)
@@ -91,19 +91,20 @@ def test_paddle_bias_add_is_scaled():
 def test_high_bias_is_absorbed_exactly_on_the_data():
     module = GoldenCase(GOLDEN_ROOT / "cle" / "conv_relu_conv").load_input()
     original = module.clone()
-    result, ctx = run_cle(module)
+    assert CrossLayerEqualization(CrossLayerEqualization.Options(absorb_bias=True)).kind is not PassKind.FLOAT_PRESERVING
+    result, ctx = run_cle(module, absorb_bias=True)
     assert result.stats["bias-absorbed"] >= 1
     relu_input = next(n for n in module.graph.nodes if n.op == "Relu").inputs[0].name
     lows = np.min([out[relu_input].min(axis=(0, 2, 3)) for out in run_model(module, ctx.calib_data, [relu_input])], axis=0)
     assert lows.max() == pytest.approx(0.0, abs=1e-4)  # the always-positive channel now starts at 0
-    verify_outputs(original, module, ctx.calib_data, 1e-5, "cle")
-    again, _ = run_cle(module)
+    verify_outputs(original, module, ctx.calib_data, 1e-5, "cle")  # exact on the data the minima came from
+    again, _ = run_cle(module, absorb_bias=True)
     assert not again.modified
 
 
 def test_no_data_means_no_absorption_with_a_remark():
     module = GoldenCase(GOLDEN_ROOT / "cle" / "conv_relu_conv").load_input()
-    result, ctx = run_cle(module, ctx=PassContext(log=lambda m: None))
+    result, ctx = run_cle(module, ctx=PassContext(log=lambda m: None), absorb_bias=True)
     assert result.stats["pairs-equalized"] == 1 and result.stats["bias-absorbed"] == 0
     assert any("calibration data" in r.message for r in ctx.remarks)
 
@@ -140,12 +141,17 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
 def test_real_cls_model_stays_float_equal(assets):
     from compiler.data import Dataset, ImageOptions, specs_of
     module = load(assets / "models" / "ppocr_cls.onnx", {"x": [1, 3, 48, 192]})
-    data = Dataset(assets / "text_cls", specs_of(module), count=6, image=ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3))
-    canonical = "fold-constants,cleanup" + (",fold-bn" if "fold-bn" in load_passes() else "")
-    manager = PassManager(parse_pipeline(canonical + ",cle"), verify=True, quiet=True)
-    manager.run(module, PassContext(calib_data=list(data), log=lambda m: None))  # raises beyond 1e-4 relative
+    data = Dataset(assets / "text_cls", specs_of(module), count=12, image=ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3))
+    samples = list(data)
+    canonical = "fold-constants,cleanup,upgrade-opset{version=14}" + "".join(
+        f",{name}" for name in ("fold-bn", "fuse-hardswish") if name in load_passes())
+    PassManager(parse_pipeline(canonical), quiet=True).run(module, PassContext())
+    before = module.clone()
+    manager = PassManager(parse_pipeline("cle"), verify=True, quiet=True)
+    manager.run(module, PassContext(calib_data=samples[:6], log=lambda m: None))  # raises beyond 1e-4 relative
     record = manager.records[-1]
     assert record.modified and record.verify_error is not None and record.verify_error <= 1e-4
+    verify_outputs(before, module, samples[6:], 1e-4, "cle")  # images the pass never saw
     assert record.stats["pairs-equalized"] >= 9  # at least the squeeze-excite pairs
     assert record.stats["precision-after"] > record.stats["precision-before"]
     assert record.stats["range-ratio-mean-after"] < record.stats["range-ratio-mean-before"]
