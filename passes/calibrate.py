@@ -41,7 +41,7 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: str = choices(*METHODS, AUTO, default="mse")
+        method: str = choices(*METHODS, AUTO, default="percentile")
         percentile: float = 99.99
         bins: int = 2048
         act_bits: int = 8

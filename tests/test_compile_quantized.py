@@ -106,7 +106,7 @@ def test_target_pipelines_come_from_registered_passes(monkeypatch):
     htp = TARGETS["htp"].pipeline_text()
     assert htp.startswith("fold-constants,cleanup,upgrade-opset{version=14}")
     assert "insert-qdq{act-bits=8 weight-bits=8 per-channel=true}" in htp and "pad-channels" not in htp
-    assert "calibrate{method=mse act-bits=8}" in htp
+    assert "calibrate{method=percentile act-bits=8}" in htp
     assert "per-channel=false" in TARGETS["dsp"].pipeline_text() and "per-channel=false" in TARGETS["hta"].pipeline_text()
     custom = TARGETS["htp"].pipeline_text(act_bits=16, weight_bits=4, calib_method="percentile")
     assert "calibrate{method=percentile act-bits=16}" in custom and "insert-qdq{act-bits=16 weight-bits=4" in custom
