@@ -382,7 +382,7 @@ class Promote16Bit(Pass):
         if cos < opts.target_cos:
             limits = [f"even with every activation at 16 bits it is {best_case.cos:.6f}: the weights limit it "
                       f"(per-channel, bias correction, AdaRound)"] if best_case.cos < opts.target_cos else []
-            if len(chosen) < len(helpful):
+            if count == len(chosen) < len(helpful):
                 limits.append(f"the budget ({opts.budget:g}) holds no more")
             ctx.remark("graph", f"output cosine {cos:.6f} < {opts.target_cos:g} with {share_of(wide):.1%} of the "
                                 f"activations at 16 bits; {'; '.join(limits) or 'no unit helps further'}")
