@@ -108,8 +108,9 @@ def test_target_pipelines_come_from_registered_passes(monkeypatch):
     assert "insert-qdq{act-bits=8 weight-bits=8 per-channel=true}" in htp and "pad-channels" not in htp
     assert "calibrate{method=percentile act-bits=8}" in htp
     assert "per-channel=false" in TARGETS["dsp"].pipeline_text() and "per-channel=false" in TARGETS["hta"].pipeline_text()
-    custom = TARGETS["htp"].pipeline_text(act_bits=16, weight_bits=4, calib_method="percentile")
-    assert "calibrate{method=percentile act-bits=16}" in custom and "insert-qdq{act-bits=16 weight-bits=4" in custom
+    assert "calibrate{method=minmax act-bits=16}" in TARGETS["htp"].pipeline_text(act_bits=16)
+    custom = TARGETS["htp"].pipeline_text(act_bits=16, weight_bits=4, calib_method="mse")
+    assert "calibrate{method=mse act-bits=16}" in custom and "insert-qdq{act-bits=16 weight-bits=4" in custom
     monkeypatch.setattr(targets, "FLOAT_REWRITES", ("fold-bn", "no-such-pass"))
     assert "no-such-pass" not in TARGETS["htp"].pipeline_text()
     assert TARGETS["cpu"].pipeline_text() == TARGETS["cpu"].pipeline
