@@ -197,6 +197,27 @@ FUSIBLE_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add",
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
+def saturation_bounds(node, out_bw: int = 8) -> tuple[float, float] | None:
+    """The input interval outside which ``node`` (a saturating activation) gives the same output as at
+    its ends, so its producer's encoding need not cover more: HardSwish and HardSigmoid exactly
+    (x <= -3 gives 0; the hard sigmoid is constant beyond (-beta/alpha, (1-beta)/alpha)); Sigmoid
+    and Tanh up to their output rounding (beyond +-T the output is within a quarter of an
+    ``out_bw``-bit step of its limit, so it rounds to the limit). None for any other op."""
+    if node.op == "HardSwish":
+        return -3.0, float("inf")
+    if node.op == "HardSigmoid":
+        alpha, beta = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+        return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
+    margin = 0.25 / (2 ** out_bw - 1)  # of the [0, 1] range; Tanh's [-1, 1] steps are twice as wide
+    if node.op == "Sigmoid":
+        bound = float(np.log((1.0 - margin) / margin))
+        return -bound, bound
+    if node.op == "Tanh":
+        bound = float(np.arctanh(1.0 - 2.0 * margin))
+        return -bound, bound
+    return None
+
+
 def union_encoding(encodings: list[Encoding], bw: int | None = None) -> Encoding:
     """One per-tensor encoding covering every encoding's range, at ``bw`` (default: the widest)."""
     bw = bw or max(e.bw for e in encodings)

@@ -20,6 +20,13 @@
        %c = Conv(%x, @w)  enc(c) = [-4.6, 5.9]        %c = Conv(%x, @w)  enc(c) = [0, 5.9]
        %r = Relu(%c)      enc(r) = [0, 5.9]     ->    %r = Relu(%c)      enc(r) = [0, 5.9]
 
+3. Saturation clamp (compiler.encoding.saturation_bounds). A tensor whose only consumer is a
+   saturating activation keeps only the input interval where that activation still changes:
+   HardSwish is 0 for every x <= -3, so its input's encoding starts at -3 (a Conv output calibrated
+   to [-111, 83] gets [-3, 83]: 1.6x finer steps, same result); HardSigmoid beyond
+   (-beta/alpha, (1-beta)/alpha); Sigmoid and Tanh beyond the point where the output is within
+   a quarter step of its limit. Tensors in a shared-encoding group or with a fixed range are left alone.
+
 Runs between calibrate and insert-qdq; a graph that already has QDQ nodes is left alone.
 """
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 
 from compiler.calibration import is_float
 from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, activation_encoding,
-                               fixed_ranges, has_qdq, range_encoding, union_encoding)
+                               fixed_ranges, has_qdq, range_encoding, saturation_bounds, union_encoding)
 from compiler.ir import Module, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer
@@ -116,7 +123,25 @@ class PropagateEncodings(Pass):
                     encodings[source.name] = wanted
                     changed.add(source.name)
                     fused += 1
-        return PassResult(bool(changed), {"groups": len(groups), "shared": len(changed) - fused, "fused": fused})
+        grouped = {name for members in groups for name in members}
+        clamped = 0
+        for node in module.graph.nodes:
+            source = node.inputs[0] if node.inputs else None
+            if source is None or source.name not in encodings or source.name in fixed or source.name in grouped:
+                continue
+            out_enc = encodings.get(node.outputs[0].name) if node.outputs else None
+            bounds = saturation_bounds(node, out_enc.bw if out_enc is not None else encodings[source.name].bw)
+            if bounds is None or not has_single_consumer(module.graph, source):
+                continue
+            enc = encodings[source.name]
+            lo, hi, step = float(enc.min[0]), float(enc.max[0]), enc.scale[0]
+            # A step of slack: the grid (zero kept exact) may put an end up to half a step past the bound.
+            if lo < bounds[0] - step or hi > bounds[1] + step:
+                encodings[source.name] = activation_encoding(max(lo, bounds[0]), min(hi, bounds[1]), enc.bw)
+                changed.add(source.name)
+                clamped += 1
+        return PassResult(bool(changed), {"groups": len(groups), "shared": len(changed) - fused - clamped,
+                                          "fused": fused, "saturation-clamped": clamped})
 
     @staticmethod
     def _group_encodings(members: list[str], links: list[list[str]], encodings: dict, fixed: dict,

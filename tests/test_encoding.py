@@ -108,3 +108,26 @@ def test_shared_encoding_row(op):
     for name, before in calibrated.items():
         assert float(enc.min[0]) <= float(before.min[0]) + step and float(enc.max[0]) >= float(before.max[0]) - step, \
             f"{op}: shared encoding does not cover {name}'s range"
+
+
+@pytest.mark.parametrize("op, attrs", [("HardSwish", {}), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}),
+                                       ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}), ("Sigmoid", {}), ("Tanh", {})])
+def test_saturation_bounds_leave_the_quantized_output_unchanged(op, attrs):
+    from compiler.encoding import saturation_bounds
+
+    class Node:
+        pass
+    node = Node()
+    node.op, node.attrs = op, attrs
+    lo, hi = saturation_bounds(node, 8)
+    functions = {
+        "HardSwish": lambda x: x * np.clip(x / 6 + 0.5, 0, 1),
+        "HardSigmoid": lambda x: np.clip(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1),
+        "Sigmoid": lambda x: 1 / (1 + np.exp(-x)), "Tanh": np.tanh}
+    f = functions[op]
+    x = np.linspace(-50, 50, 100001)
+    out = activation_encoding(-1.0 if op == "Tanh" else 0.0, 1.0, 8)
+    if op == "HardSwish":
+        np.testing.assert_array_equal(f(np.clip(x, lo, hi)), f(x))
+    else:
+        np.testing.assert_array_equal(fake_quantize(f(np.clip(x, lo, hi)), out), fake_quantize(f(x), out))
