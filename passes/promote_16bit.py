@@ -216,8 +216,9 @@ class QdqSimulation:
                     widened = [wide.constant(name) for name in other.input]
                     if not all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
                         tensor = self.pairs[pair_of[consumer.input[0]]][0]
-                        self._bias(model, replace, g, wide, consumer, user, index, tensor, flag, writes.get(user),
-                                   node, other)
+                        # An int32 bias; else a weight whose scale insert-qdq raised for its bias, kept by insert-converts.
+                        self._bias(model, replace, g, wide, consumer, user, index, tensor, flag,
+                                   writes.get(user) if base[0].dtype == np.int32 else None, node, other)
                         continue
                 if user in writes and len(base) == 3:
                     narrow = base[0].dtype.itemsize * 8 <= 8
@@ -237,7 +238,7 @@ class QdqSimulation:
         attrs = {a.name: helper.get_attribute_value(a) for a in base_dq.attribute}
         nodes = [self._dequantize(model, f"{tag}_base", [g.constant(n) for n in base_dq.input], base_dq.domain, attrs),
                  self._dequantize(model, f"{tag}_wide", [wide.constant(n) for n in wide_dq.input], wide_dq.domain, attrs)]
-        if writes is None:  # no quantized output: insert-converts leaves the node alone
+        if writes is None:  # not a bias, or no quantized output: insert-converts leaves it alone
             self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
             return
         base_enc = self.base[tensor]

@@ -30,11 +30,15 @@ g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
 SHAPES = {"w1": [4, 4, 3, 3], "b1": [4], "w2": [4, 4, 1, 1], "b2": [4], "w3": [4, 8, 1, 1], "k": [1, 4, 1, 1], "half": [1]}
 
 
-def model() -> onnx.ModelProto:
+def model(overflowing_bias: bool = False) -> onnx.ModelProto:
+    """``overflowing_bias``: c2's int32 bias overflows at a 16-bit input scale, so insert-qdq raises its weight scale."""
     proto = onnx.parser.parse_model(MODEL)
     rng = np.random.default_rng(0)
-    proto.graph.initializer.extend(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
-                                   for name, shape in SHAPES.items())
+    values = {name: rng.standard_normal(shape).astype(np.float32) * 0.5 for name, shape in SHAPES.items()}
+    if overflowing_bias:
+        values["w2"] *= 1e-3
+        values["b2"] = np.full(4, 1e4, dtype=np.float32)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, name) for name, v in values.items())
     return infer_shapes(proto)
 
 
@@ -62,8 +66,9 @@ def lowered(module, wide=()):
     return module, result
 
 
-def test_simulation_is_the_lowered_model_bit_for_bit():
-    module, _ = calibrated()
+@pytest.mark.parametrize("overflowing_bias", [False, True], ids=["plain", "weight-scale-raised"])
+def test_simulation_is_the_lowered_model_bit_for_bit(overflowing_bias):
+    module, _ = calibrated(model(overflowing_bias))
     data = samples(2, seed=5)
     sim = QdqSimulation(module, 8, True, data)
     reference = make_session(sim.float_model)
