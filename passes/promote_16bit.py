@@ -36,7 +36,7 @@ tensor with the outputs of the ops that read it (plus what must share their widt
 
 Stats: output cosine before and after, tensors promoted, 16-bit share, converts HTP will run. A
 remark per promoted unit says why (the share of the output error it removes alone), and ``module.cache["promote-16bit"]``
-holds the same as data.
+holds the same as data; a second run with the same options finds it and changes nothing.
 """
 from __future__ import annotations
 
@@ -50,12 +50,13 @@ from onnx import helper, numpy_helper
 
 from compiler.calibration import activation_tensors
 from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, Encoding,
-                               fixed_ranges, has_qdq, qdq_params)
-from compiler.ir import Module, QccError
+                               activation_encoding, fixed_ranges, has_qdq, qdq_params)
+from compiler.ir import Module, QccError, const_value
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
 from compiler.runtime import make_session
 from passes.insert_converts import rebiased, rebit, requantized_constant
+from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
 
 CACHE_KEY = "promote-16bit"
 MS_DOMAIN = "com.microsoft"
@@ -102,6 +103,23 @@ def promotion_units(module: Module, names: set[str]) -> list[list[str]]:
     return list(units.values())
 
 
+def constant_encodings(module: Module, wide: set[str]) -> dict:
+    """16-bit encodings for the activation-like constants (what insert-qdq quantizes at the activation width:
+    Add/Mul/Div operands, ...) of the nodes whose output is in ``wide``, over the constant's range as insert-qdq
+    derives it; weights, biases, op parameters and shared-encoding ops' constants are left to insert-qdq."""
+    encodings = {}
+    for node in module.graph.nodes:
+        if not node.outputs or node.outputs[0].name not in wide or node.op in SHARED_ENCODING_OPS:
+            continue
+        for index, tensor in enumerate(node.inputs):
+            value = const_value(tensor) if tensor.name else None
+            if (value is None or not np.issubdtype(value.dtype, np.floating) or index in PARAMETER_INPUTS.get(node.op, ())
+                    or (node.op in WEIGHT_OPS and index == 1) or (node.op in BIAS_OPS and index == 2)):
+                continue
+            encodings[tensor.name] = activation_encoding(float(value.min(initial=0.0)), float(value.max(initial=0.0)), 16)
+    return encodings
+
+
 @dataclass
 class Measure:
     cos: float    # mean over samples and outputs
@@ -115,7 +133,8 @@ class QdqSimulation:
         self.fixed = fixed_ranges(module)
         self.base = dict(module.encodings)
         self.qdq_model = self._insert_qdq(module, weight_bits, per_channel, wide=False)
-        # The same with every unsigned activation at 16 bits: the biases (scale s_in * s_w) follow their input.
+        # The same with every unsigned activation and activation-like constant at 16 bits: biases (scale
+        # s_in * s_w) follow their input, constants are quantized from their float values.
         self.wide_model = self._insert_qdq(module, weight_bits, per_channel, wide=True)
         self.float_model = module.clone().to_onnx()
         g = GraphIndex(self.qdq_model)
@@ -149,7 +168,8 @@ class QdqSimulation:
         for name, enc in module.encodings.items():
             if enc.dtype == "int":
                 qdq.annotate(name, act_bits=16 if wide and not enc.symmetric else enc.bw)
-        insert = make_pass("insert-qdq", {"weight-bits": str(weight_bits), "per-channel": str(per_channel).lower()})
+        insert = make_pass("insert-qdq", {"weight-bits": str(weight_bits), "per-channel": str(per_channel).lower(),
+                                          "act-bits": "16" if wide else "8"})
         insert.run(qdq, PassContext(log=lambda message: None))
         return qdq.to_onnx()
 
@@ -185,7 +205,7 @@ class QdqSimulation:
             head.append(helper.make_node("Gather", ["qcc_act_wide", f"qcc_act{i}_index"], [f"qcc_act{i}_wide"]))
             replace[dq_index] = quantizer("act", i, g.nodes[q_index].input[0], dq_output)
             replace[q_index] = []
-        self._switch_constants(model, g, replace)
+        self._switch_constants(model, g, replace, head)
         for e, (_, user, index, _) in enumerate(self.edges):
             node = g.nodes[user]
             replace.setdefault(user, [node])[-1:-1] = quantizer("edge", e, node.input[index], f"qcc_edge{e}_out")
@@ -195,41 +215,63 @@ class QdqSimulation:
         model.graph.node.extend(nodes)
         return model
 
-    def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict) -> None:
+    def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict, head: list) -> None:
         """Constants whose quantization follows a width are dequantized every way and picked with Where, so
-        any choice is bit-exact: an int32 bias follows its node's input as insert-qdq derives it (from the
-        tensor's own width) and as insert-converts re-derives it (for the node's width); an activation-like
-        constant follows the node's width, as insert-converts stores it."""
+        any choice is bit-exact. An int32 bias follows its node's input, as insert-qdq derives it (from the
+        tensor's own width) and insert-converts re-derives it (for the node's width). An activation-like
+        constant is 16-bit (from its float value) when a node reading it computes at 16 bits
+        (``constant_encodings``), and insert-converts rounds it to 8 bits for a node that does not."""
         wide = GraphIndex(self.wide_model)
         pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
         flag = {name: f"qcc_act{i}_wide" for i, (name, _) in enumerate(self.pairs)}
         writes = {user: w for _, user, _, w in self.edges}
         for node in g.nodes:
-            if not is_dq(node) or not g.is_constant(node.input[0]):
+            if not is_dq(node) or not g.is_constant(node.input[0]) or node.output[0] not in wide.producer:
                 continue
             base = [g.constant(name) for name in node.input]
-            for user in g.consumers.get(node.output[0], []):
+            other = wide.nodes[wide.producer[node.output[0]]]
+            widened = [wide.constant(name) for name in other.input]
+            if all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
+                continue
+            users = g.consumers.get(node.output[0], [])
+            if base[0].dtype.kind == "u" and len(base) == 3:
+                self._constant(model, replace, g, node, other, widened, users, [flag[writes[u]] for u in users if u in writes],
+                               {u: flag[writes[u]] for u in users if u in writes}, head)
+                continue
+            for user in users:
                 consumer = g.nodes[user]
+                if consumer.input[0] not in pair_of:
+                    continue
                 index = list(consumer.input).index(node.output[0])
-                if consumer.input[0] in pair_of and node.output[0] in wide.producer:
-                    other = wide.nodes[wide.producer[node.output[0]]]
-                    widened = [wide.constant(name) for name in other.input]
-                    if not all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
-                        tensor = self.pairs[pair_of[consumer.input[0]]][0]
-                        # An int32 bias; else a weight whose scale insert-qdq raised for its bias, kept by insert-converts.
-                        self._bias(model, replace, g, wide, consumer, user, index, tensor, flag,
-                                   writes.get(user) if base[0].dtype == np.int32 else None, node, other)
-                        continue
-                if user in writes and len(base) == 3:
-                    narrow = base[0].dtype.itemsize * 8 <= 8
-                    alternative = requantized_constant(*base, 16 if narrow else 8)
-                    if alternative is not None:
-                        stored, enc = alternative
-                        tag = f"qcc_const_{user}_{index}"
-                        variant = self._dequantize(model, tag, [stored, *qdq_params(enc)],
-                                                   "" if enc.bw == 8 else node.domain or MS_DOMAIN, {})
-                        choice = [tag, node.output[0]] if narrow else [node.output[0], tag]
-                        self._read(replace, consumer, user, index, [variant], flag[writes[user]], choice, tag)
+                tensor = self.pairs[pair_of[consumer.input[0]]][0]
+                # An int32 bias; else a weight whose scale insert-qdq raised for its bias, kept by insert-converts.
+                self._bias(model, replace, g, wide, consumer, user, index, tensor, flag,
+                           writes.get(user) if base[0].dtype == np.int32 else None, node, other)
+
+    def _constant(self, model, replace, g, node, other, widened, users, reader_flags, flag_of, head) -> None:
+        """Where(any reader wide, Where(this reader wide, 16-bit constant, rounded to 8 bits), constant)."""
+        if not reader_flags:
+            return
+        tag = f"qcc_const_{node.output[0]}"
+        any_wide = reader_flags[0]
+        for k, other_flag in enumerate(reader_flags[1:]):
+            head.append(helper.make_node("Or", [any_wide, other_flag], [f"{tag}_any{k}"]))
+            any_wide = f"{tag}_any{k}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in other.attribute}
+        sixteen = self._dequantize(model, f"{tag}_16", widened, other.domain, attrs)
+        stored, enc = requantized_constant(*widened, 8)
+        eight = self._dequantize(model, f"{tag}_8", [stored, *qdq_params(enc)], "", attrs)
+        for user in users:
+            consumer = g.nodes[user]
+            index = list(consumer.input).index(node.output[0])
+            user_tag = f"{tag}_{user}_{index}"
+            if user in flag_of:
+                nodes = [helper.make_node("Where", [flag_of[user], sixteen.output[0], eight.output[0]], [f"{user_tag}_wide"])]
+                choice = [f"{user_tag}_wide", node.output[0]]
+            else:
+                nodes, choice = [], [sixteen.output[0], node.output[0]]
+            self._read(replace, consumer, user, index, nodes, any_wide, choice, user_tag)
+        head[:0] = [sixteen, eight]
 
     def _bias(self, model, replace, g, wide, consumer, user, index, tensor, flag, writes, base_dq, wide_dq) -> None:
         """Where(T wide, Where(node wide, wide bias, wide bias rebiased for 8 bits),
@@ -335,6 +377,11 @@ class Promote16Bit(Pass):
             return PassResult(False)
         if ctx.calib_data is None:
             raise QccError("promote-16bit needs calibration data (--calib-data) to measure the output cosine")
+        previous = module.cache.get(CACHE_KEY)
+        if previous and previous["options"] == str(self) and all(
+                module.encodings.get(n) is not None and module.encodings[n].bw >= 16
+                for entry in previous["promoted"] for n in entry["tensors"]):
+            return PassResult(False, {"cos-after": previous["cos_after"], "share-16bit": previous["share_16bit"]})
         samples = [s for _, s in zip(range(opts.samples), ctx.calib_data)]
 
         sim = QdqSimulation(module, opts.weight_bits, opts.per_channel, samples)
@@ -397,7 +444,8 @@ class Promote16Bit(Pass):
         for name in changed:
             module.annotate(name, act_bits=16)
             module.encodings[name] = encodings[name]
-        module.cache[CACHE_KEY] = {"target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
+        module.encodings.update(constant_encodings(module, wide))
+        module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
                                    "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(wide),
                                    "converts": sim.converts(encodings), "promoted": promoted}
         return PassResult(True, {**stats, "cos-after": cos, "promoted": len(changed),

@@ -11,7 +11,7 @@ from compiler.layer_analysis import ErrorStats, Reference
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.runtime import make_session
 from passes.insert_converts import output_width, rebit
-from passes.promote_16bit import QdqSimulation, promotion_units
+from passes.promote_16bit import QdqSimulation, constant_encodings, promotion_units
 
 # Conv (bias) -> Relu -> Add(constant) -> Conv (bias) -> Mul(constant) -> Concat with x -> Conv: biases and
 # activation-like constants whose quantization follows a width, and a shared-encoding Concat.
@@ -54,12 +54,15 @@ def calibrated(proto=None):
     return module, ctx
 
 
-def lowered(module, wide=()):
-    """insert-qdq + insert-converts on a clone with ``wide`` tensors at 16 bits."""
+def lowered(module, wide=(), constants=True):
+    """insert-qdq + insert-converts on a clone with ``wide`` tensors (and, as promote-16bit leaves them, their
+    nodes' constants) at 16 bits."""
     module = module.clone()
     for name in wide:
         module.annotate(name, act_bits=16)
         module.encodings[name] = rebit(module.encodings[name], 16)
+    if constants:
+        module.encodings.update(constant_encodings(module, set(wide)))
     ctx = PassContext(log=lambda message: None)
     make_pass("insert-qdq").run(module, ctx)
     result = make_pass("insert-converts").run(module, ctx)
@@ -94,7 +97,7 @@ def test_units_follow_readers_and_ties():
 
 def test_insert_converts_gives_every_op_its_own_width():
     module, _ = calibrated()
-    lowered_module, result = lowered(module, ["a"])
+    lowered_module, result = lowered(module, ["a"], constants=False)  # the Add's constant left at 8 bits
     assert result.modified and result.stats["converts"] >= 2 and result.stats["constants"] >= 1
     graph = lowered_module.graph
     for node in graph.nodes:
