@@ -51,6 +51,9 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
     remarks: list = field(default_factory=list)
     current_pass: str = ""
+    # The module as it was before the first pass that may change its float outputs (annotating or lowering:
+    # bias correction and AdaRound rewrite weights), i.e. the FP32 reference; PassManager.run sets it.
+    reference: object = None
 
     def remark(self, where, message: str) -> None:
         label = getattr(where, "name", None) or str(where)
@@ -264,6 +267,8 @@ class PassManager:
             samples = sample_inputs(module, ctx, count=2)
         for index, p in enumerate(self.pipeline):
             ctx.current_pass = p.name
+            if ctx.reference is None and p.kind is not PassKind.FLOAT_PRESERVING:
+                ctx.reference = module.clone()
             check = self.verify and p.kind is PassKind.FLOAT_PRESERVING
             before = module.clone() if check else None
             start = time.perf_counter()

@@ -1,8 +1,9 @@
 """Move the activations that cost the most accuracy to 16 bits until the outputs are close enough to FP32.
 
 Runs after calibrate (and propagate-encodings), before insert-qdq; insert-converts must follow
-insert-qdq. Label-free: the quantized model is compared with the float model on ``samples``
-calibration samples.
+insert-qdq. Label-free: the quantized model is compared with the FP32 model (``ctx.reference``: the
+module before the first pass that may move its float outputs, such as bias correction) on
+``samples`` calibration samples.
 
 HTP computes each op at one width, its output's: activation inputs of another width are converted
 (insert-converts), so an edge t -> op carries t at min(width of t, width of the op). A tensor at 16
@@ -129,14 +130,16 @@ class Measure:
 class QdqSimulation:
     """The QDQ model of a module, its activation quantizers and converts parameterised at run time."""
 
-    def __init__(self, module: Module, weight_bits: int, per_channel: bool, samples: list[dict]):
+    def __init__(self, module: Module, weight_bits: int, per_channel: bool, samples: list[dict],
+                 reference: Module | None = None):
+        """``reference``: the FP32 model to compare with (default: ``module``'s float graph)."""
         self.fixed = fixed_ranges(module)
         self.base = dict(module.encodings)
         self.qdq_model = self._insert_qdq(module, weight_bits, per_channel, wide=False)
         # The same with every unsigned activation and activation-like constant at 16 bits: biases (scale
         # s_in * s_w) follow their input, constants are quantized from their float values.
         self.wide_model = self._insert_qdq(module, weight_bits, per_channel, wide=True)
-        self.float_model = module.clone().to_onnx()
+        self.float_model = (reference or module).clone().to_onnx()
         g = GraphIndex(self.qdq_model)
         # (tensor, its DequantizeLinear): insert-qdq's Q reads the tensor, or for a graph output its DQ writes it.
         # Unsigned activations only: their 8- and 16-bit grids both fit the uint16 container.
@@ -384,7 +387,8 @@ class Promote16Bit(Pass):
             return PassResult(False, {"cos-after": previous["cos_after"], "share-16bit": previous["share_16bit"]})
         samples = [s for _, s in zip(range(opts.samples), ctx.calib_data)]
 
-        sim = QdqSimulation(module, opts.weight_bits, opts.per_channel, samples)
+        # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
+        sim = QdqSimulation(module, opts.weight_bits, opts.per_channel, samples, ctx.reference)
         encodings = dict(module.encodings)
         wide = {n for n in activations if encodings[n].bw >= 16}
         total = len(activations)
