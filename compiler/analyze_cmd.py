@@ -16,7 +16,8 @@ EXIT_GATE_FAILED = 1
 GATE_METRICS = ("cos", "sqnr")
 # Layer columns shown in the HTML table, in order, with their JSON key and number format.
 COLUMNS = [
-    ("index", "depth", "d"), ("name", "tensor", "s"), ("op", "op", "s"), ("bits", "bits", "d"),
+    ("index", "depth", "d"), ("name", "tensor", "s"), ("op", "op", "s"), ("then", "compared after", "s"),
+    ("bits", "bits", "d"),
     ("enc_min", "enc min", "g"), ("enc_max", "enc max", "g"), ("fp32_min", "fp32 min", "g"), ("fp32_max", "fp32 max", "g"),
     ("cos", "cos", ".6f"), ("cos_min", "cos min", ".6f"), ("sqnr", "SQNR dB", "dB"),
     ("local_cos", "local cos", ".6f"), ("local_sqnr", "local SQNR dB", "dB"),
@@ -145,6 +146,11 @@ def fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def _op(row: dict) -> str:
+    """The producer, and the activation the tensor is compared after: Add>HardSwish."""
+    return f"{row['op']}>{row['then']}" if row["then"] else row["op"]
+
+
 def _db(value) -> str:
     return "inf" if value is None else f"{value:.1f}"
 
@@ -166,13 +172,13 @@ def render_text(report: dict, top: int) -> str:
                      f"SQNR {fmt(out['sqnr'], 'dB')} dB | weights only: cos {fmt(out['weights_only_cos'], '.6f')} "
                      f"| activations only: cos {fmt(out['activations_only_cos'], '.6f')}")
     by_name = {row["name"]: row for row in report["layers"]}
-    header = f"{'#':>3} {'depth':>5} {'tensor':<40} {'op':<10} {'bits':>4} {'encoding':>21} {'fp32 range':>21} " \
+    header = f"{'#':>3} {'depth':>5} {'tensor':<40} {'op':<16} {'bits':>4} {'encoding':>21} {'fp32 range':>21} " \
              f"{'cos':>8} {'SQNR':>6} {'local cos':>9} {'local':>6} {'w':>6} {'a':>6}  blame"
     lines += ["", f"worst {min(top, len(report['worst']))} layers by local SQNR (dB; w/a: weights/activations only, local)",
               header]
     for rank, name in enumerate(report["worst"], 1):
         r = by_name[name]
-        lines.append(f"{rank:>3} {r['index']:>5} {_short(r['name'], 40):<40} {r['op'][:10]:<10} {r['bits']:>4} "
+        lines.append(f"{rank:>3} {r['index']:>5} {_short(r['name'], 40):<40} {_op(r)[:16]:<16} {r['bits']:>4} "
                      f"{'[' + fmt(r['enc_min'], '.4g') + ', ' + fmt(r['enc_max'], '.4g') + ']':>21} "
                      f"{'[' + fmt(r['fp32_min'], '.4g') + ', ' + fmt(r['fp32_max'], '.4g') + ']':>21} "
                      f"{fmt(r['cos'], '.5f'):>8} {_db(r['sqnr']):>6} {fmt(r['local_cos'], '.6f'):>9} "

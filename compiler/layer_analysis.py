@@ -16,7 +16,9 @@ must be the model the quantizer started from (after fold-bn and the like); a DQ
 matching nothing is listed in ``unmatched``, never guessed, and layers reading an unmatched weight
 get blame ``unknown``. A quantized tensor read only by a Relu/Clip that is quantized itself (qcc
 quantizes a conv output with its Relu's range) is not a row: on HTP the two are one op, and the
-Relu's output carries the error (``fused``).
+Relu's output carries the error (``fused``). A tensor read only by a saturating activation (HardSwish,
+HardSigmoid, Sigmoid, Tanh; propagate-encodings clamps such inputs to the interval that matters) is
+compared after that function, applied to both sides (``then``), so errors it discards do not count.
 
 Errors, per quantized activation ``t`` (rows in FLOAT's topological order), against FLOAT's ``t``:
 - accumulated: QUANT as it is: everything upstream quantized;
@@ -64,6 +66,28 @@ _INT_RANGES = {
 }
 _BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT16: 16, onnx.TensorProto.INT16: 16,
          onnx.TensorProto.INT32: 32, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}
+
+
+def _hard_sigmoid(x, alpha=0.2, beta=0.5):
+    return np.clip(alpha * x + beta, 0.0, 1.0)
+
+
+# Activations that discard part of their input's range: a tensor read only by one of them is compared after
+# it (both sides through the same function), so errors the activation removes do not count.
+SATURATING = {
+    "HardSwish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+    "HardSigmoid": _hard_sigmoid,
+    "Sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
+    "Tanh": np.tanh,
+}
+
+
+def through(then: tuple | None, x: np.ndarray) -> np.ndarray:
+    """``x`` through the saturating activation ``then`` (op, attributes), or unchanged."""
+    if then is None:
+        return x
+    op, attrs = then
+    return SATURATING[op](np.asarray(x, dtype=np.float32), **attrs).astype(np.float32)
 
 
 def is_q(node: onnx.NodeProto) -> bool:
@@ -185,6 +209,7 @@ class QuantizedTensor:
     op: str                   # FLOAT producer op, "input" for a graph input
     node: str                 # FLOAT producer node name
     extra_dq_outputs: list = field(default_factory=list)  # other DQs of the same tensor
+    then: tuple | None = None  # (op, attributes) of the saturating activation that alone reads it
 
 
 @dataclass
@@ -310,9 +335,18 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
         producer = fg.producer.get(name)
         found[name] = QuantizedTensor(name, out, params, depth.get(name, 0),
                                       fg.nodes[producer].op_type if producer is not None else "input",
-                                      fg.nodes[producer].name if producer is not None else "")
+                                      fg.nodes[producer].name if producer is not None else "",
+                                      then=_saturating_reader(qg, users, out, output_of))
     activations = sorted(found.values(), key=lambda t: (t.depth, t.name))
     return QdqMapping(activations, weights, outputs, unmatched, fused, mismatched)
+
+
+def _saturating_reader(qg: GraphIndex, users: list[int], out: str, output_of: dict) -> tuple | None:
+    """(op, attributes) of the saturating activation that is this quantized tensor's only reader."""
+    if out in output_of or len(users) != 1 or qg.nodes[users[0]].op_type not in SATURATING:
+        return None
+    node = qg.nodes[users[0]]
+    return node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in ("alpha", "beta")}
 
 
 def _fused_into(qg: GraphIndex, users: list[int], out: str, output_of: dict) -> str | None:
@@ -486,6 +520,7 @@ class LayerReport:
     name: str
     op: str
     node: str
+    then: str                 # the saturating activation the tensor is compared after ("" if none)
     bits: int
     enc_min: float
     enc_max: float
@@ -615,12 +650,13 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
                 if value.size:
                     ranges[r.name][0] = min(ranges[r.name][0], float(value.min()))
                     ranges[r.name][1] = max(ranges[r.name][1], float(value.max()))
-                reference = Reference(value)
-                stats[r.name, "acc"].update(reference, got[r.dq_output])
-                stats[r.name, "local"].update(reference, local[r.dq_output])
-                stats[r.name, "activations"].update(reference, fake_quantize(value, r.params.encoding), with_cosine=False)
+                reference = Reference(through(r.then, value))
+                stats[r.name, "acc"].update(reference, through(r.then, got[r.dq_output]))
+                stats[r.name, "local"].update(reference, through(r.then, local[r.dq_output]))
+                stats[r.name, "activations"].update(reference, through(r.then, fake_quantize(value, r.params.encoding)),
+                                                    with_cosine=False)
                 if with_blame:
-                    stats[r.name, "weights"].update(reference, weights_local[r.name], with_cosine=False)
+                    stats[r.name, "weights"].update(reference, through(r.then, weights_local[r.name]), with_cosine=False)
             for f, q in mapping.outputs:
                 reference = Reference(ref[f])
                 outputs[f, "acc"].update(reference, got[q])
@@ -643,7 +679,7 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
         w_bits, w_pc = weights_of.get(r.name, (None, None))
         blame = blame_label(s["weights"].noise, s["activations"].noise) if known(r.name) else "unknown"
         layers.append(LayerReport(
-            index=r.depth, name=r.name, op=r.op, node=r.node, bits=r.params.bits,
+            index=r.depth, name=r.name, op=r.op, node=r.node, then=r.then[0] if r.then else "", bits=r.params.bits,
             enc_min=r.params.min, enc_max=r.params.max, fp32_min=ranges[r.name][0], fp32_max=ranges[r.name][1],
             cos=s["acc"].cos, cos_min=s["acc"].cos_min, sqnr=s["acc"].sqnr,
             local_cos=s["local"].cos, local_sqnr=s["local"].sqnr,

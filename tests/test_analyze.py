@@ -163,6 +163,27 @@ def test_tensor_fused_into_its_relu_is_compared_after_it():
     assert result.unmatched == [] and all(r.local_cos > 0.999 for r in result.layers)
 
 
+def test_tensor_read_by_a_saturating_activation_is_compared_after_it():
+    """propagate-encodings clamps a HardSwish input to [-3, max] (below -3 the output is 0 anyway): the clamped
+    values are no error."""
+    from compiler.ir import from_onnx, infer_shapes
+    from compiler.pass_manager import PassContext, PassManager, parse_pipeline
+    float_model = conv_net()
+    float_model.opset_import[0].version = 14
+    relu2 = next(n for n in float_model.graph.node if n.name == "relu2")
+    relu2.op_type = "HardSwish"
+    bias2 = next(t for t in float_model.graph.initializer if t.name == "b2")
+    bias2.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias2) - 4, "b2"))  # most of c2 below -3
+    float_model = infer_shapes(float_model)
+    module = from_onnx(float_model)
+    ctx = PassContext(calib_data=samples(4, seed=1), log=lambda message: None)
+    PassManager(parse_pipeline("calibrate{method=minmax},propagate-encodings,insert-qdq"), quiet=True).run(module, ctx)
+    assert module.encodings["c2"].min[0] >= -3.1  # clamped
+    result = analyze(float_model, module.to_onnx(), samples(2, seed=1))
+    row = next(r for r in result.layers if r.name == "c2")
+    assert row.then == "HardSwish" and row.local_cos > 0.999
+
+
 def test_clean_model_has_no_bad_layer(models):
     result = run(models, "clean")
     assert all(r.local_cos > 0.999 for r in result.layers)
