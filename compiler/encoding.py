@@ -67,7 +67,9 @@ def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> E
     """Symmetric signed encoding; per channel along ``axis`` (None for per tensor).
 
     A channel whose weights are all zero (padded channels) gets the minimum range,
-    so its scale is valid and its values quantize to exactly zero.
+    so its scale is valid and its values quantize to exactly zero. Other channels keep
+    their own range however small: the 0.01 floor is an activation rule, and applied to
+    weights it left det's tiny output-head filters (|w| ~ 2e-4) about five levels.
     """
     w = np.asarray(weights, dtype=np.float64)
     if axis is None:
@@ -76,7 +78,7 @@ def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> E
         absmax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     half = 2 ** (bw - 1)
     # Symmetric range [-absmax, absmax] on 2^bw - 1 steps with offset -2^(bw-1): scale = absmax / (2^(bw-1) - 1)
-    absmax = np.maximum(absmax, MIN_RANGE / 2)
+    absmax = np.where(absmax > 0, absmax, MIN_RANGE / 2)
     scale = absmax / (half - 1)
     return Encoding(bw=bw, scale=tuple(float(np.float32(s)) for s in scale),
                     offset=tuple(-half for _ in scale), symmetric=True, axis=axis)

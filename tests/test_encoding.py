@@ -29,6 +29,15 @@ def test_weight_encoding_zero_channel_gets_valid_scale():
     assert fake_quantize(w, enc)[1].tolist() == [[[0.0]], [[0.0]]]
 
 
+def test_weight_encoding_keeps_tiny_channels_fine_grained():
+    # det's output-head filters have |w| ~ 2e-4: the activation floor of 0.01 left them ~5 levels
+    w = np.linspace(-2e-4, 2e-4, 16, dtype=np.float32).reshape(1, 16, 1, 1)
+    enc = weight_encoding(w, 8, axis=0)
+    assert enc.scale[0] == pytest.approx(2e-4 / 127)
+    assert len(np.unique(fake_quantize(w, enc))) == 16
+    assert np.abs(fake_quantize(w, enc) - w).max() <= enc.scale[0] / 2 + 1e-12
+
+
 def test_bias_encoding_scale_is_input_times_weight():
     weight = Encoding(bw=8, scale=(0.5, 0.25), offset=(-128, -128), symmetric=True, axis=0)
     bias = bias_encoding(0.1, weight)
