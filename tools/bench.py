@@ -27,10 +27,23 @@ held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is 
 text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
 (det). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
 
+``--ablation`` adds, per model, qcc W8A8 rows whose pipeline is the ``htp`` target's default
+(``TARGETS["htp"].pipeline_text()``) with one change, so each pass's contribution is the difference to the
+``htp W8A8`` row (same float model, same calibration and held-out samples, same run):
+
+- ``htp W8A8 -PASS``: without PASS, for each of fold-bias-add, fuse-hardswish, replace-se, cle, adaround,
+  bias-correction (the other passes and their options unchanged, in order);
+- ``htp W8A8 calib=METHOD``: calibrate{method=METHOD} for minmax, mse and auto instead of the default
+  (percentile at 8 bits).
+
+A pass the default pipeline lacks (not installed) is an error before any work. The ablated pipelines are
+compiled as the others, through ``compile_model(..., passes=TEXT)``.
+
 Usage (from the repository root):
 
     python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--htp] [--json OUT.json]
                           [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
+                          [--ablation]
 
 ``--models``    which models (default cls,det)
 ``--calib N``   calibration samples (default 32)
@@ -43,6 +56,7 @@ Usage (from the repository root):
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
 ``--json OUT``  write every row as JSON
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
+``--ablation``  also the ablation rows above (9 qcc W8A8 compiles per model, whatever --tools says)
 
 The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
 --htp adds 2-3 minutes. Compile times vary by 2x on a busy machine; compare them within one run.
@@ -68,7 +82,7 @@ sys.path.insert(0, str(REPO))
 from compiler.data import Dataset, ImageOptions, specs_of  # noqa: E402
 from compiler.ir import QccError, load  # noqa: E402
 from compiler.layer_analysis import ErrorStats, Reference  # noqa: E402
-from compiler.pass_manager import PassContext, PassManager, parse_pipeline  # noqa: E402
+from compiler.pass_manager import PassContext, PassManager, Pipeline, parse_pipeline  # noqa: E402
 from compiler.runtime import run_model  # noqa: E402
 
 ZERO_OUTPUT = 1e-3     # a held-out sample whose FP32 output stays below this everywhere is left out
@@ -98,6 +112,22 @@ TOOLS = tuple(QCC_TOOLS) + ORT_TOOLS
 TOOL_LABELS = {"qcc-w8a8": ("qcc", "htp W8A8"), "qcc-w8a16": ("qcc", "htp W8A16"),
                "ort-minmax": ("ort", "MinMax per-ch QDQ u8/s8"), "ort-percentile": ("ort", "Percentile per-ch QDQ u8/s8"),
                "ort-qnn": ("ort", "QNN helper MinMax per-ch u8/s8")}
+# --ablation: the htp W8A8 pipeline without each of these passes, then with each of these calibration methods.
+ABLATED_PASSES = ("fold-bias-add", "fuse-hardswish", "replace-se", "cle", "adaround", "bias-correction")
+ABLATION_CALIB_METHODS = ("minmax", "mse", "auto")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What one row compiles: a --tools entry, or (``passes``) qcc W8A8 with an ablated pipeline."""
+    name: str          # file names and log lines
+    tool: str          # a key of TOOL_LABELS: how it compiles
+    config: str
+    passes: str | None = None
+
+    @classmethod
+    def of_tool(cls, tool: str) -> "Variant":
+        return cls(tool, tool, TOOL_LABELS[tool][1])
 
 
 @dataclass
@@ -151,11 +181,35 @@ def require_htp_target() -> None:
                          f"{', '.join(TARGETS)}); run the onnxruntime peers alone with --tools {','.join(ORT_TOOLS)}")
 
 
-def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list) -> None:
+def without_pass(pipeline_text: str, name: str) -> str:
+    """``pipeline_text`` with pass ``name`` left out (every option filled in); an error if it has no such pass."""
+    pipeline = parse_pipeline(pipeline_text)
+    kept = Pipeline(p for p in pipeline if p.name != name)
+    if len(kept) == len(pipeline):
+        raise QccError(f"ablation: the pipeline has no pass '{name}' to leave out: {pipeline_text}")
+    return str(kept)
+
+
+def ablation_variants() -> list[Variant]:
+    """The --ablation rows: the htp target's W8A8 pipeline without one pass, or with another calibration method."""
+    require_htp_target()
+    from compiler.targets import TARGETS
+    htp = TARGETS["htp"]
+    default = htp.pipeline_text()
+    variants = [Variant(f"qcc-w8a8-no-{name}", "qcc-w8a8", f"htp W8A8 -{name}", without_pass(default, name))
+                for name in ABLATED_PASSES]
+    variants += [Variant(f"qcc-w8a8-calib-{method}", "qcc-w8a8", f"htp W8A8 calib={method}",
+                         htp.pipeline_text(calib_method=method)) for method in ABLATION_CALIB_METHODS]
+    return variants
+
+
+def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
+            passes: str | None = None) -> None:
+    """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead."""
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
-    compile_model(module, "htp", calib_data=calib, act_bits=act_bits, log=lambda m: None)
+    compile_model(module, "htp", calib_data=calib, act_bits=act_bits, passes=passes, log=lambda m: None)
     onnx.save(module.to_onnx(), out)
 
 
@@ -223,21 +277,22 @@ def htp_agreement(model: onnx.ModelProto, samples: list[dict], cpu: list[dict], 
 
 # --- the run ----------------------------------------------------------------------------------------
 
-def bench_model(model: BenchModel, tools: list[str], args, assets: Path, work: Path) -> list[Row]:
+def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, work: Path) -> list[Row]:
     log(f"{model.name}: preparing the float model and {args.calib} + {args.eval} samples")
     float_path, calib, held = prepare(model, assets, work, args.calib, args.eval)
     fp32 = run_model(onnx.load(float_path), held)
     keep = kept_samples(fp32)
     log(f"{model.name}: {len(keep)} of {len(held)} held-out samples have a non-zero FP32 output")
     rows = []
-    for tool in tools:
-        row = Row(model.name, *TOOL_LABELS[tool], task=model.task, samples=len(keep))
-        out = work / f"{model.name}.{tool}.onnx"
-        log(f"{model.name}: {tool} ...")
+    for variant in variants:
+        tool = variant.tool
+        row = Row(model.name, TOOL_LABELS[tool][0], variant.config, task=model.task, samples=len(keep))
+        out = work / f"{model.name}.{variant.name}.onnx"
+        log(f"{model.name}: {variant.name} ...")
         start = time.perf_counter()
         try:
             if tool in QCC_TOOLS:
-                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape)
+                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, variant.passes)
             else:
                 # onnxruntime's calibrators print progress on stdout, where the table goes.
                 with contextlib.redirect_stdout(sys.stderr):
@@ -245,7 +300,7 @@ def bench_model(model: BenchModel, tools: list[str], args, assets: Path, work: P
         except QccError as exc:
             row.error = str(exc)
             rows.append(row)
-            log(f"{model.name}: {tool} failed: {exc}")
+            log(f"{model.name}: {variant.name} failed: {exc}")
             continue
         row.compile_seconds = time.perf_counter() - start
         quantized = onnx.load(out)
@@ -256,7 +311,7 @@ def bench_model(model: BenchModel, tools: list[str], args, assets: Path, work: P
             first = keep[:HTP_SAMPLES] or list(range(min(HTP_SAMPLES, len(held))))
             row.htp = htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
                                     [fp32[i] for i in first], args.htp_arch)
-        log(f"{model.name}: {tool} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
+        log(f"{model.name}: {variant.name} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
         rows.append(row)
     ort_seconds = next((r.compile_seconds for r in rows if r.tool == "ort" and r.config.startswith("MinMax")), None)
     for r in rows:
@@ -303,6 +358,7 @@ def parse_args(argv):
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--json", metavar="OUT.json")
     p.add_argument("--save-dir", metavar="DIR")
+    p.add_argument("--ablation", action="store_true")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -323,6 +379,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if any(t in QCC_TOOLS for t in args.tool_list):
         require_htp_target()  # fail before any work
+    variants = [Variant.of_tool(t) for t in args.tool_list]
+    if args.ablation:
+        try:
+            variants += ablation_variants()
+        except QccError as exc:
+            raise SystemExit(f"bench: --ablation: {exc}")
     if args.htp:
         from compiler.htp import htp_devices
         try:
@@ -336,7 +398,7 @@ def main(argv=None) -> int:
         work = Path(args.save_dir) if args.save_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for name in args.model_list:
-            rows += bench_model(MODELS[name], args.tool_list, args, assets, work)
+            rows += bench_model(MODELS[name], variants, args, assets, work)
     sys.stdout.write(render(rows, args.htp))
     if args.json:
         Path(args.json).write_text(json.dumps({"calib": args.calib, "eval": args.eval,
