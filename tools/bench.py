@@ -31,7 +31,7 @@ text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps
 (``TARGETS["htp"].pipeline_text()``) with one change, so each pass's contribution is the difference to the
 ``htp W8A8`` row (same float model, same calibration and held-out samples, same run):
 
-- ``htp W8A8 -PASS``: without PASS, for each of fold-bias-add, fuse-hardswish, replace-se, cle, adaround,
+- ``htp W8A8 -PASS``: without PASS, for each of fuse-hardswish, fold-affine, replace-se, cle, adaround,
   bias-correction (the other passes and their options unchanged, in order);
 - ``htp W8A8 calib=METHOD``: calibrate{method=METHOD} for minmax, mse and auto instead of the default
   (percentile at 8 bits).
@@ -113,7 +113,7 @@ TOOL_LABELS = {"qcc-w8a8": ("qcc", "htp W8A8"), "qcc-w8a16": ("qcc", "htp W8A16"
                "ort-minmax": ("ort", "MinMax per-ch QDQ u8/s8"), "ort-percentile": ("ort", "Percentile per-ch QDQ u8/s8"),
                "ort-qnn": ("ort", "QNN helper MinMax per-ch u8/s8")}
 # --ablation: the htp W8A8 pipeline without each of these passes, then with each of these calibration methods.
-ABLATED_PASSES = ("fold-bias-add", "fuse-hardswish", "replace-se", "cle", "adaround", "bias-correction")
+ABLATED_PASSES = ("fuse-hardswish", "fold-affine", "replace-se", "cle", "adaround", "bias-correction")
 ABLATION_CALIB_METHODS = ("minmax", "mse", "auto")
 
 

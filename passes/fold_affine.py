@@ -1,0 +1,194 @@
+"""Fold per-channel constant Mul and Add nodes into the linear layers next to them.
+
+Each such node is one more tensor to quantize (and requantize) on HTP. paddle2onnx writes them
+often: a layer's bias as a separate Add (fold-bn leaves it when a BatchNormalization follows), and
+PP-LCNetV3's learnable affine blocks, ``y = a * x + b`` with scalars a, b, after every convolution
+and after every activation (PP-OCR det has 28 + 26). Folded, they cost nothing.
+
+Into the producer (Conv, ConvTranspose, Gemm, MatMul whose output feeds only the node):
+
+    %c = Conv(%x, @w, @b)                      %y = Conv(%x, @w', @b')
+    %m = Mul(%c, @k)               ->          w'[o] = k[o] w[o]    b' = k b + t
+    %y = Add(%m, @t)
+
+Into the consumers (every reader of the node's output is a Conv, Gemm or MatMul, reading it as
+its data input):
+
+    %m = Mul(%h, @k)                           %y = Conv(%h, @w', @b')
+    %a = Add(%m, @t)               ->          w'[:, c] = k[c] w[:, c]
+    %y = Conv(%a, @w, @b)                      b'[o] = b[o] + sum_{c, taps} w[o, c, taps] t[c]
+
+A constant qualifies if it holds one value, or one value per channel on the channel axis (axis 1
+of NCHW; a Gemm's or MatMul's last axis). An Add folds into a consumer only where the consumer has
+a bias input (not MatMul) and no zero padding: a padded border would see t where the original saw
+0 (the remark says so). ConvTranspose, whose ``ConvTranspose + Add(constant)`` HTP computes wrong
+(docs/htp-backend.md), takes such an Add into its own bias this way.
+
+Stats: ``into-producer``, ``into-consumers`` (nodes folded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from compiler.ir import Module, const_value
+from compiler.linear import LinearLayer, linear_layer, set_input_const
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
+from compiler.patterns import has_single_consumer, is_graph_output, producer
+from passes.fold_bn import LAYERS, channel_vector, layer_problem, out_channels, output_rank, scale_weight
+
+
+def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
+    """(variable input, constant value) of a two-input Mul or Add with exactly one constant input."""
+    if node.op not in ("Mul", "Add") or len(node.inputs) != 2:
+        return None
+    values = [const_value(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None
+    index = 0 if values[0] is not None else 1
+    value = values[index]
+    if not np.issubdtype(value.dtype, np.floating):
+        return None
+    return node.inputs[1 - index], value
+
+
+def channel_constant(value: np.ndarray, channels: int, rank: int, channel_axis: int) -> np.ndarray | None:
+    """``value`` as one float64 per channel if, broadcast against a rank-``rank`` tensor, it varies
+    at most along ``channel_axis``; else None."""
+    if value.ndim > rank:
+        return None
+    aligned = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(aligned) if i != channel_axis) or aligned[channel_axis] not in (1, channels):
+        return None
+    return channel_vector(value, channels)
+
+
+def layer_bias(node: gs.Node, channels: int) -> np.ndarray | None:
+    """The layer's bias as one value per output channel (zeros if it has none); None if it cannot take one."""
+    if node.op == "MatMul":
+        return None
+    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
+        return None
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return np.zeros(channels)
+    bias = const_value(node.inputs[2])
+    if bias is None or bias.size not in (1, channels) or (bias.ndim == 2 and bias.shape[0] != 1):
+        return None
+    return channel_vector(bias, channels)
+
+
+def take_output(node: gs.Node, layer: gs.Node) -> None:
+    """Make ``layer`` write ``node``'s output tensor (its name, and graph outputs, survive) and drop ``node``."""
+    result = node.outputs[0]
+    node.inputs.clear()
+    node.outputs.clear()
+    layer.outputs[0] = result
+
+
+@register
+class FoldAffine(Pass):
+    name = "fold-affine"
+    kind = PassKind.FLOAT_PRESERVING
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        graph = module.graph
+        stats = {"into-producer": 0, "into-consumers": 0}
+        declined: dict[str, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for node in list(graph.nodes):
+                if not node.outputs:
+                    continue
+                operand = constant_operand(node)
+                if operand is None:
+                    continue
+                if self.into_producer(graph, node, *operand):
+                    stats["into-producer"] += 1
+                    changed = True
+                elif self.into_consumers(graph, node, *operand, declined):
+                    stats["into-consumers"] += 1
+                    changed = True
+        for name, why in sorted(declined.items()):
+            node = next((n for n in graph.nodes if n.name == name), None)
+            if node is not None:
+                ctx.remark(node, why)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(any(stats.values()), stats)
+
+    def into_producer(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray) -> bool:
+        layer = producer(x)
+        if layer is None or layer.op not in LAYERS or layer_problem(layer) or not has_single_consumer(graph, x):
+            return False
+        weight = const_value(layer.inputs[1])
+        channels = out_channels(layer, weight)
+        rank = output_rank(layer, weight)  # channels on axis 1: NCHW, or a Gemm's / rank-2 MatMul's columns
+        k = channel_constant(value, channels, rank, 1)
+        if k is None:
+            return False
+        has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
+        if node.op == "Mul":
+            set_input_const(graph, layer, 1, scale_weight(layer, weight.astype(np.float64), k).astype(weight.dtype))
+            if has_bias:  # y = xW + beta C: k y = x (kW) + beta (kC), whatever beta and C's shape
+                bias = const_value(layer.inputs[2]).astype(np.float64)
+                set_input_const(graph, layer, 2, (bias * k.reshape((-1,) + (1,) * (bias.ndim - 1)) if layer.op != "Gemm"
+                                                  else bias * k).astype(weight.dtype))
+        else:
+            bias = layer_bias(layer, channels)
+            if bias is None:
+                return False
+            set_input_const(graph, layer, 2, (bias + k).astype(weight.dtype))
+        take_output(node, layer)
+        return True
+
+    def into_consumers(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray, declined: dict) -> bool:
+        out = node.outputs[0]
+        readers = list(out.outputs)
+        if not readers or is_graph_output(graph, out):
+            return False
+        layers = []
+        for reader in readers:
+            layer, _ = linear_layer(reader)
+            if layer is None or reader.inputs[0] is not out or any(t is out for t in reader.inputs[1:]):
+                return False
+            layers.append(layer)
+        per_channel = []
+        for layer in layers:
+            rank = 4 if layer.is_conv else len(out.shape) if out.shape is not None else 2
+            k = channel_constant(value, layer.in_channels, rank, 1 if layer.is_conv else rank - 1)
+            if k is None:
+                return False
+            if node.op == "Add":
+                if layer_bias(layer.node, layer.out_channels) is None:
+                    return False
+                if layer.has_padding():
+                    declined[node.name] = (f"not folded into {layer.node.name or layer.node.op}: it pads with zeros, "
+                                           "and a padded border would see the added constant")
+                    return False
+            per_channel.append(k)
+        for layer, k in zip(layers, per_channel):
+            self.fold_input(graph, layer, node.op, k)
+            layer.node.inputs[0] = x
+        declined.pop(node.name, None)
+        node.inputs.clear()
+        node.outputs.clear()
+        return True
+
+    @staticmethod
+    def fold_input(graph: gs.Graph, layer: LinearLayer, op: str, k: np.ndarray) -> None:
+        weight = layer.weight
+        view = layer.input_channel_view(weight.astype(np.float64))  # [g, O/g, C/g, taps]
+        per_group = k.reshape(layer.groups, 1, -1, 1)
+        if op == "Mul":
+            scaled = (view * per_group).reshape(view.shape[0], view.shape[1], -1)
+            set_input_const(graph, layer.node, 1, layer.from_matrix(scaled))
+            return
+        shift = (view * per_group).sum(axis=(2, 3)).reshape(-1)
+        bias = layer_bias(layer.node, layer.out_channels)
+        set_input_const(graph, layer.node, 2, (bias + shift).astype(weight.dtype))
