@@ -24,7 +24,7 @@ import numpy as np
 
 from compiler.data import Dataset, ImageOptions, specs_of
 from compiler.ir import Module, QccError, write_atomic
-from compiler.pass_manager import PassContext, PassManager, parse_pipeline
+from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.targets import get_target
 
 NEAR_ZERO = 1e-3
@@ -44,20 +44,56 @@ def add_arguments(parser) -> None:
     group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
     group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
     group.add_argument("--calib-method", choices=METHODS + ("auto",), help="activation range method (target default: percentile at 8-bit activations, minmax at 16)")
+    group.add_argument("--target-cos", type=float, metavar="COS",
+                       help="mixed precision: move the activations that cost the most accuracy to 16 bits until the "
+                            "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
+    group.add_argument("--max-16bit-share", type=float, metavar="SHARE",
+                       help="with --target-cos: at most this share of the activations at 16 bits (default 0.25)")
     group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
                        help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
 
 
 def pipeline_text(target, args) -> str:
-    """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method applied."""
+    """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method and
+    --target-cos/--max-16bit-share applied."""
     if args.passes:
         given = [flag for flag, value in (("--act-bits", args.act_bits), ("--weight-bits", args.weight_bits),
-                                          ("--calib-method", args.calib_method)) if value is not None]
+                                          ("--calib-method", args.calib_method), ("--target-cos", args.target_cos),
+                                          ("--max-16bit-share", args.max_16bit_share)) if value is not None]
         if given:
             raise QccError(f"{', '.join(given)} set a target's defaults; with --passes, give the options in the "
                            f"pipeline (e.g. calibrate{{act-bits=16}},insert-qdq{{act-bits=16}})")
         return args.passes
-    return target.pipeline_text(act_bits=args.act_bits, weight_bits=args.weight_bits, calib_method=args.calib_method)
+    if args.max_16bit_share is not None and args.target_cos is None:
+        raise QccError("--max-16bit-share needs --target-cos (the accuracy mixed precision aims for)")
+    text = target.pipeline_text(act_bits=args.act_bits, weight_bits=args.weight_bits, calib_method=args.calib_method)
+    if args.target_cos is None:
+        return text
+    return with_mixed_precision(text, args.target_cos, args.max_16bit_share)
+
+
+def with_mixed_precision(text: str, target_cos: float, max_16bit_share: float | None = None) -> str:
+    """A quantizing pipeline with promote-16bit (same weight options as insert-qdq) right before
+    insert-qdq and insert-converts after it: HTP computes each op at one width, so the tensors that
+    cross between 8 and 16 bits get explicit converts."""
+    pipeline = parse_pipeline(text)
+    names = [p.name for p in pipeline]
+    if "insert-qdq" not in names:
+        raise QccError("--target-cos: the pipeline does not quantize (no insert-qdq); use a quantized target "
+                       "(htp, dsp, hta)")
+    if "promote-16bit" in names:
+        return text
+    qdq = pipeline[names.index("insert-qdq")].options
+    if qdq.act_bits != 8:
+        raise QccError(f"--target-cos promotes 8-bit activations to 16 bits; with --act-bits {qdq.act_bits} "
+                       "every activation already has 16 bits")
+    options = {"target-cos": str(target_cos), "weight-bits": str(qdq.weight_bits),
+               "per-channel": "true" if qdq.per_channel else "false"}
+    if max_16bit_share is not None:
+        options["budget"] = str(max_16bit_share)
+    index = names.index("insert-qdq")
+    pipeline[index:index + 1] = [make_pass("promote-16bit", options), pipeline[index], make_pass("insert-converts")]
+    return str(pipeline)
 
 
 def image_options(args) -> ImageOptions:
@@ -92,9 +128,13 @@ class CompileResult:
 
 def compile_model(module: Module, target: str = "htp", *, calib_data=None, eval_data=None, passes: str | None = None,
                   act_bits: int | None = None, weight_bits: int | None = None, calib_method: str | None = None,
+                  target_cos: float | None = None, max_16bit_share: float | None = None,
                   verify: bool = False, quiet: bool = True, log=None) -> CompileResult:
-    """Run a target's pipeline (or ``passes``) on ``module`` in place; evaluate on ``eval_data`` if given."""
+    """Run a target's pipeline (or ``passes``) on ``module`` in place; evaluate on ``eval_data`` if given.
+    ``target_cos`` adds mixed precision (``with_mixed_precision``) to the target's pipeline."""
     text = passes or get_target(target).pipeline_text(act_bits=act_bits, weight_bits=weight_bits, calib_method=calib_method)
+    if target_cos is not None and not passes:
+        text = with_mixed_precision(text, target_cos, max_16bit_share)
     pipeline = parse_pipeline(text)
     ctx = PassContext(calib_data=calib_data, eval_data=eval_data)
     if log is not None:

@@ -1,0 +1,57 @@
+"""qcc compile --target-cos: promote-16bit and insert-converts added to a target's pipeline, end to end."""
+import json
+
+import onnx
+import pytest
+
+from compiler.ir import QccError
+from compiler.quantize import with_mixed_precision
+from compiler.targets import TARGETS
+from tests.test_compile_quantized import data, model, run  # noqa: F401 (fixtures)
+
+
+def names(text: str) -> list[str]:
+    from compiler.pass_manager import parse_pipeline
+    return [p.name for p in parse_pipeline(text)]
+
+
+def test_promotion_sits_between_propagation_and_qdq_with_the_targets_weight_options():
+    text = with_mixed_precision(TARGETS["dsp"].pipeline_text(), 0.995, 0.4)
+    order = names(text)
+    at = order.index("promote-16bit")
+    assert order[at - 1:at + 3] == ["propagate-encodings", "promote-16bit", "insert-qdq", "insert-converts"]
+    assert "promote-16bit{target-cos=0.995 budget=0.4" in text and "per-channel=false" in text.split("promote-16bit")[1]
+    assert with_mixed_precision(text, 0.995) == text  # already mixed: unchanged
+
+
+def test_sixteen_bit_activations_and_float_pipelines_are_refused():
+    with pytest.raises(QccError, match="already has 16 bits"):
+        with_mixed_precision(TARGETS["htp"].pipeline_text(act_bits=16), 0.999)
+    with pytest.raises(QccError, match="does not quantize"):
+        with_mixed_precision(TARGETS["cpu"].pipeline_text(), 0.999)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--max-16bit-share", "0.2"], "--max-16bit-share needs --target-cos"),
+    (["--passes", "calibrate,insert-qdq", "--target-cos", "0.999"], "with --passes, give the options in the pipeline"),
+])
+def test_flag_mistakes_are_one_line_errors(model, data, tmp_path, capsys, extra, message):  # noqa: F811
+    target = [] if "--passes" in extra else ["--target", "htp"]
+    code, err = run(["compile", model, *target, "--calib-data", data[0], *extra, "-o", tmp_path / "out.onnx"], capsys)
+    assert code == 2 and message in err and not (tmp_path / "out.onnx").exists()
+
+
+def test_real_cls_reaches_a_tighter_cosine_with_some_activations_at_16_bits(assets, tmp_path, capsys):
+    out = tmp_path / "cls.onnx"
+    code, err = run(["compile", assets / "models" / "ppocr_cls.onnx", "--target", "htp", "--input-shape", "x:1,3,48,192",
+                     "--calib-data", assets / "text_cls", "--calib-count", "8", "--image-mean", "0.5,0.5,0.5",
+                     "--image-std", "0.5,0.5,0.5", "--target-cos", "0.99995", "--max-16bit-share", "0.3", "-o", out], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "cls.report.json").read_text())
+    promote = next(p for p in report["passes"] if p["name"] == "promote-16bit")["stats"]
+    assert promote["promoted"] > 0 and 0 < promote["share-16bit"] <= 0.3
+    assert promote["cos-after"] > promote["cos-before"]
+    widths = {e["bw"] for e in json.loads((tmp_path / "cls.encodings").read_text())["activation_encodings"]}
+    assert widths == {8, 16}
+    quantized = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" and n.domain == "com.microsoft" for n in quantized.graph.node)
