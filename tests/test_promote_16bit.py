@@ -11,7 +11,8 @@ from compiler.layer_analysis import ErrorStats, Reference
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.runtime import make_session
 from passes.insert_converts import output_width, rebit
-from passes.promote_16bit import QdqSimulation, constant_encodings, promotion_units
+from compiler.encoding import activation_encoding
+from passes.promote_16bit import QdqSimulation, constant_encodings, promotion_units, sixteen_bit_encodings
 
 # Conv (bias) -> Relu -> Add(constant) -> Conv (bias) -> Mul(constant) -> Concat with x -> Conv: biases and
 # activation-like constants whose quantization follows a width, and a shared-encoding Concat.
@@ -54,13 +55,13 @@ def calibrated(proto=None):
     return module, ctx
 
 
-def lowered(module, wide=(), constants=True):
+def lowered(module, wide=(), constants=True, sixteen_bit=None):
     """insert-qdq + insert-converts on a clone with ``wide`` tensors (and, as promote-16bit leaves them, their
-    nodes' constants) at 16 bits."""
+    nodes' constants) at 16 bits: their ``sixteen_bit`` encodings, else their ranges re-derived."""
     module = module.clone()
     for name in wide:
         module.annotate(name, act_bits=16)
-        module.encodings[name] = rebit(module.encodings[name], 16)
+        module.encodings[name] = (sixteen_bit or {}).get(name) or rebit(module.encodings[name], 16)
     if constants:
         module.encodings.update(constant_encodings(module, set(wide)))
     ctx = PassContext(log=lambda message: None)
@@ -84,6 +85,35 @@ def test_simulation_is_the_lowered_model_bit_for_bit(overflowing_bias):
         for sample in data:
             stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
         assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), wide
+
+
+def test_simulation_with_wider_16_bit_ranges_is_the_lowered_model_bit_for_bit():
+    module, _ = calibrated()
+    data = samples(2, seed=5)
+    wider = {n: activation_encoding(float(e.min[0]) * 2, float(e.max[0]) * 2, 16)
+             for n, e in module.encodings.items() if not e.symmetric}
+    sim = QdqSimulation(module, 8, True, data, sixteen_bit=wider)
+    reference = make_session(sim.float_model)
+    for wide in (["c1", "r1"], ["a", "c2"], ["m", "x", "cat"], ["r1", "a", "c1"]):
+        simulated = sim.measure({**module.encodings, **{n: wider[n] for n in wide}})
+        real_module, _ = lowered(module, wide, sixteen_bit=wider)
+        session, stats = make_session(real_module.to_onnx()), ErrorStats()
+        for sample in data:
+            stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
+        assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), wide
+
+
+def test_promoted_tensors_take_their_min_max_range_not_the_clipped_one():
+    module = from_onnx(model())
+    data = samples()
+    ctx = PassContext(calib_data=data, log=lambda message: None)
+    PassManager(parse_pipeline("calibrate{method=percentile percentile=90},propagate-encodings"), quiet=True).run(module, ctx)
+    wide = sixteen_bit_encodings(module, data)
+    assert all(e.bw == 16 for e in wide.values())
+    clipped, full = module.encodings["c2"], wide["c2"]
+    assert float(full.max[0]) > float(clipped.max[0]) and float(full.min[0]) < float(clipped.min[0])
+    assert wide["c1"] == wide["r1"] and float(wide["r1"].min[0]) == 0.0  # fused with its Relu, as propagation leaves it
+    assert wide["m"] == wide["x"] == wide["cat"]  # Concat shares one encoding
 
 
 def test_units_follow_readers_and_ties():
@@ -136,7 +166,7 @@ def test_the_costly_tensor_is_promoted(promoted):
     assert result.stats["cos-before"] < 0.99 <= result.stats["cos-after"]
     assert result.stats["share-16bit"] == len(wide) / len(before.encodings) <= 0.75
     record = module.cache["promote-16bit"]
-    assert record["promoted"][0]["output_error_cost"] > 0 and "c" in record["promoted"][0]["tensors"]
+    assert 0 < record["promoted"][0]["output_error_share"] <= 1 and "c" in record["promoted"][0]["tensors"]
 
 
 def test_second_run_changes_nothing(promoted):
