@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.data import Dataset, ImageOptions, specs_of
-from compiler.ir import Module, QccError, write_atomic
+from compiler.ir import Module, QccError, save, write_atomic
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.targets import get_target
 
@@ -193,7 +193,10 @@ def report(manager: PassManager, ctx: PassContext, seconds: float, metrics: dict
 
 def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, output: Path,
            seconds: float) -> None:
-    """After saving OUT.onnx: OUT.encodings when quantized, OUT.report.json, and the summary."""
+    """After saving OUT.onnx: OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer
+    started from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx
+    OUT.onnx`` compares like with like where CLE rescaled channels or fold-affine moved constants),
+    OUT.report.json, and the summary."""
     from compiler.encoding import has_qdq
     from compiler.export import write_encodings
     outputs = {"model": output.name}
@@ -201,6 +204,10 @@ def finish(original: Module, module: Module, manager: PassManager, ctx: PassCont
         encodings = output.with_suffix(".encodings")
         write_encodings(module, encodings, args.encodings_format)
         outputs["encodings"] = encodings.name
+        if ctx.reference is not None:
+            float_model = output.with_name(output.stem + ".float.onnx")
+            save(ctx.reference, float_model, protect=(args.model,))
+            outputs["float_model"] = float_model.name
     metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
     report_path = output.with_name(output.stem + ".report.json")
     write_atomic(report_path, json.dumps(report(manager, ctx, seconds, metrics, outputs), indent=1, default=_json) + "\n")

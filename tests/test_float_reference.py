@@ -1,0 +1,31 @@
+"""qcc compile writes OUT.float.onnx, the float model the quantizer started from: analyze compares like with like."""
+import json
+
+import numpy as np
+import onnx
+
+from compiler.runtime import run_model
+from tests.test_compile_quantized import data, model, run  # noqa: F401 (fixtures)
+
+
+def test_float_reference_has_the_quantized_models_tensors_and_the_originals_outputs(model, data, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out.onnx"
+    code, err = run(["compile", model, "--target", "htp", "--calib-data", data[0], "-o", out], capsys)
+    assert code == 0, err
+    reference = onnx.load(tmp_path / "out.float.onnx")
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in reference.graph.node)
+    samples = [{"x": np.load(f)} for f in sorted(data[1].iterdir())]
+    for ref, got in zip(run_model(onnx.load(model), samples), run_model(reference, samples)):
+        np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-6)
+    assert "out.float.onnx" in json.loads((tmp_path / "out.report.json").read_text())["outputs"].values()
+
+    code, err = run(["analyze", tmp_path / "out.float.onnx", out, "--data", data[0], "--json", tmp_path / "a.json", "-q"], capsys)
+    assert code == 0, err
+    analysis = json.loads((tmp_path / "a.json").read_text())
+    assert not analysis["unmatched"] and analysis["layers"]
+
+
+def test_float_target_writes_no_reference(model, tmp_path, capsys):  # noqa: F811
+    code, err = run(["compile", model, "--target", "cpu", "-o", tmp_path / "out.onnx"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "out.float.onnx").exists()
