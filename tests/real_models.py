@@ -17,7 +17,7 @@ CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=14}"
 MODELS = {
     # name: (input shape, image folder, normalisation PP-OCR's preprocessing uses)
     "cls": ([1, 3, 48, 192], "text_cls", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)),
-    "det": ([1, 3, 320, 320], "text_det", ImageOptions(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
+    "det": ([1, 3, 320, 320], "text_det", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)),
 }
 
 

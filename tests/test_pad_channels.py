@@ -16,7 +16,7 @@ LINEAR = ("Conv", "ConvTranspose", "Gemm")
 MODELS = {
     # input shape, text-image folder, PP-OCR's input normalisation
     "cls": ([1, 3, 48, 192], "text_cls", ((0.5,) * 3, (0.5,) * 3)),
-    "det": ([1, 3, 320, 320], "text_det", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+    "det": ([1, 3, 320, 320], "text_det", ((0.5,) * 3, (0.5,) * 3)),
 }
 FULL_PIPELINE = "fold-constants,cleanup,fold-bn,fuse-hardswish,replace-se"
 GATES = ("HardSigmoid", "Sigmoid")  # map a padded 0 to 0.5 (documented in the pass)

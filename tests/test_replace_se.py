@@ -11,7 +11,7 @@ MODELS = {
     # input shape, text-image folder, PP-OCR's input normalisation, SE blocks in the model
     # (cls: its tenth GlobalAveragePool is the classifier head, GAP -> Reshape -> MatMul)
     "cls": ([1, 3, 48, 192], "text_cls", ((0.5,) * 3, (0.5,) * 3), 9),
-    "det": ([1, 3, 320, 320], "text_det", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 10),
+    "det": ([1, 3, 320, 320], "text_det", ((0.5,) * 3, (0.5,) * 3), 10),
 }
 MODES = ("fc+fold-gate", "fc", "fold-gate")
 
