@@ -3,7 +3,8 @@
 A squeeze-excite (SE) block scales each channel of x by a gate computed from the channel means:
 
     p = GlobalAveragePool(x)                        (N, C, 1, 1)
-    h = act(W1 p + b1)                              1x1 Conv, bias inline or a separate Add (paddle2onnx)
+    h = act(W1 p + b1)                              1x1 Conv, bias inline or a separate Add (paddle2onnx);
+                                                    act one node, or Swish written u * Sigmoid(u) (EfficientNet)
     z = W2 h + b2                                   1x1 Conv (+ Add)
     g = HardSigmoid(z; a, b) | Sigmoid(z) | k Clip(s z + t, lo, hi)   (hand-written hard sigmoid)
     y = Mul(x, g)                                   either operand order
@@ -182,7 +183,7 @@ class Block:
     rank: int
     squeeze: gs.Node | None   # Flatten/Reshape/Squeeze to (N, C) when the block is already FC
     fc1: Layer
-    act: gs.Node
+    act: list                 # one activation node, or Swish's [Sigmoid, Mul]
     fc2: Layer
     gate: Gate
     unsqueeze: gs.Node | None
@@ -210,7 +211,7 @@ class Block:
         """(internal tensors from the pool to the gate, the gate tensors)."""
         gates = [self.gate.out] + ([self.unsqueeze.outputs[0]] if self.unsqueeze else [])
         internal = [self.gap.outputs[0]] + ([self.squeeze.outputs[0]] if self.squeeze else [])
-        internal += [n.outputs[0] for n in self.fc1.nodes + [self.act] + self.fc2.nodes + self.gate.nodes]
+        internal += [n.outputs[0] for n in self.fc1.nodes + self.act + self.fc2.nodes + self.gate.nodes]
         internal += gates[1:]
         return internal, gates
 
@@ -272,7 +273,9 @@ def fc_layer(graph: gs.Graph, node: gs.Node, inp, channels: int, role: str) -> L
 def with_bias_add(graph: gs.Graph, layer: Layer, rank: int, role: str) -> Layer:
     """Absorb a following Add of a constant per-channel bias (paddle2onnx writes Conv biases so)."""
     out = layer.out
-    user = only_user(graph, out, f"{role}'s output")
+    if len(out.outputs) != 1 or is_graph_output(graph, out):
+        return layer  # read twice (Swish) or an output: no bias Add to absorb; the activation match says more
+    user = out.outputs[0]
     operand = [t for t in user.inputs if t is not out] if user.op == "Add" and len(user.inputs) == 2 else []
     value = float_const(operand[0]) if len(operand) == 1 else None
     if value is None:
@@ -358,6 +361,33 @@ def read_gate(graph: gs.Graph, z, x) -> tuple[Gate, gs.Node | None, gs.Node]:
     return gate, unsqueeze, node
 
 
+def swish_nodes(graph: gs.Graph, u) -> list | None:
+    """[Sigmoid, Mul] when ``u`` is read exactly by Sigmoid(u) and Mul(u, Sigmoid(u)) (either order): Swish."""
+    users = u.outputs
+    if len(users) != 2 or is_graph_output(graph, u):
+        return None
+    sigmoid = next((n for n in users if n.op == "Sigmoid"), None)
+    mul = next((n for n in users if n.op == "Mul" and len(n.inputs) == 2), None)
+    if sigmoid is None or mul is None:
+        return None
+    gate = sigmoid.outputs[0]
+    if set(map(id, mul.inputs)) != {id(u), id(gate)} or gate.outputs != [mul] or is_graph_output(graph, gate):
+        return None
+    return [sigmoid, mul]
+
+
+def match_activation(graph: gs.Graph, h) -> list:
+    """The activation between the two layers: one node of ACTIVATIONS, or Swish's [Sigmoid, Mul]."""
+    swish = swish_nodes(graph, h)
+    if swish is not None:
+        return swish
+    act = only_user(graph, h, "the first layer's output")
+    if act.op not in ACTIVATIONS or act.inputs[0] is not h or any(
+            t.name and const_value(t) is None for t in act.inputs[1:]):
+        raise Decline(f"the first layer feeds a {act.op}, not an activation ({', '.join(sorted(ACTIVATIONS))} or Swish)")
+    return [act]
+
+
 def match_block(graph: gs.Graph, gap: gs.Node) -> Block:
     """The SE block starting at ``gap``; raises Decline with the reason it is not one."""
     x, pooled = gap.inputs[0], gap.outputs[0]
@@ -374,16 +404,13 @@ def match_block(graph: gs.Graph, gap: gs.Node) -> Block:
     else:
         first = only_user(graph, squeeze.outputs[0], "the flattened pool")
         fc1 = fc_layer(graph, first, squeeze.outputs[0], channels, "the first layer")
-    act = only_user(graph, fc1.out, "the first layer's output")
-    if act.op not in ACTIVATIONS or act.inputs[0] is not fc1.out or any(
-            t.name and const_value(t) is None for t in act.inputs[1:]):
-        raise Decline(f"the first layer feeds a {act.op}, not an activation ({', '.join(sorted(ACTIVATIONS))})")
-    second = only_user(graph, act.outputs[0], "the activation")
+    act = match_activation(graph, fc1.out)
+    second = only_user(graph, act[-1].outputs[0], "the activation")
     hidden = fc1.weight.shape[0]
     if squeeze is None:
-        fc2 = conv_layer(graph, second, act.outputs[0], hidden, rank, "the second layer")
+        fc2 = conv_layer(graph, second, act[-1].outputs[0], hidden, rank, "the second layer")
     else:
-        fc2 = fc_layer(graph, second, act.outputs[0], hidden, "the second layer")
+        fc2 = fc_layer(graph, second, act[-1].outputs[0], hidden, "the second layer")
     if fc2.weight.shape[0] != channels:
         raise Decline(f"the second layer gives {fc2.weight.shape[0]} channels, the block input has {channels}")
     try:
@@ -464,7 +491,7 @@ def rebuild(module: Module, block: Block, fc: bool, fold: bool) -> None:
     gate_kept = not gate.after_mul  # gate.out holds the gate itself, not a multiple of it
     mul_gate = block.mul.inputs[block.gate_index]
     h1 = renamed(block.fc1.out, layout, hidden)
-    a1 = renamed(block.act.outputs[0], layout, hidden)
+    a1 = renamed(block.act[-1].outputs[0], layout, hidden)
     z = renamed(block.fc2.out, layout + ("_folded" if folded else ""), channels)
     g = renamed(gate.out, layout if gate_kept else layout + "_gate", channels)
     if fc:
@@ -476,8 +503,13 @@ def rebuild(module: Module, block: Block, fc: bool, fold: bool) -> None:
     inp = b.node("Flatten", [pooled], b.tensor(f"{pooled.name}_flat", [batch, channels]), {"axis": 1}) if fc else pooled
     gemm = "_fc" if fc else ""  # new constants are in Gemm layout (the original ones are reused where equal)
     layer(inp, block.fc1, block.fc1.weight, block.fc1.bias, h1, f"{block.fc1.weight_tensor.name}{gemm}")
-    act = block.act
-    b.node(act.op, [h1] + list(act.inputs[1:]), a1, dict(act.attrs))
+    if len(block.act) == 2:  # Swish: the Mul keeps its operand order
+        sigmoid, mul = block.act
+        s1 = b.node("Sigmoid", [h1], renamed(sigmoid.outputs[0], layout, hidden))
+        b.node("Mul", [h1 if t is block.fc1.out else s1 for t in mul.inputs], a1)
+    else:
+        act = block.act[0]
+        b.node(act.op, [h1] + list(act.inputs[1:]), a1, dict(act.attrs))
     layer(a1, block.fc2, w2, b2, z, f"{block.fc2.weight_tensor.name}{gemm}{'_folded' if folded else ''}")
     if gate.kind == "sigmoid":
         b.node("Sigmoid", [z], g)
@@ -493,7 +525,7 @@ def rebuild(module: Module, block: Block, fc: bool, fold: bool) -> None:
         target = np.array([batch if isinstance(batch, int) else -1, channels] + spatial, dtype=np.int64)
         b.node("Reshape", [g, b.const(f"{g_back.name}_shape", target)], g_back)
 
-    old = [n for n in [block.squeeze, block.unsqueeze] if n] + block.fc1.nodes + [block.act] + block.fc2.nodes + gate.nodes
+    old = [n for n in [block.squeeze, block.unsqueeze] if n] + block.fc1.nodes + block.act + block.fc2.nodes + gate.nodes
     result = gate.after_mul[-1].outputs[0] if gate.after_mul else None
     for node in old + gate.after_mul:
         node.inputs.clear()
