@@ -1,0 +1,140 @@
+"""The synthetic model zoo (tests/model_zoo.py) through qcc: ResNet, EfficientNet MBConv, a YOLO head,
+transformer blocks, an NHWC input and a dynamic model, at opsets 7 to 17.
+
+Per model: `qcc compile --target htp` (W8A8) exits 0, the QDQ model runs in onnxruntime with every
+computing node reading quantized tensors and its outputs close to float (cosine > 0.98 on held-out
+random samples), the passes whose pattern the model contains apply, and the float rewrites pass
+--verify. On the QNN HTP backend (when onnxruntime-qnn is installed) the models run as a whole graph.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from compiler.cli import main
+from compiler.runtime import make_session
+from model_zoo import ZooModel, dynamic_convnet, mbconv_se, nhwc_convnet, resnet_block, transformer_block, \
+    write_samples, yolo_head, zoo
+
+FLOAT_REWRITES = ("fold-constants,cleanup,upgrade-opset{version=14},fold-bn,fuse-hardswish,fold-affine,replace-se,cle,"
+                  "pad-channels{multiple=32}")
+MODELS = {z.name: z for z in zoo() + [resnet_block(7), mbconv_se(17), yolo_head(10), yolo_head(13), yolo_head(17),
+                                      transformer_block(11), nhwc_convnet(9)]}
+# (pass, stat) that must be positive: the model contains the pattern the pass rewrites.
+APPLIES = {
+    "resnet_block": [("fold-bn", "bn-folded"), ("cle", "pairs-equalized")],
+    "mbconv_se": [("fold-bn", "bn-folded"), ("replace-se", "se-rewritten")],
+    "yolo_head": [("cle", "pairs-equalized")],
+    "nhwc": [("cle", "pairs-equalized")],
+    "dynamic": [("fold-bn", "bn-folded")],
+    "transformer": [],
+}
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Operands that are parameters, not data: shapes and indices (int64), Clip's bounds (float, read as attributes).
+PARAMETER_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resize": (1, 2, 3), "Clip": (1, 2)}
+HTP_UNSUPPORTED = {"transformer": "Erf"}  # QNN's execution provider has no Erf kernel
+
+
+def family(model: ZooModel) -> str:
+    return model.name.rsplit("_op", 1)[0]
+
+
+def shape_flags(model: ZooModel) -> list:
+    return [arg for shape in model.input_shapes for arg in ("--input-shape", shape)]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def compiled(request, tmp_path_factory):
+    """(zoo model, its folder, the W8A8 QDQ model's path), compiled once per model."""
+    model = MODELS[request.param]
+    folder = tmp_path_factory.mktemp(model.name)
+    onnx.save(model.model, folder / "model.onnx")
+    calib = write_samples(folder / "calib", model.sample_shape, count=4, seed=0)
+    write_samples(folder / "eval", model.sample_shape, count=2, seed=1)
+    out = folder / "w8a8.onnx"
+    code = main(["compile", str(folder / "model.onnx"), "--target", "htp", "--calib-data", str(calib), "-o", str(out),
+                 "-q", *shape_flags(model)])
+    assert code == 0
+    return model, folder, out
+
+
+def held_out(folder):
+    return [np.load(path) for path in sorted((folder / "eval").iterdir())]
+
+
+def cosine(a, b) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_qdq_model_runs_in_onnxruntime_close_to_float(compiled):
+    model, folder, out = compiled
+    reference, quantized = make_session(model.model), make_session(onnx.load(out))
+    name = reference.get_inputs()[0].name
+    for x in held_out(folder):
+        for want, got in zip(reference.run(None, {name: x}), quantized.run(None, {name: x})):
+            assert cosine(want, got) > 0.98
+
+
+def test_every_computing_node_reads_quantized_tensors(compiled):
+    """A float tensor between two quantized ops leaves HTP a float op it cannot run."""
+    _, _, out = compiled
+    graph = onnx.load(out).graph
+    producer = {name: node for node in graph.node for name in node.output}
+    unquantized = []
+    for node in graph.node:
+        if node.op_type in QDQ_OPS + ("Constant",):
+            continue
+        for index, name in enumerate(node.input):
+            if not name or index in PARAMETER_INPUTS.get(node.op_type, ()):
+                continue
+            source = producer.get(name)
+            if source is None or source.op_type != "DequantizeLinear":
+                unquantized.append(f"{node.op_type} {node.name} input {name}")
+    assert not unquantized
+
+
+def test_rewrites_apply_where_the_pattern_is(compiled):
+    model, _, out = compiled
+    report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+    stats = {p["name"]: p["stats"] for p in report["passes"]}
+    for pass_name, stat in APPLIES[family(model)]:
+        assert stats[pass_name][stat] > 0, (pass_name, stats[pass_name])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_float_rewrites_verify(name, tmp_path):
+    model = MODELS[name]
+    onnx.save(model.model, tmp_path / "model.onnx")
+    code = main(["compile", str(tmp_path / "model.onnx"), "--passes", FLOAT_REWRITES, "--verify", "-o",
+                 str(tmp_path / "out.onnx"), "-q", *shape_flags(model)])
+    assert code == 0
+
+
+def test_dynamic_model_without_input_shape_is_a_one_line_error(tmp_path, capsys):
+    model = dynamic_convnet()
+    onnx.save(model.model, tmp_path / "model.onnx")
+    code = main(["compile", str(tmp_path / "model.onnx"), "--passes", FLOAT_REWRITES, "--verify", "-o",
+                 str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--input-shape x:" in err and "Traceback" not in err
+
+
+def test_runs_on_htp(compiled):
+    pytest.importorskip("onnxruntime_qnn")
+    from compiler.htp import htp_session
+    from compiler.ir import QccError
+    model, folder, out = compiled
+    proto = onnx.load(out)
+    unsupported = HTP_UNSUPPORTED.get(family(model))
+    if unsupported:
+        with pytest.raises(QccError, match=unsupported):
+            htp_session(proto)
+        return
+    session = htp_session(proto)
+    x = held_out(folder)[0]
+    got = session.run(None, {session.get_inputs()[0].name: x})
+    want = make_session(proto).run(None, {session.get_inputs()[0].name: x})
+    for a, b in zip(want, got):
+        assert cosine(a, b) > 0.99
