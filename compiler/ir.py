@@ -156,10 +156,32 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]], path:
 def infer_shapes(model: onnx.ModelProto, path: Path | str = "model") -> onnx.ModelProto:
     del model.graph.value_info[:]
     try:
-        return shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise QccError(f"{path}: shape inference failed: {first}") from None
+    return _with_contrib_types(inferred)
+
+
+def _untyped_outputs(model: onnx.ModelProto) -> set:
+    typed = {v.name for v in list(model.graph.value_info) + list(model.graph.output) if v.type.tensor_type.elem_type}
+    return {name for node in model.graph.node for name in node.output if name and name not in typed}
+
+
+def _with_contrib_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Types and shapes for the outputs of onnxruntime's contrib ops (com.microsoft Gelu, FastGelu, ...), which
+    onnx's inference does not know; without a type a tensor is neither calibrated nor quantized. onnxruntime's
+    symbolic inference knows them; where it fails too, the model stays as onnx inferred it."""
+    untyped = _untyped_outputs(model)
+    if not untyped:
+        return model
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    try:
+        symbolic = SymbolicShapeInference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()), auto_merge=True)
+    except Exception:  # an op neither knows: keep onnx's result
+        return model
+    model.graph.value_info.extend(v for v in symbolic.graph.value_info if v.name in untyped and v.type.tensor_type.elem_type)
+    return model
 
 
 def _sanitize_dims(model: onnx.ModelProto) -> None:

@@ -69,9 +69,11 @@ class GraphBuilder:
     def swish(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
-    def model(self, inputs: list, outputs: list, opset: int, name: str) -> onnx.ModelProto:
+    def model(self, inputs: list, outputs: list, opset: int, name: str, contrib: bool = False) -> onnx.ModelProto:
+        """``contrib``: the graph uses onnxruntime's com.microsoft ops."""
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qcc-zoo")
+        imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+        model = helper.make_model(graph, opset_imports=imports, producer_name="qcc-zoo")
         model.ir_version = 7 if opset < 15 else 8
         onnx.checker.check_model(model)
         return model
@@ -171,10 +173,11 @@ def _layer_norm(b: GraphBuilder, x: str, width: int, opset: int) -> str:
     return b.op("Add", b.op("Mul", normed, gamma), beta)
 
 
-def transformer_block(opset: int = 13, seq: int = 8, width: int = 32, heads: int = 4) -> ZooModel:
+def transformer_block(opset: int = 13, seq: int = 8, width: int = 32, heads: int = 4, contrib_gelu: bool = False) -> ZooModel:
     """Pre-norm encoder block: LayerNorm, Q/K/V MatMul + bias, Reshape/Transpose into heads, Q.K^T MatMul,
     scale, Softmax, .V MatMul, heads merged, output projection, residual; LayerNorm, MLP with Erf-Gelu,
-    residual. LayerNormalization is an op at opset 17, decomposed (ReduceMean/Sub/Pow/Sqrt/Div) below."""
+    residual. LayerNormalization is an op at opset 17, decomposed (ReduceMean/Sub/Pow/Sqrt/Div) below.
+    ``contrib_gelu``: onnxruntime's com.microsoft Gelu instead of Erf-Gelu (its transformer optimizer writes it)."""
     b = GraphBuilder(seed=4 + opset)
     head = width // heads
 
@@ -193,11 +196,16 @@ def transformer_block(opset: int = 13, seq: int = 8, width: int = 32, heads: int
     merged = b.op("Reshape", b.op("Transpose", attention, perm=[0, 2, 1, 3]), b.const(np.array([1, seq, width], np.int64)))
     x = b.op("Add", "x", linear(merged, width, width))
     h = linear(_layer_norm(b, x, width, opset), width, 2 * width)
-    gelu = b.op("Mul", b.op("Mul", h, b.op("Add", b.op("Erf", b.op("Div", h, b.const(np.sqrt(2.0)))), b.const(1.0))), b.const(0.5))
+    if contrib_gelu:
+        gelu = b.op("Gelu", h, domain="com.microsoft")
+    else:
+        gelu = b.op("Mul", b.op("Mul", h, b.op("Add", b.op("Erf", b.op("Div", h, b.const(np.sqrt(2.0)))), b.const(1.0))),
+                    b.const(0.5))
     out = linear(gelu, 2 * width, width)
     b.nodes.append(helper.make_node("Add", [x, out], ["y"], name="residual_out"))
-    model = b.model([_input("x", [1, seq, width])], [_output("y", [1, seq, width])], opset, "transformer")
-    return ZooModel(f"transformer_op{opset}", model, (1, seq, width))
+    model = b.model([_input("x", [1, seq, width])], [_output("y", [1, seq, width])], opset, "transformer",
+                    contrib=contrib_gelu)
+    return ZooModel(f"transformer{'_contrib_gelu' if contrib_gelu else ''}_op{opset}", model, (1, seq, width))
 
 
 def nhwc_convnet(opset: int = 13) -> ZooModel:

@@ -20,7 +20,7 @@ from model_zoo import ZooModel, dynamic_convnet, mbconv_se, nhwc_convnet, resnet
 FLOAT_REWRITES = ("fold-constants,cleanup,upgrade-opset{version=14},fold-bn,fuse-hardswish,fold-affine,replace-se,cle,"
                   "pad-channels{multiple=32}")
 MODELS = {z.name: z for z in zoo() + [resnet_block(7), mbconv_se(17), yolo_head(10), yolo_head(13), yolo_head(17),
-                                      transformer_block(11), nhwc_convnet(9)]}
+                                      transformer_block(11), transformer_block(13, contrib_gelu=True), nhwc_convnet(9)]}
 # (pass, stat) that must be positive: the model contains the pattern the pass rewrites.
 APPLIES = {
     "resnet_block": [("fold-bn", "bn-folded"), ("cle", "pairs-equalized")],
@@ -29,6 +29,7 @@ APPLIES = {
     "nhwc": [("cle", "pairs-equalized")],
     "dynamic": [("fold-bn", "bn-folded")],
     "transformer": [],
+    "transformer_contrib_gelu": [],
 }
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Operands that are parameters, not data: shapes and indices (int64), Clip's bounds (float, read as attributes).
