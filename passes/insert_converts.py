@@ -17,7 +17,9 @@ range (a fixed range at 16 bits on QNN's grid, compiler.encoding.range_encoding)
     %y = Conv(%t_16bit_dq, %w_dq, %b_dq)                               (output uint16)
 
 Converting up is exact (the 8-bit grid lies on the 16-bit grid of the same range); converting down
-rounds to the op's width, which is what the op computes with. One convert per tensor and width,
+rounds to the op's width, which is what the op computes with, over the tensor's 8-bit range where
+promote-16bit recorded one (annotation ``narrow``: the clipped calibrated range, finer than the
+16-bit min-max range on 8 bits). One convert per tensor and width,
 shared by the ops of that width; each starts from a DequantizeLinear of its own (the QNN EP forms a
 Convert only from a DQ -> Q pair nothing else reads). Activation-like constants (unsigned, per
 tensor: Add/Mul/Div operands, which insert-qdq quantizes at the activation width) are stored again
@@ -54,6 +56,15 @@ def _const(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
 def rebit(enc: Encoding, bw: int, fixed: tuple | None = None) -> Encoding:
     """``enc`` re-derived at ``bw`` bits over the same range (insert-qdq's rule: fixed ranges exactly)."""
     return range_encoding(*fixed, bw) if fixed else activation_encoding(float(enc.min[0]), float(enc.max[0]), bw)
+
+
+def convert_encoding(enc: Encoding, bw: int, fixed: tuple | None = None, narrow: tuple | None = None) -> Encoding:
+    """The encoding a tensor of encoding ``enc`` is converted to for an op computing at ``bw`` bits: its
+    range re-derived, except that a tensor promote-16bit widened (``narrow``: its 8-bit range, calibrated
+    with clipping) goes down to that range, not to its 16-bit min-max range on 8 bits."""
+    if narrow is not None and bw < enc.bw and not fixed:
+        return activation_encoding(narrow[0], narrow[1], bw)
+    return rebit(enc, bw, fixed)
 
 
 def dq_encoding(dq: gs.Node) -> Encoding | None:
@@ -146,7 +157,8 @@ class InsertConverts(Pass):
                 if enc is not None and enc.bw != width:
                     if key not in converts:
                         name = quantized_tensor(graph, dq)
-                        converts[key] = self._convert(module, dq, name, rebit(enc, width, fixed.get(name)))
+                        target = convert_encoding(enc, width, fixed.get(name), module.annotations.get(name, {}).get("narrow"))
+                        converts[key] = self._convert(module, dq, name, target)
                         stats["up" if width > enc.bw else "down"] += 1
                     node.inputs[index] = converts[key]
                     if index == 0 and self._rebias(module, node, float(converts[key].inputs[0].inputs[1].values)):

@@ -30,10 +30,10 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    at 16 bits) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
    samples and outputs) reaches ``target-cos`` is promoted: prefixes of 1, 2, 4, ... units until
    one does, then bisection (the greedy one-unit-at-a-time result in log2 evaluations). Short of
-   the target with the whole list promoted, the remaining units are ranked again against the new
-   state (a unit that did not matter next to a worse one may matter now), up to ``rounds`` times;
-   else the best prefix measured is promoted, and a remark says whether the budget or the
-   weights (all activations at 16 bits still miss it) stop it.
+   the target, the best prefix measured is promoted and the remaining units are ranked again
+   against the new state (a unit that did not matter next to a worse one may matter now), up to
+   ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
+   still miss it) stop it.
 5. Apply. Promoted tensors get ``act_bits=16`` and their encodings re-derived at 16 bits over the
    same range (fixed ranges exactly), as insert-qdq would.
 
@@ -58,7 +58,7 @@ from compiler.ir import Module, QccError, const_value
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
 from compiler.runtime import make_session
-from passes.insert_converts import rebiased, rebit, requantized_constant
+from passes.insert_converts import convert_encoding, rebiased, rebit, requantized_constant
 from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
 
 CACHE_KEY = "promote-16bit"
@@ -311,7 +311,8 @@ class QdqSimulation:
         # The converts' encodings, as _feeds and insert-converts derive them: the 8-bit range up, the 16-bit one down.
         base_enc, fixed = self.base[tensor], self.fixed.get(tensor)
         up = base_enc if base_enc.bw >= 16 else rebit(base_enc, 16, fixed)
-        for key, source, dq, enc in (("up", g, base_dq, up), ("down", wide, wide_dq, rebit(self.wide[tensor], 8, fixed))):
+        down = convert_encoding(self.wide[tensor], 8, fixed, self.narrow(tensor))
+        for key, source, dq, enc in (("up", g, base_dq, up), ("down", wide, wide_dq, down)):
             stored, scale, zero = (source.constant(n) for n in dq.input)
             weight = source.nodes[source.producer[consumer.input[1]]] if consumer.input[1] in source.producer else None
             if weight is None or not is_dq(weight) or source.constant(weight.input[1]) is None:
@@ -339,7 +340,8 @@ class QdqSimulation:
         edges = []
         for name, _, _, writes in self.edges:
             enc, width = encodings[name], encodings[writes].bw
-            edges.append(self._parameters(enc if enc.bw == width else self._rebit(enc, width, self.fixed.get(name))))
+            edges.append(self._parameters(enc if enc.bw == width else
+                                          self._convert(enc, width, self.fixed.get(name), self.narrow(name))))
         feed = {"qcc_act_wide": np.array([encodings[name].bw >= 16 for name, _ in self.pairs], dtype=np.bool_)}
         for group, rows in (("act", acts), ("edge", edges)):
             for (key, dtype), column in zip(PARAMETERS, zip(*rows) if rows else [()] * len(PARAMETERS)):
@@ -348,8 +350,13 @@ class QdqSimulation:
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
-    def _rebit(enc: Encoding, width: int, fixed: tuple | None) -> Encoding:
-        return rebit(enc, width, fixed)
+    def _convert(enc: Encoding, width: int, fixed: tuple | None, narrow: tuple | None) -> Encoding:
+        return convert_encoding(enc, width, fixed, narrow)
+
+    def narrow(self, name: str) -> tuple | None:
+        """The 8-bit range a promoted tensor converts down to (recorded as annotation ``narrow`` when applied)."""
+        base = self.base[name]
+        return (float(base.min[0]), float(base.max[0])) if base.bw < 16 else None
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -445,8 +452,8 @@ class Promote16Bit(Pass):
             encodings = {**encodings, **{n: e for u in picked[:count] for n, e in widened(u).items()}}
             wide = wide.union(*picked[:count])
             cos = measured[count]
-            if cos >= opts.target_cos or count < len(picked) or budget_full:
-                break  # reached; or promoting more made it worse; or the budget is spent
+            if cos >= opts.target_cos or budget_full:
+                break
         count = len(chosen)
         if cos < opts.target_cos:
             limits = [f"even with every activation at 16 bits it is {best_case.cos:.6f}: the weights limit it "
@@ -463,7 +470,8 @@ class Promote16Bit(Pass):
                                 f"alone it removes {removed[tuple(unit)]:.1%} of the output error")
         changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
         for name in changed:
-            module.annotate(name, act_bits=16)
+            old = module.encodings[name]
+            module.annotate(name, act_bits=16, **({"narrow": sim.narrow(name)} if old.bw < 16 and not old.symmetric else {}))
             module.encodings[name] = encodings[name]
         module.encodings.update(constant_encodings(module, wide))
         module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,

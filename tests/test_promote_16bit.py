@@ -60,7 +60,8 @@ def lowered(module, wide=(), constants=True, sixteen_bit=None):
     nodes' constants) at 16 bits: their ``sixteen_bit`` encodings, else their ranges re-derived."""
     module = module.clone()
     for name in wide:
-        module.annotate(name, act_bits=16)
+        narrow = module.encodings[name]  # as promote-16bit records it: converts down go to the 8-bit range
+        module.annotate(name, act_bits=16, narrow=(float(narrow.min[0]), float(narrow.max[0])))
         module.encodings[name] = (sixteen_bit or {}).get(name) or rebit(module.encodings[name], 16)
     if constants:
         module.encodings.update(constant_encodings(module, set(wide)))
