@@ -24,6 +24,7 @@ G_LOGGER.severity = G_LOGGER.ERROR
 MIN_OPSET = 7
 MAX_OPSET = 23
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
+INITIALIZERS_APART_IR = 4  # the first IR version whose initializers need not be graph inputs
 
 
 class QccError(Exception):
@@ -63,7 +64,9 @@ class Module:
     def to_onnx(self) -> onnx.ModelProto:
         self.graph.cleanup().toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)
-        model.ir_version = min(self.ir_version, onnx.IR_VERSION)
+        # Initializers are written apart from the graph inputs, which IR version 3 does not allow (old exports
+        # list every weight as an input too); from 4 on it does, with any supported opset.
+        model.ir_version = max(min(self.ir_version, onnx.IR_VERSION), INITIALIZERS_APART_IR)
         # Opset 21+ QDQ and the com.microsoft domain need a recent enough IR version.
         if any(op.domain in ("", "ai.onnx") and op.version >= 21 for op in model.opset_import):
             model.ir_version = max(model.ir_version, 10)

@@ -236,6 +236,15 @@ def dynamic_convnet(opset: int = 13) -> ZooModel:
     return ZooModel(f"dynamic_op{opset}", model, (1, 3, 24, 24), input_shapes=["x:1,3,24,24"])
 
 
+def initializers_as_inputs(model: ZooModel) -> ZooModel:
+    """``model`` as IR version 3 writes it (old exporters, PyTorch's keep_initializers_as_inputs): every
+    initializer listed among the graph inputs too."""
+    proto = onnx.ModelProto.FromString(model.model.SerializeToString())
+    proto.ir_version = 3
+    proto.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in proto.graph.initializer)
+    return ZooModel(f"{model.name}_ir3", proto, model.sample_shape, model.input_shapes)
+
+
 def zoo() -> list[ZooModel]:
     return [resnet_block(9), mbconv_se(11), yolo_head(12), transformer_block(13), transformer_block(17),
             nhwc_convnet(13), dynamic_convnet(13)]

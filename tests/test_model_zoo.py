@@ -16,13 +16,14 @@ import pytest
 from compiler.cli import main
 from compiler.runtime import make_session
 from compiler.targets import TARGETS
-from model_zoo import ZooModel, dynamic_convnet, mbconv_se, nhwc_convnet, resnet_block, transformer_block, \
-    write_samples, yolo_head, zoo
+from model_zoo import ZooModel, dynamic_convnet, initializers_as_inputs, mbconv_se, nhwc_convnet, resnet_block, \
+    transformer_block, write_samples, yolo_head, zoo
 
 FLOAT_REWRITES = ("fold-constants,cleanup,upgrade-opset{version=14},fold-bn,fuse-hardswish,fold-affine,replace-se,cle,"
                   "pad-channels{multiple=32}")
 MODELS = {z.name: z for z in zoo() + [resnet_block(7), mbconv_se(17), yolo_head(10), yolo_head(13), yolo_head(17),
-                                      transformer_block(11), transformer_block(13, contrib_gelu=True), nhwc_convnet(9)]}
+                                      transformer_block(11), transformer_block(13, contrib_gelu=True), nhwc_convnet(9),
+                                      initializers_as_inputs(resnet_block(9))]}
 # (pass, stat) that must be positive: the model contains the pattern the pass rewrites.
 APPLIES = {
     "resnet_block": [("fold-bn", "bn-folded"), ("cle", "pairs-equalized")],
@@ -39,7 +40,7 @@ PARAMETER_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resi
 
 
 def family(model: ZooModel) -> str:
-    return model.name.rsplit("_op", 1)[0]
+    return model.name.rsplit("_op", 1)[0]  # resnet_block_op9_ir3 -> resnet_block
 
 
 def htp_refuses_erf(model: ZooModel) -> bool:
