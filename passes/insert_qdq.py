@@ -8,15 +8,16 @@ by all consumers, as onnxruntime's quantizer writes it. A graph output keeps its
                                           %t_dq = DequantizeLinear(%t_q, @t_scale, @t_zero_point)
                                           %u = MaxPool(%t_dq)
 
-Weights (Conv/ConvTranspose/Gemm/MatMul input 1, BatchNormalization scale) are stored quantized,
+Weights (Conv/ConvTranspose/Gemm/MatMul input 1, BatchNormalization/InstanceNormalization scale) are stored quantized,
 with no Q node: ``@w_quantized (int8) -> DequantizeLinear(axis) -> Conv``. Symmetric, per output
 channel (axis 0 for Conv and Gemm with transB=1, 1 for ConvTranspose and Gemm with transB=0);
-MatMul weights per tensor (QNN has no per-channel MatMul), as are all weights with per-channel=false
+MatMul and InstanceNormalization weights per tensor (QNN has no per-channel MatMul; its HTP InstanceNorm
+refuses a per-channel scale, and a scale or B quantized like an activation), as are all weights with per-channel=false
 or opset < 13 (per-axis DequantizeLinear needs 13). A zero (padded) channel gets the minimum range,
 so its scale is valid and its weights quantize to 0. An encoding already in ``module.encodings`` for
 a weight (a loaded encodings file, AdaRound) is used as is.
 
-Biases (Conv/ConvTranspose/Gemm input 2, BatchNormalization B): int32, zero point 0, scale
+Biases (Conv/ConvTranspose/Gemm input 2, BatchNormalization/InstanceNormalization B): int32, zero point 0, scale
 s_in * s_w per channel. If a bias value would overflow int32, that channel's weight scale is raised
 until it fits (onnxruntime does the same).
 
@@ -60,8 +61,8 @@ PARAMETER_INPUTS = {
     "Unsqueeze": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "TopK": {1},
     "Range": {0, 1, 2}, "ConstantOfShape": {0},
 }
-WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
-BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization"})
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization"})
+BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "InstanceNormalization"})
 
 
 def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:

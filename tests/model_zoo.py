@@ -225,6 +225,22 @@ def nhwc_convnet(opset: int = 13) -> ZooModel:
     return ZooModel(f"nhwc_op{opset}", model, (1, 16, 16, 3))
 
 
+def style_convnet(opset: int = 13) -> ZooModel:
+    """Style-transfer / TF-export forms: Conv with auto_pad=SAME_UPPER, a dilated Conv, Pad with its pads as an
+    input, InstanceNormalization, Resize to 'sizes' (linear, align_corners), ConvTranspose with output_padding."""
+    b = GraphBuilder(seed=7)
+    x = b.op("Conv", "x", b.weight(8, 3, 3, 3), b.const(np.zeros(8)), kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")
+    x = b.op("Relu", b.op("InstanceNormalization", x, b.const(b.rng.uniform(0.5, 2, 8)), b.const(b.rng.standard_normal(8))))
+    x = b.op("Conv", x, b.weight(8, 8, 3, 3), kernel_shape=[3, 3], dilations=[2, 2], pads=[2, 2, 2, 2])
+    x = b.op("Pad", x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), b.const(np.array(0.0)), mode="constant")
+    x = b.op("Resize", x, "", "", b.const(np.array([1, 8, 20, 20], np.int64)), mode="linear",
+             coordinate_transformation_mode="align_corners")
+    b.nodes.append(helper.make_node("ConvTranspose", [x, b.weight(8, 3, 3, 3), b.const(np.zeros(3))], ["y"], name="deconv",
+                                    kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]))
+    model = b.model([_input("x", [1, 3, 20, 20])], [_output("y", [1, 3, 40, 40])], opset, "style")
+    return ZooModel(f"style_op{opset}", model, (1, 3, 20, 20))
+
+
 def dynamic_convnet(opset: int = 13) -> ZooModel:
     """Dynamic batch, height and width ('N', 3, 'H', 'W'): compiled with --input-shape x:1,3,24,24."""
     b = GraphBuilder(seed=6)
@@ -247,7 +263,7 @@ def initializers_as_inputs(model: ZooModel) -> ZooModel:
 
 def zoo() -> list[ZooModel]:
     return [resnet_block(9), mbconv_se(11), yolo_head(12), transformer_block(13), transformer_block(17),
-            nhwc_convnet(13), dynamic_convnet(13)]
+            nhwc_convnet(13), style_convnet(13), dynamic_convnet(13)]
 
 
 def write_samples(folder, shape, count: int = 4, seed: int = 0):

@@ -1,5 +1,6 @@
 """The synthetic model zoo (tests/model_zoo.py) through qcc: ResNet, EfficientNet MBConv, a YOLO head,
-transformer blocks, an NHWC input and a dynamic model, at opsets 7 to 17.
+transformer blocks, an NHWC input, style-transfer forms (InstanceNormalization, SAME_UPPER, Resize to sizes) and a
+dynamic model, at opsets 7 to 17.
 
 Per model: `qcc compile --target htp` (W8A8) exits 0, the QDQ model runs in onnxruntime with every
 computing node reading quantized tensors and its outputs close to float (cosine > 0.98 on held-out
@@ -16,6 +17,7 @@ import pytest
 from compiler.cli import main
 from compiler.runtime import make_session
 from compiler.targets import TARGETS
+from passes.insert_qdq import PARAMETER_INPUTS
 from model_zoo import ZooModel, dynamic_convnet, initializers_as_inputs, mbconv_se, nhwc_convnet, resnet_block, \
     transformer_block, write_samples, yolo_head, zoo
 
@@ -31,12 +33,11 @@ APPLIES = {
     "yolo_head": [("cle", "pairs-equalized")],
     "nhwc": [("cle", "pairs-equalized")],
     "dynamic": [("fold-bn", "bn-folded")],
+    "style": [],
     "transformer": [],
     "transformer_contrib_gelu": [],
 }
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-# Operands that are parameters, not data: shapes and indices (int64), Clip's bounds (float, read as attributes).
-PARAMETER_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Resize": (1, 2, 3), "Clip": (1, 2)}
 
 
 def family(model: ZooModel) -> str:
@@ -95,7 +96,7 @@ def test_every_computing_node_reads_quantized_tensors(compiled):
         if node.op_type in QDQ_OPS + ("Constant",):
             continue
         for index, name in enumerate(node.input):
-            if not name or index in PARAMETER_INPUTS.get(node.op_type, ()):
+            if not name or index in PARAMETER_INPUTS.get(node.op_type, ()):  # shapes, Clip bounds, pad values
                 continue
             source = producer.get(name)
             if source is None or source.op_type != "DequantizeLinear":
