@@ -208,6 +208,44 @@ def transformer_block(opset: int = 13, seq: int = 8, width: int = 32, heads: int
     return ZooModel(f"transformer{'_contrib_gelu' if contrib_gelu else ''}_op{opset}", model, (1, seq, width))
 
 
+def masked_attention(opset: int = 13, width: int = 32, heads: int = 4) -> ZooModel:
+    """Self-attention as HuggingFace exports it: dynamic batch and sequence, the head reshapes' targets computed
+    with Shape/Gather/Unsqueeze/Concat, and a second input, the additive attention mask (0 or -1e4) on the scores.
+    Compiled with --input-shape x:1,8,32 --input-shape mask:1,1,8,8 and .npz samples (``masked_attention_samples``)."""
+    b = GraphBuilder(seed=8)
+    head = width // heads
+    shape = b.op("Shape", "x")
+    dims = [b.op("Unsqueeze", b.op("Gather", shape, b.const(np.array(i, np.int64)), axis=0), b.const(np.array([0], np.int64)))
+            for i in (0, 1)]
+    split_shape = b.op("Concat", *dims, b.const(np.array([heads, head], np.int64)), axis=0)
+    merged_shape = b.op("Concat", *dims, b.const(np.array([width], np.int64)), axis=0)
+
+    def linear(x):
+        return b.op("Add", b.op("MatMul", x, b.weight(width, width)), b.const(b.rng.standard_normal(width) * 0.1))
+
+    def split_heads(t, perm):
+        return b.op("Transpose", b.op("Reshape", t, split_shape), perm=perm)
+
+    q, k, v = split_heads(linear("x"), [0, 2, 1, 3]), split_heads(linear("x"), [0, 2, 3, 1]), split_heads(linear("x"), [0, 2, 1, 3])
+    scores = b.op("Add", b.op("Mul", b.op("MatMul", q, k), b.const(1 / np.sqrt(head))), "mask")
+    attention = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)
+    merged = b.op("Reshape", b.op("Transpose", attention, perm=[0, 2, 1, 3]), merged_shape)
+    b.nodes.append(helper.make_node("Add", ["x", linear(merged)], ["y"], name="residual"))
+    model = b.model([_input("x", ["B", "S", width]), _input("mask", ["B", 1, "S", "S"])], [_output("y", ["B", "S", width])],
+                    opset, "masked_attention")
+    return ZooModel(f"masked_attention_op{opset}", model, (1, 8, width), input_shapes=["x:1,8,32", "mask:1,1,8,8"])
+
+
+def masked_attention_samples(folder, count: int = 4, seed: int = 0, seq: int = 8, width: int = 32):
+    """.npz samples for ``masked_attention``: random x and a causal mask (0 on and below the diagonal, -1e4 above)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -1e4).reshape(1, 1, seq, seq).astype(np.float32)
+    for i in range(count):
+        np.savez(folder / f"{i:03d}.npz", x=rng.standard_normal((1, seq, width)).astype(np.float32), mask=mask)
+    return folder
+
+
 def nhwc_convnet(opset: int = 13) -> ZooModel:
     """An NHWC input (TensorFlow export): Transpose to NCHW, Conv/Relu, depthwise Conv/Relu6 (Clip), Conv,
     Transpose back to NHWC."""
