@@ -1,4 +1,6 @@
-"""tools/bench.py: sample selection, metrics and the missing-target check (the full run is a tool, not a test)."""
+"""tools/bench.py: sample selection, variants, metrics and the missing-target check (the full run is a tool, not a test)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -38,30 +40,84 @@ def passes_and_options(pipeline_text):
     return [(p.name, p.options) for p in bench.parse_pipeline(pipeline_text)]
 
 
-@pytest.mark.parametrize("removed", bench.ABLATED_PASSES)
-def test_ablation_leaves_out_exactly_one_pass(removed):
-    default = passes_and_options(targets.TARGETS["htp"].pipeline_text())
-    (variant,) = [v for v in bench.ablation_variants() if v.config == f"htp W8A8 -{removed}"]
-    assert variant.tool == "qcc-w8a8"
-    assert removed in [name for name, _ in default]
-    # The others in order, each with the default pipeline's options (adaround's iterations, ...).
-    assert passes_and_options(variant.passes) == [(n, o) for n, o in default if n != removed]
+def ablation_rows(tools):
+    return [bench.variant(spec) for spec in bench.ablation_specs(tools)]
 
 
-def test_ablation_swaps_the_calibration_method_only():
-    default = targets.TARGETS["htp"].pipeline_text()
-    assert "calibrate{method=percentile act-bits=8}" in default
-    calib_rows = {v.config: v.passes for v in bench.ablation_variants() if "calib=" in v.config}
-    assert list(calib_rows) == ["htp W8A8 calib=minmax", "htp W8A8 calib=mse", "htp W8A8 calib=auto"]
-    for config, text in calib_rows.items():
+@pytest.mark.parametrize("tool, bits", bench.QCC_TOOLS.items())
+@pytest.mark.parametrize("toggled", bench.ABLATED_PASSES)
+def test_ablation_toggles_exactly_one_pass(tool, bits, toggled):
+    default = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=bits))
+    in_default = toggled in [name for name, _ in default]
+    width = {8: "W8A8", 16: "W8A16"}[bits]
+    (row,) = [v for v in ablation_rows([tool]) if v.config == f"htp {width} {'-' if in_default else '+'}{toggled}"]
+    assert row.tool == tool
+    ablated = passes_and_options(row.passes)
+    assert (toggled in [name for name, _ in ablated]) != in_default
+    # The others in order, each with the default pipeline's options (adaround's iterations, act-bits, ...).
+    assert [(n, o) for n, o in ablated if n != toggled] == [(n, o) for n, o in default if n != toggled]
+
+
+@pytest.mark.parametrize("tool, bits", bench.QCC_TOOLS.items())
+def test_ablation_swaps_the_calibration_method_only(tool, bits):
+    default = targets.TARGETS["htp"].pipeline_text(act_bits=bits)
+    default_method = targets.width_defaults(bits).calib_method
+    assert f"calibrate{{method={default_method} act-bits={bits}}}" in default
+    calib_rows = {v.config.split("=")[1]: v.passes for v in ablation_rows([tool]) if "calib=" in v.config}
+    assert list(calib_rows) == [m for m in ("minmax", "percentile", "mse", "auto") if m != default_method]
+    for method, text in calib_rows.items():
         ablated, reference = passes_and_options(text), passes_and_options(default)
-        assert [n for n, _ in ablated] == [n for n, _ in reference]
         assert [p for p in ablated if p[0] != "calibrate"] == [p for p in reference if p[0] != "calibrate"]
         (calibrate,) = [o for n, o in ablated if n == "calibrate"]
-        assert (calibrate.method, calibrate.act_bits) == (config.split("=")[1], 8)
+        assert (calibrate.method, calibrate.act_bits) == (method, bits)
 
 
-@pytest.mark.parametrize("name", ["no-such-pass", "pad-channels"])
-def test_leaving_out_an_absent_pass_is_an_error(name):
-    with pytest.raises(bench.QccError, match=f"no pass '{name}'"):
-        bench.without_pass(targets.TARGETS["htp"].pipeline_text(), name)
+def test_ablation_rows_follow_the_selected_qcc_tools():
+    assert {v.tool for v in ablation_rows(["qcc-w8a16", "ort-minmax"])} == {"qcc-w8a16"}
+    assert {v.tool for v in ablation_rows(["qcc-w8a8", "qcc-w8a16"])} == {"qcc-w8a8", "qcc-w8a16"}
+    assert ablation_rows(["ort-qnn"]) == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablation", "--tools", "ort-minmax"])
+
+
+def test_a_pass_the_default_leaves_out_is_ablated_by_adding_it(monkeypatch):
+    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(left_out=frozenset()))
+    monkeypatch.setitem(targets.WIDTH_DEFAULTS, 8, targets.WidthDefaults("minmax", frozenset({"cle"})))
+    assert "cle" not in [n for n, _ in passes_and_options(targets.TARGETS["htp"].pipeline_text())]
+    (row,) = [v for v in ablation_rows(["qcc-w8a8"]) if "cle" in v.config]
+    assert row.config == "htp W8A8 +cle"
+    expected = [(n, o if n != "calibrate" else dataclasses.replace(o, method="minmax")) for n, o in full]
+    assert passes_and_options(row.passes) == expected
+
+
+def test_a_variant_combines_changes(monkeypatch):
+    monkeypatch.setitem(targets.WIDTH_DEFAULTS, 16, targets.WidthDefaults("minmax", frozenset({"adaround"})))
+    row = bench.variant("W8A16 calib=mse -cle +adaround")
+    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=16, left_out=frozenset()))
+    assert [n for n, _ in passes_and_options(row.passes)] == [n for n, _ in full if n != "cle"]
+    assert "calibrate{method=mse act-bits=16}" in row.passes
+    assert (row.tool, row.config, row.name) == ("qcc-w8a16", "htp W8A16 calib=mse -cle +adaround",
+                                                "qcc-w8a16-calib-mse-no-cle-with-adaround")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("W4A8 -cle", "starts with the width"),
+    ("W8A8 -pad-channels", "none of calib=METHOD"),
+    ("W8A8 -cle -cle", "has no pass 'cle'"),
+    ("W8A16 +cle", "already has pass 'cle'"),
+    ("W8A8 calib=nearest", "must be one of"),
+])
+def test_a_variant_that_does_not_apply_is_an_error(spec, message):
+    with pytest.raises(bench.QccError, match=message):
+        bench.variant(spec)
+
+
+def test_offset_wraps_around_to_make_a_second_fold():
+    files = [f"f{i}" for i in range(8)]
+    assert bench.fold_files(files, 3, 3, 0) == files[:6]
+    second = bench.fold_files(files, 4, 4, 4)
+    assert second[:4] == files[4:] and second[4:] == files[:4]
+    assert bench.fold_files(files, 2, 3, 6) == ["f6", "f7", "f0", "f1", "f2"]
+    for calib, held, offset in ((5, 4, 0), (2, 2, 8)):
+        with pytest.raises(ValueError):
+            bench.fold_files(files, calib, held, offset)

@@ -8,6 +8,7 @@ import pytest
 
 from compiler import targets
 from compiler.cli import main
+from compiler.ir import QccError
 from compiler.targets import TARGETS
 
 MODEL_TEXT = """
@@ -106,9 +107,16 @@ def test_target_pipelines_come_from_registered_passes(monkeypatch):
     htp = TARGETS["htp"].pipeline_text()
     assert htp.startswith("fold-constants,cleanup,upgrade-opset{version=14}")
     assert "insert-qdq{act-bits=8 weight-bits=8 per-channel=true}" in htp and "pad-channels" not in htp
-    assert "calibrate{method=percentile act-bits=8}" in htp
+    assert "calibrate{method=mse act-bits=8}" in htp
     assert "per-channel=false" in TARGETS["dsp"].pipeline_text() and "per-channel=false" in TARGETS["hta"].pipeline_text()
     assert "calibrate{method=minmax act-bits=16}" in TARGETS["htp"].pipeline_text(act_bits=16)
+    # No AdaRound by default (measured in compiler/targets.py): bias correction at both widths.
+    for text in (htp, TARGETS["htp"].pipeline_text(act_bits=16)):
+        assert "adaround" not in text and "bias-correction{samples=8" in text
+    assert "cle,calibrate{method=mse act-bits=8},adaround{iterations=200 samples=8" in \
+        TARGETS["htp"].pipeline_text(left_out=frozenset())
+    with pytest.raises(QccError, match="cannot leave out fold-bn"):
+        TARGETS["htp"].pipeline_text(left_out=frozenset({"fold-bn"}))
     custom = TARGETS["htp"].pipeline_text(act_bits=16, weight_bits=4, calib_method="mse")
     assert "calibrate{method=mse act-bits=16}" in custom and "insert-qdq{act-bits=16 weight-bits=4" in custom
     monkeypatch.setattr(targets, "FLOAT_REWRITES", ("fold-bn", "no-such-pass"))

@@ -18,8 +18,10 @@ folds BatchNormalization) runs first and counts in its compile time.
 Data: ``text_cls/`` (48x192) and ``text_det/`` (320x320) rendered text images of the assets cache
 (tools/fetch_assets.py), natural images (``images/``) when a folder is missing. Preprocessing is each
 model's own: RGB, [0, 1], then cls ``(x - 0.5) / 0.5``, det ``(x - mean) / std`` with ImageNet's mean
-and std (PaddleOCR's NormalizeImage for det), NCHW. The first ``--calib`` files calibrate, the next
-``--eval`` files are held out.
+and std (PaddleOCR's NormalizeImage for det), NCHW. From file ``--offset`` on (sorted by name, wrapping
+around to the first), ``--calib`` files calibrate and the next ``--eval`` files are held out: with the
+64 images of the assets cache, ``--offset 32`` swaps the calibration and held-out sets of the default run
+(a second fold).
 
 Every QDQ model is evaluated on onnxruntime CPU with graph optimisations off (exact QDQ simulation,
 compiler.runtime) against the float model: cosine per sample (mean and min) and SQNR in dB over the
@@ -27,27 +29,33 @@ held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is 
 text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
 (det). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
 
-``--ablation`` adds, per model, qcc W8A8 rows whose pipeline is the ``htp`` target's default
-(``TARGETS["htp"].pipeline_text()``) with one change, so each pass's contribution is the difference to the
-``htp W8A8`` row (same float model, same calibration and held-out samples, same run):
+A variant row (``--variant SPEC``) compiles the ``htp`` target's default pipeline at one activation width
+with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 
-- ``htp W8A8 -PASS``: without PASS, for each of fuse-hardswish, fold-affine, replace-se, cle, adaround,
-  bias-correction (the other passes and their options unchanged, in order);
-- ``htp W8A8 calib=METHOD``: calibrate{method=METHOD} for minmax, mse and auto instead of the default
-  (percentile at 8 bits).
+- ``-PASS``: without PASS, one of compiler.targets.OPTIONAL_PASSES the default pipeline has (the other
+  passes and their options unchanged, in order);
+- ``+PASS``: with an optional PASS the default leaves out (at its place in the full pipeline);
+- ``calib=METHOD``: calibrate{method=METHOD} instead of the width's default method;
 
-A pass the default pipeline lacks (not installed) is an error before any work. The ablated pipelines are
-compiled as the others, through ``compile_model(..., passes=TEXT)``.
+e.g. ``--variant "W8A8 calib=mse -cle -adaround"``; its row's config is ``htp SPEC``.
+``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
+each of fuse-hardswish, fold-affine, replace-se, cle, adaround, bias-correction toggled (``-PASS`` if the
+default has it, else ``+PASS``), then each calibration method other than the default among minmax,
+percentile, mse and auto. A pass's contribution is then the difference to the tool's own row (same float
+model, same samples, same run). A change that does not apply (a pass not installed, ``-PASS`` for a pass
+the default lacks) is an error before any work. Variants compile as the others, through
+``compile_model(..., passes=TEXT)``.
 
 Usage (from the repository root):
 
-    python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--htp] [--json OUT.json]
+    python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
                           [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
-                          [--ablation]
+                          [--ablation] [--variant SPEC ...]
 
 ``--models``    which models (default cls,det)
 ``--calib N``   calibration samples (default 32)
 ``--eval N``    held-out samples (default 32; cls cosine moves by ~0.03 per flipped sample, so fewer is noisy)
+``--offset N``  the first file used (default 0), see Data
 ``--htp``       also run every quantized model on onnxruntime-qnn's HTP backend (CPU fallback disabled)
                 on 2 held-out samples: cosine and max difference in output steps against CPU simulation,
                 cosine against FP32. Needs ``pip install '.[qnn]'``; about a second per cls sample.
@@ -56,7 +64,8 @@ Usage (from the repository root):
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
 ``--json OUT``  write every row as JSON
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
-``--ablation``  also the ablation rows above (9 qcc W8A8 compiles per model, whatever --tools says)
+``--ablation``  also the ablation rows above (10 compiles per model and qcc tool)
+``--variant SPEC`` also this variant row (repeatable)
 
 The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
 --htp adds 2-3 minutes. Compile times vary by 2x on a busy machine; compare them within one run.
@@ -112,14 +121,15 @@ TOOLS = tuple(QCC_TOOLS) + ORT_TOOLS
 TOOL_LABELS = {"qcc-w8a8": ("qcc", "htp W8A8"), "qcc-w8a16": ("qcc", "htp W8A16"),
                "ort-minmax": ("ort", "MinMax per-ch QDQ u8/s8"), "ort-percentile": ("ort", "Percentile per-ch QDQ u8/s8"),
                "ort-qnn": ("ort", "QNN helper MinMax per-ch u8/s8")}
-# --ablation: the htp W8A8 pipeline without each of these passes, then with each of these calibration methods.
+WIDTH_TOOLS = {"W8A8": "qcc-w8a8", "W8A16": "qcc-w8a16"}  # a --variant SPEC's first word
+# --ablation: each of these passes toggled, then each of these calibration methods but the default.
 ABLATED_PASSES = ("fuse-hardswish", "fold-affine", "replace-se", "cle", "adaround", "bias-correction")
-ABLATION_CALIB_METHODS = ("minmax", "mse", "auto")
+ABLATION_CALIB_METHODS = ("minmax", "percentile", "mse", "auto")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """What one row compiles: a --tools entry, or (``passes``) qcc W8A8 with an ablated pipeline."""
+    """What one row compiles: a --tools entry, or (``passes``) a qcc tool with a variant pipeline."""
     name: str          # file names and log lines
     tool: str          # a key of TOOL_LABELS: how it compiles
     config: str
@@ -153,8 +163,8 @@ def log(message: str) -> None:
 
 # --- data and models -------------------------------------------------------------------------------
 
-def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int):
-    """(float model path, calibration samples, held-out samples)."""
+def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int, offset: int = 0):
+    """(float model path, calibration samples, held-out samples); the files from the ``offset``-th on."""
     module = load(assets / "models" / f"ppocr_{model.name}.onnx", {"x": model.shape})
     PassManager(parse_pipeline(CANONICALIZE), quiet=True).run(module, PassContext(log=lambda m: None))
     float_path = work / f"{model.name}.fp32.onnx"
@@ -164,12 +174,20 @@ def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int):
         log(f"{folder} missing: using the natural images in {assets / 'images'}")
         folder = assets / "images"
     files = Dataset(folder, specs_of(module), image=model.image).files
-    if len(files) < calib + held:
-        raise SystemExit(f"bench: {folder} has {len(files)} samples, --calib {calib} + --eval {held} need "
-                         f"{calib + held} (python tools/fetch_assets.py --count N renders more)")
-    dataset = Dataset(None, specs_of(module), image=model.image, files=files[:calib + held])
-    samples = list(dataset)
+    try:
+        chosen = fold_files(files, calib, held, offset)
+    except ValueError as exc:
+        raise SystemExit(f"bench: {folder}: {exc} (python tools/fetch_assets.py --count N renders more)")
+    samples = list(Dataset(None, specs_of(module), image=model.image, files=chosen))
     return float_path, samples[:calib], samples[calib:]
+
+
+def fold_files(files: list, calib: int, held: int, offset: int) -> list:
+    """The ``calib`` calibration then ``held`` held-out files, from the ``offset``-th on, wrapping around."""
+    if len(files) < calib + held or offset >= len(files):
+        raise ValueError(f"{len(files)} samples: --calib {calib} + --eval {held} need {calib + held}, "
+                         f"--offset {offset} must be below {len(files)}")
+    return (files[offset:] + files[:offset])[:calib + held]
 
 
 # --- tools ------------------------------------------------------------------------------------------
@@ -181,26 +199,54 @@ def require_htp_target() -> None:
                          f"{', '.join(TARGETS)}); run the onnxruntime peers alone with --tools {','.join(ORT_TOOLS)}")
 
 
-def without_pass(pipeline_text: str, name: str) -> str:
-    """``pipeline_text`` with pass ``name`` left out (every option filled in); an error if it has no such pass."""
-    pipeline = parse_pipeline(pipeline_text)
-    kept = Pipeline(p for p in pipeline if p.name != name)
-    if len(kept) == len(pipeline):
-        raise QccError(f"ablation: the pipeline has no pass '{name}' to leave out: {pipeline_text}")
-    return str(kept)
-
-
-def ablation_variants() -> list[Variant]:
-    """The --ablation rows: the htp target's W8A8 pipeline without one pass, or with another calibration method."""
+def variant(spec: str) -> Variant:
+    """The qcc row of a --variant SPEC (see the module docstring), its pipeline checked before any work."""
     require_htp_target()
-    from compiler.targets import TARGETS
-    htp = TARGETS["htp"]
-    default = htp.pipeline_text()
-    variants = [Variant(f"qcc-w8a8-no-{name}", "qcc-w8a8", f"htp W8A8 -{name}", without_pass(default, name))
-                for name in ABLATED_PASSES]
-    variants += [Variant(f"qcc-w8a8-calib-{method}", "qcc-w8a8", f"htp W8A8 calib={method}",
-                         htp.pipeline_text(calib_method=method)) for method in ABLATION_CALIB_METHODS]
-    return variants
+    from compiler.pass_manager import load_passes
+    from compiler.targets import OPTIONAL_PASSES, TARGETS, width_defaults
+    width, *changes = spec.split() or [""]
+    if width.upper() not in WIDTH_TOOLS:
+        raise QccError(f"variant '{spec}': starts with the width, one of {', '.join(WIDTH_TOOLS)}")
+    tool = WIDTH_TOOLS[width.upper()]
+    bits = QCC_TOOLS[tool]
+    installed = load_passes()
+    left_out, method, slug = set(width_defaults(bits).left_out), None, tool
+    for change in changes:
+        sign, name = change[:1], change[1:]
+        if change.startswith("calib="):
+            method = change.split("=", 1)[1]
+            slug += f"-calib-{method}"
+        elif sign in "+-" and name in OPTIONAL_PASSES:
+            if name not in installed:
+                raise QccError(f"variant '{spec}': pass '{name}' is not installed")
+            if (sign == "-") == (name in left_out):
+                raise QccError(f"variant '{spec}': the {width.upper()} pipeline "
+                               f"{'has no' if sign == '-' else 'already has'} pass '{name}'")
+            left_out ^= {name}
+            slug += f"-{'no' if sign == '-' else 'with'}-{name}"
+        else:
+            raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, -PASS, +PASS "
+                           f"(optional passes: {', '.join(OPTIONAL_PASSES)})")
+    text = TARGETS["htp"].pipeline_text(act_bits=bits, calib_method=method, left_out=frozenset(left_out))
+    parse_pipeline(text)  # an unknown calibration method fails here, not after the first compiles
+    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", text)
+
+
+def ablation_specs(tools: list[str]) -> list[str]:
+    """The --ablation variant SPECs for the qcc tools among ``tools``: each ABLATED_PASSES toggled, then each
+    other calibration method."""
+    require_htp_target()
+    from compiler.targets import TARGETS, width_defaults
+    specs = []
+    for width, tool in WIDTH_TOOLS.items():
+        if tool not in tools:
+            continue
+        bits = QCC_TOOLS[tool]
+        in_default = {p.name for p in parse_pipeline(TARGETS["htp"].pipeline_text(act_bits=bits))}
+        specs += [f"{width} {'-' if name in in_default else '+'}{name}" for name in ABLATED_PASSES]
+        specs += [f"{width} calib={method}" for method in ABLATION_CALIB_METHODS
+                  if method != width_defaults(bits).calib_method]
+    return specs
 
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
@@ -278,8 +324,8 @@ def htp_agreement(model: onnx.ModelProto, samples: list[dict], cpu: list[dict], 
 # --- the run ----------------------------------------------------------------------------------------
 
 def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, work: Path) -> list[Row]:
-    log(f"{model.name}: preparing the float model and {args.calib} + {args.eval} samples")
-    float_path, calib, held = prepare(model, assets, work, args.calib, args.eval)
+    log(f"{model.name}: preparing the float model and {args.calib} + {args.eval} samples from file {args.offset} on")
+    float_path, calib, held = prepare(model, assets, work, args.calib, args.eval, args.offset)
     fp32 = run_model(onnx.load(float_path), held)
     keep = kept_samples(fp32)
     log(f"{model.name}: {len(keep)} of {len(held)} held-out samples have a non-zero FP32 output")
@@ -325,17 +371,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def render(rows: list[Row], with_htp: bool) -> str:
-    head = (f"{'model':<6}{'tool':<5}{'config':<32}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
+    wide = max([32] + [len(r.config) + 2 for r in rows])  # variant configs can be long
+    head = (f"{'model':<6}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
             f"{'task':>12}{'qcc/ORT':>9}")
     if with_htp:
         head += f"  {'HTP cos/CPU':>11}{'steps':>7}{'HTP cos/FP32':>13}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.error:
-            lines.append(f"{r.model:<6}{r.tool:<5}{r.config:<32}  failed: {r.error}")
+            lines.append(f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}  failed: {r.error}")
             continue
         task = f"{'top1' if r.task == 'top1' else 'IoU'} {_fmt(r.task_metric, '.3f')}"
-        line = (f"{r.model:<6}{r.tool:<5}{r.config:<32}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
+        line = (f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
         if with_htp:
             if "error" in r.htp:
@@ -353,12 +400,14 @@ def parse_args(argv):
     p.add_argument("--models", default="cls,det")
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--offset", type=int, default=0)
     p.add_argument("--htp", action="store_true")
     p.add_argument("--htp-arch", metavar="N")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--json", metavar="OUT.json")
     p.add_argument("--save-dir", metavar="DIR")
     p.add_argument("--ablation", action="store_true")
+    p.add_argument("--variant", action="append", default=[], metavar="SPEC")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -372,6 +421,10 @@ def parse_args(argv):
         p.error(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
     if args.calib <= 0 or args.eval <= 0:
         p.error("--calib and --eval must be positive")
+    if args.offset < 0:
+        p.error("--offset must not be negative")
+    if args.ablation and not set(args.tool_list) & set(QCC_TOOLS):
+        p.error(f"--ablation ablates the qcc tools of --tools; it has none of {', '.join(QCC_TOOLS)}")
     return args
 
 
@@ -380,11 +433,11 @@ def main(argv=None) -> int:
     if any(t in QCC_TOOLS for t in args.tool_list):
         require_htp_target()  # fail before any work
     variants = [Variant.of_tool(t) for t in args.tool_list]
-    if args.ablation:
-        try:
-            variants += ablation_variants()
-        except QccError as exc:
-            raise SystemExit(f"bench: --ablation: {exc}")
+    specs = (ablation_specs(args.tool_list) if args.ablation else []) + args.variant
+    try:
+        variants += [variant(spec) for spec in specs]
+    except QccError as exc:
+        raise SystemExit(f"bench: {exc}")
     if args.htp:
         from compiler.htp import htp_devices
         try:
@@ -401,7 +454,7 @@ def main(argv=None) -> int:
             rows += bench_model(MODELS[name], variants, args, assets, work)
     sys.stdout.write(render(rows, args.htp))
     if args.json:
-        Path(args.json).write_text(json.dumps({"calib": args.calib, "eval": args.eval,
+        Path(args.json).write_text(json.dumps({"calib": args.calib, "eval": args.eval, "offset": args.offset,
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
     return 0
 
