@@ -4,7 +4,8 @@
 - ``.npz``: arrays keyed by input name (every model input, nothing else);
 - ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp``: an image for a single image input, read
   with Pillow as RGB, resized to ``size`` (H, W; default: the input's static H, W),
-  scaled to [0, 1], normalised with ``(x - mean) / std`` and laid out NCHW.
+  scaled to [0, 1], normalised with ``(x - mean) / std`` and laid out as the input is:
+  NCHW, or NHWC when its last axis has the 3 channels and axis 1 does not (TensorFlow exports).
 
 Files are read in sorted name order, one at a time (memory holds one sample), so
 runs are reproducible. Each sample is checked against the model's inputs; a
@@ -123,19 +124,19 @@ class Dataset:
 
     def _check_image_input(self) -> None:
         spec = self.inputs[0]
-        if len(self.inputs) != 1 or len(spec.shape) != 4 or spec.shape[1] not in (3, None):
+        if len(self.inputs) != 1 or image_layout(spec.shape) is None:
             shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
-            raise QccError(f"image samples need one NCHW input with 3 channels; the model has {shapes}")
+            raise QccError(f"image samples need one NCHW or NHWC input with 3 channels; the model has {shapes}")
         if not np.issubdtype(spec.dtype, np.floating):
             raise QccError(f"image samples need a float input; '{spec.name}' is {spec.dtype}")
-        if self.image.size is None and (spec.shape[2] is None or spec.shape[3] is None):
+        if self.image.size is None and None in _height_width(spec.shape):
             raise QccError(f"input '{spec.name}' has a dynamic height or width; give the image size "
                            f"(--image-size H,W or --input-shape)")
 
     def _load_image(self, path: Path) -> np.ndarray:
         from PIL import Image
         spec = self.inputs[0]
-        height, width = self.image.size or (spec.shape[2], spec.shape[3])
+        height, width = self.image.size or _height_width(spec.shape)
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB").resize((int(width), int(height)), Image.BILINEAR)
@@ -144,7 +145,24 @@ class Dataset:
         pixels = np.asarray(rgb, dtype=np.float32) / 255.0
         mean = np.asarray(self.image.mean, dtype=np.float32)
         std = np.asarray(self.image.std, dtype=np.float32)
-        return ((pixels - mean) / std).transpose(2, 0, 1)[None].astype(spec.dtype)
+        normalised = (pixels - mean) / std  # H, W, C
+        if image_layout(spec.shape) == "NCHW":
+            normalised = normalised.transpose(2, 0, 1)
+        return normalised[None].astype(spec.dtype)
+
+
+def image_layout(shape: tuple) -> str | None:
+    """"NCHW" or "NHWC" for a rank-4 input shape with 3 channels (None: dynamic) on axis 1 or axis 3; NCHW
+    where both could be. None if neither."""
+    if len(shape) != 4:
+        return None
+    if shape[3] == 3 and shape[1] != 3:
+        return "NHWC"
+    return "NCHW" if shape[1] in (3, None) else None
+
+
+def _height_width(shape: tuple) -> tuple:
+    return (shape[1], shape[2]) if image_layout(shape) == "NHWC" else (shape[2], shape[3])
 
 
 def _list_folder(folder: Path) -> list[Path]:

@@ -108,6 +108,18 @@ def test_images_resized_to_size_for_dynamic_inputs(tmp_path):
     assert sample["x"].shape == (1, 3, 8, 16)
 
 
+def test_images_laid_out_nhwc_for_an_nhwc_input(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "b.png")  # resized to the input's H, W
+    data = Dataset(tmp_path, [InputSpec("x", (1, 4, 6, 3), np.dtype(np.float32))], image=ImageOptions(mean=(0.5, 0.4, 0.3)))
+    first, second = list(data)
+    np.testing.assert_allclose(first["x"], (pixels / 255.0 - [0.5, 0.4, 0.3])[None], atol=1e-6)
+    assert second["x"].shape == (1, 4, 6, 3)
+    dynamic = Dataset(tmp_path, [InputSpec("x", (None, None, None, 3), np.dtype(np.float32))], image=ImageOptions(size=(8, 16)))
+    assert dynamic[0]["x"].shape == (1, 8, 16, 3)
+
+
 def test_images_need_an_nchw_rgb_input(tmp_path):
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(QccError, match="3 channels"):
