@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
     group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
     group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
-    group.add_argument("--calib-method", choices=METHODS + ("auto",), help="activation range method (target default: percentile at 8-bit activations, minmax at 16)")
+    group.add_argument("--calib-method", choices=METHODS + ("auto",), help="activation range method (target default: mse at 8-bit activations, minmax at 16)")
     group.add_argument("--target-cos", type=float, metavar="COS",
                        help="mixed precision: move the activations that cost the most accuracy to 16 bits until the "
                             "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
