@@ -100,8 +100,19 @@ def test_a_variant_combines_changes(monkeypatch):
                                                 "qcc-w8a16-calib-mse-no-cle-with-adaround")
 
 
+def test_a_mixed_precision_variant_promotes_before_qdq_and_converts_after():
+    row = bench.variant("W8A8 cos=0.999 share=0.5")
+    names = [n for n, _ in passes_and_options(row.passes)]
+    assert names[-3:] == ["promote-16bit", "insert-qdq", "insert-converts"]
+    assert "promote-16bit{target-cos=0.999 budget=0.5" in row.passes
+    assert row.config == "htp W8A8 cos=0.999 share=0.5"
+
+
 @pytest.mark.parametrize("spec, message", [
     ("W4A8 -cle", "starts with the width"),
+    ("W8A8 share=0.5", "needs cos=C"),
+    ("W8A8 cos=high", "needs a number"),
+    ("W8A16 cos=0.999", "every activation already has 16 bits"),
     ("W8A8 -pad-channels", "none of calib=METHOD"),
     ("W8A8 -cle -cle", "has no pass 'cle'"),
     ("W8A16 +cle", "already has pass 'cle'"),

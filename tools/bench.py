@@ -37,8 +37,11 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
   passes and their options unchanged, in order);
 - ``+PASS``: with an optional PASS the default leaves out (at its place in the full pipeline);
 - ``calib=METHOD``: calibrate{method=METHOD} instead of the width's default method;
+- ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
+  (promote-16bit; share defaults to promote-16bit's own);
 
-e.g. ``--variant "W8A8 calib=mse -cle -adaround"``; its row's config is ``htp SPEC``.
+e.g. ``--variant "W8A8 calib=mse -cle -adaround"`` or ``--variant "W8A8 cos=0.999 share=1"``; its row's
+config is ``htp SPEC``.
 ``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
 each of fuse-hardswish, fold-affine, replace-se, cle, adaround, bias-correction toggled (``-PASS`` if the
 default has it, else ``+PASS``), then each calibration method other than the default among minmax,
@@ -204,6 +207,7 @@ def variant(spec: str) -> Variant:
     """The qcc row of a --variant SPEC (see the module docstring), its pipeline checked before any work."""
     require_htp_target()
     from compiler.pass_manager import load_passes
+    from compiler.quantize import with_mixed_precision
     from compiler.targets import OPTIONAL_PASSES, TARGETS, width_defaults
     width, *changes = spec.split() or [""]
     if width.upper() not in WIDTH_TOOLS:
@@ -212,11 +216,19 @@ def variant(spec: str) -> Variant:
     bits = QCC_TOOLS[tool]
     installed = load_passes()
     left_out, method, slug = set(width_defaults(bits).left_out), None, tool
+    mixed = {}
     for change in changes:
         sign, name = change[:1], change[1:]
         if change.startswith("calib="):
             method = change.split("=", 1)[1]
             slug += f"-calib-{method}"
+        elif change.split("=", 1)[0] in ("cos", "share") and "=" in change:
+            key, value = change.split("=", 1)
+            try:
+                mixed[key] = float(value)
+            except ValueError:
+                raise QccError(f"variant '{spec}': '{change}' needs a number") from None
+            slug += f"-{key}-{value}"
         elif sign in "+-" and name in OPTIONAL_PASSES:
             if name not in installed:
                 raise QccError(f"variant '{spec}': pass '{name}' is not installed")
@@ -226,9 +238,13 @@ def variant(spec: str) -> Variant:
             left_out ^= {name}
             slug += f"-{'no' if sign == '-' else 'with'}-{name}"
         else:
-            raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, -PASS, +PASS "
+            raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, -PASS, +PASS, cos=C, share=S "
                            f"(optional passes: {', '.join(OPTIONAL_PASSES)})")
     text = TARGETS["htp"].pipeline_text(act_bits=bits, calib_method=method, left_out=frozenset(left_out))
+    if mixed:
+        if "cos" not in mixed:
+            raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
+        text = with_mixed_precision(text, mixed["cos"], mixed.get("share"))
     parse_pipeline(text)  # an unknown calibration method fails here, not after the first compiles
     return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", text)
 
