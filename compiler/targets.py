@@ -7,7 +7,7 @@ A quantized target's pipeline is built when asked (``Target.pipeline_text``), fr
 registered at that moment, so a rewrite that is not installed is simply left out:
 
     canonicalize (opset 14: HardSwish is an ONNX op from 14)
-    -> float rewrites: fold-bn, fuse-hardswish, fold-affine, replace-se, cle
+    -> float rewrites: fold-bn, fuse-hardswish, fuse-gelu, fold-affine, replace-se, cle
     -> calibrate{method, act-bits} -> adaround{iterations=200 samples=8} -> bias-correction{samples=8}
     -> propagate-encodings
     -> insert-qdq{act-bits, weight-bits, per-channel}
@@ -80,7 +80,7 @@ class QuantDefaults:
 
 
 QUANTIZED_CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=14}"
-FLOAT_REWRITES = ("fold-bn", "fuse-hardswish", "fold-affine", "replace-se", "cle")
+FLOAT_REWRITES = ("fold-bn", "fuse-hardswish", "fuse-gelu", "fold-affine", "replace-se", "cle")
 # Annotating passes between calibrate and propagate-encodings, with fixed options; they also get the
 # target's weight options. Bias correction on 8 samples did as well as on 32 (cls, two folds), in a quarter of the time.
 QUANT_TUNING = (("adaround", {"iterations": 200, "samples": 8}), ("bias-correction", {"samples": 8}))
