@@ -149,9 +149,18 @@ class LinearLayer:
     def patch_mean(self, x: np.ndarray) -> np.ndarray:
         """Mean input row [g, K] over every output position of ``x`` (zero padding included)."""
         if self.is_conv:
-            windows = self._windows(x)
-            c = windows.shape[1]
-            return windows.mean(axis=(0, 2, 3), dtype=np.float64).reshape(self.groups, (c // self.groups) * int(np.prod(windows.shape[4:])))
+            # One strided slice of the padded input per kernel tap: the positions that tap reads. (Averaging
+            # the [N, C, Ho, Wo, kh, kw] window view instead took 1.8 of bias correction's 2.1 s on det.)
+            kernel, strides, dilations, begin, end = self._conv_geometry(x.shape)
+            padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end))) if any(begin) or any(end) else x
+            out = [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in zip(padded.shape[2:], kernel, dilations, strides)]
+            taps = np.empty((x.shape[1],) + tuple(kernel))
+            for i in range(kernel[0]):
+                for j in range(kernel[1]):
+                    rows = slice(i * dilations[0], i * dilations[0] + strides[0] * (out[0] - 1) + 1, strides[0])
+                    cols = slice(j * dilations[1], j * dilations[1] + strides[1] * (out[1] - 1) + 1, strides[1])
+                    taps[:, i, j] = padded[:, :, rows, cols].mean(axis=(0, 2, 3), dtype=np.float64)
+            return taps.reshape(self.groups, -1)
         return x.reshape(-1, x.shape[-1]).mean(axis=0, dtype=np.float64).reshape(1, -1)
 
 
