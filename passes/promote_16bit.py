@@ -388,7 +388,7 @@ class Promote16Bit(Pass):
     class Options:
         target_cos: float = 0.999
         budget: float = 0.25
-        samples: int = 4
+        samples: int = 16
         screen_samples: int = 2
         rounds: int = 3
         weight_bits: int = 8
