@@ -1,4 +1,4 @@
-"""Fold per-channel constant Mul and Add nodes into the linear layers next to them.
+"""Fold per-channel constant Mul and Add nodes (and Sub, Div by a constant) into the linear layers next to them.
 
 Each such node is one more tensor to quantize (and requantize) on HTP. paddle2onnx writes them
 often: a layer's bias as a separate Add (fold-bn leaves it when a BatchNormalization follows), and
@@ -40,9 +40,11 @@ from compiler.patterns import has_single_consumer, is_graph_output, producer
 from passes.fold_bn import LAYERS, channel_vector, layer_problem, out_channels, output_rank, scale_weight
 
 
-def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
-    """(variable input, constant value) of a two-input Mul or Add with exactly one constant input."""
-    if node.op not in ("Mul", "Add") or len(node.inputs) != 2:
+def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, str] | None:
+    """(variable input, constant, "Mul" or "Add") of a two-input node that scales or shifts by one constant
+    input: Mul, Add, and ``x - c`` (Add of -c) and ``x / c`` (Mul by 1/c, c without zeros), as input
+    normalisations are written."""
+    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
         return None
     values = [const_value(t) for t in node.inputs]
     if (values[0] is None) == (values[1] is None):
@@ -51,7 +53,13 @@ def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
     value = values[index]
     if not np.issubdtype(value.dtype, np.floating):
         return None
-    return node.inputs[1 - index], value
+    if node.op in ("Sub", "Div") and index == 0:
+        return None  # c - x, c / x
+    if node.op == "Sub":
+        return node.inputs[0], -value.astype(np.float64), "Add"
+    if node.op == "Div":
+        return (node.inputs[0], 1.0 / value.astype(np.float64), "Mul") if np.all(value != 0) else None
+    return node.inputs[1 - index], value, node.op
 
 
 def channel_constant(value: np.ndarray, channels: int, rank: int, channel_axis: int) -> np.ndarray | None:
@@ -122,7 +130,7 @@ class FoldAffine(Pass):
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(any(stats.values()), stats)
 
-    def into_producer(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray) -> bool:
+    def into_producer(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray, kind: str) -> bool:
         layer = producer(x)
         if layer is None or layer.op not in LAYERS or layer_problem(layer) or not has_single_consumer(graph, x):
             return False
@@ -133,7 +141,7 @@ class FoldAffine(Pass):
         if k is None:
             return False
         has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
-        if node.op == "Mul":
+        if kind == "Mul":
             set_input_const(graph, layer, 1, scale_weight(layer, weight.astype(np.float64), k).astype(weight.dtype))
             if has_bias:  # y = xW + beta C: k y = x (kW) + beta (kC), whatever beta and C's shape
                 bias = const_value(layer.inputs[2]).astype(np.float64)
@@ -147,7 +155,7 @@ class FoldAffine(Pass):
         take_output(node, layer)
         return True
 
-    def into_consumers(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray, declined: dict) -> bool:
+    def into_consumers(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray, kind: str, declined: dict) -> bool:
         out = node.outputs[0]
         readers = list(out.outputs)
         if not readers or is_graph_output(graph, out):
@@ -164,7 +172,7 @@ class FoldAffine(Pass):
             k = channel_constant(value, layer.in_channels, rank, 1 if layer.is_conv else rank - 1)
             if k is None:
                 return False
-            if node.op == "Add":
+            if kind == "Add":
                 if layer_bias(layer.node, layer.out_channels) is None:
                     return False
                 if layer.has_padding():
@@ -173,7 +181,7 @@ class FoldAffine(Pass):
                     return False
             per_channel.append(k)
         for layer, k in zip(layers, per_channel):
-            self.fold_input(graph, layer, node.op, k)
+            self.fold_input(graph, layer, kind, k)
             layer.node.inputs[0] = x
         declined.pop(node.name, None)
         node.inputs.clear()

@@ -71,3 +71,31 @@ g (float[1,2,3,3] x) => (float[1,2,3,3] y)
 }""")
     result, ctx = run_fold(module)
     assert not result.modified and not ctx.remarks
+
+
+def test_input_normalisation_folds_into_an_unpadded_first_conv():
+    module = parse("""<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,2,4,4] x) => (float[1,1,4,4] y)
+  <float[1,2,1,1] mean = {0.5, 0.25}, float[1,2,1,1] std = {0.5, 2.0}, float[1,2,1,1] w = {1.5, -1}, float[1] b = {0.1}> {
+  c = Sub(x, mean)
+  s = Div(c, std)
+  y = Conv (s, w, b)
+}""")
+    result, _ = run_fold(module)
+    assert result.stats == {"into-producer": 0, "into-consumers": 2}
+    (conv,) = module.graph.nodes
+    assert conv.op == "Conv" and conv.inputs[0].name == "x"
+    # y = 1.5 (x0 - 0.5) / 0.5 - (x1 - 0.25) / 2 + 0.1 = 3 x0 - 0.5 x1 - 1.5 + 0.125 + 0.1
+    assert conv.inputs[1].values.reshape(-1).tolist() == [3.0, -0.5]
+    assert abs(float(conv.inputs[2].values[0]) - (-1.275)) < 1e-6
+
+
+def test_a_constant_minus_or_over_a_tensor_is_not_affine_in_that_form():
+    module = parse("""<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,2,4,4] x) => (float[1,1,4,4] y)
+  <float[1] one = {1.0}, float[1,2,1,1] w = {1.5, -1}> {
+  c = Sub(one, x)
+  y = Conv (c, w)
+}""")
+    result, _ = run_fold(module)
+    assert not result.modified
