@@ -24,7 +24,10 @@ a bias input (not MatMul) and no zero padding: a padded border would see t where
 0 (the remark says so). ConvTranspose, whose ``ConvTranspose + Add(constant)`` HTP computes wrong
 (docs/htp-backend.md), takes such an Add into its own bias this way.
 
-Stats: ``into-producer``, ``into-consumers`` (nodes folded).
+A Gemm's ``alpha`` and ``beta`` fold into its constant B and C the same way (QNN's HTP refuses a
+Gemm with alpha != 1).
+
+Stats: ``into-producer``, ``into-consumers`` (nodes folded), ``gemm-scales`` (alpha/beta folded).
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ class FoldAffine(Pass):
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph
-        stats = {"into-producer": 0, "into-consumers": 0}
+        stats = {"into-producer": 0, "into-consumers": 0, "gemm-scales": self.fold_gemm_scales(graph)}
         declined: dict[str, str] = {}
         changed = True
         while changed:
@@ -187,6 +190,22 @@ class FoldAffine(Pass):
         node.inputs.clear()
         node.outputs.clear()
         return True
+
+    @staticmethod
+    def fold_gemm_scales(graph: gs.Graph) -> int:
+        """Gemm's alpha into its constant B, beta into its constant C (QNN's HTP refuses alpha != 1)."""
+        folded = 0
+        for node in graph.nodes:
+            if node.op != "Gemm" or len(node.inputs) < 2:
+                continue
+            for attr, index in (("alpha", 1), ("beta", 2)):
+                factor = float(node.attrs.get(attr, 1.0))
+                value = const_value(node.inputs[index]) if index < len(node.inputs) and node.inputs[index].name else None
+                if factor != 1.0 and value is not None and np.issubdtype(value.dtype, np.floating):
+                    set_input_const(graph, node, index, (value.astype(np.float64) * factor).astype(value.dtype))
+                    node.attrs[attr] = 1.0
+                    folded += 1
+        return folded
 
     @staticmethod
     def fold_input(graph: gs.Graph, layer: LinearLayer, op: str, k: np.ndarray) -> None:

@@ -30,7 +30,7 @@ def test_real_det_affine_blocks_folded(assets):
     assert record.verify_error is not None and record.verify_error <= 1e-4
     # 28 Conv -> Mul -> Add blocks and 2 ConvTranspose bias Adds into their producers; 10 of the 23
     # activation -> Mul -> Add blocks read by a 1x1 Conv into it, the 13 before a padded depthwise Conv kept
-    assert record.stats == {"into-producer": 2 * 28 + 2, "into-consumers": 2 * 10}
+    assert record.stats == {"into-producer": 2 * 28 + 2, "into-consumers": 2 * 10, "gemm-scales": 0}
     assert sum("pads with zeros" in str(r) for r in ctx.remarks) == 13
     assert convtranspose_followed_by_add(module) == 0
     assert op_count(module, "Mul") + op_count(module, "Add") == muls + adds - 2 * 24 - 78  # HardSwish's 2 a block, then these
@@ -82,7 +82,7 @@ g (float[1,2,4,4] x) => (float[1,1,4,4] y)
   y = Conv (s, w, b)
 }""")
     result, _ = run_fold(module)
-    assert result.stats == {"into-producer": 0, "into-consumers": 2}
+    assert result.stats == {"into-producer": 0, "into-consumers": 2, "gemm-scales": 0}
     (conv,) = module.graph.nodes
     assert conv.op == "Conv" and conv.inputs[0].name == "x"
     # y = 1.5 (x0 - 0.5) / 0.5 - (x1 - 0.25) / 2 + 0.1 = 3 x0 - 0.5 x1 - 1.5 + 0.125 + 0.1
