@@ -57,6 +57,7 @@ from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED
 from compiler.ir import Module, QccError, const_value
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
+from compiler.progress import Progress
 from compiler.runtime import make_session
 from passes.insert_converts import convert_encoding, rebiased, rebit, requantized_constant
 from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
@@ -436,11 +437,14 @@ class Promote16Bit(Pass):
         best_case = sim.measure({**encodings, **{n: e for u in units for n, e in widened(u).items()}})
         cos, evaluations, chosen, removed = start.cos, 2, [], {}
         budget_full = False
-        for _ in range(opts.rounds):
+        for round_index in range(opts.rounds):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
-            round_cost = {tuple(u): round_baseline - sim.measure({**encodings, **widened(u)}, opts.screen_samples).error
-                          for u in remaining}
+            round_cost = {}
+            with Progress(len(remaining), f"promote-16bit: ranking, round {round_index + 1}") as bar:
+                for u in remaining:
+                    round_cost[tuple(u)] = round_baseline - sim.measure({**encodings, **widened(u)}, opts.screen_samples).error
+                    bar.advance()
             evaluations += len(remaining) + 1
             picked, count, measured = self._choose(sim, encodings, wide, remaining, round_cost, widened, share_of, cos)
             evaluations += len(measured)
