@@ -118,6 +118,9 @@ def test_fetch_is_a_no_op_on_a_complete_cache(cache, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     assert fa.fetch(cache, count=manifest["count"]) == cache
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
+    # A smaller request (the tests' and the bench's default after a larger --count) keeps the larger cache.
+    assert fa.fetch(cache, count=manifest["count"] - 1) == cache
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
 
 
 def test_assets_dir_honours_env(monkeypatch, tmp_path):

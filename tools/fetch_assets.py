@@ -129,8 +129,9 @@ def assets_dir() -> Path:
 def fetch(dest: Path | None = None, count: int = DEFAULT_COUNT, *, force: bool = False,
           log=None) -> Path:
     """Make sure ``dest`` (default :func:`assets_dir`) holds the models, images, fonts and
-    ``count`` rendered text images of each set; return it. Does nothing when the manifest
-    matches the files. Raises SystemExit with a one-line message on failure."""
+    at least ``count`` rendered text images of each set; return it. Does nothing when the manifest
+    matches the files (a cache rendered with a larger --count already holds the first ``count``
+    images, identical: it is kept, not shrunk). Raises SystemExit with a one-line message on failure."""
     dest = Path(dest) if dest is not None else assets_dir()
     if count < 1:
         raise SystemExit(f"fetch_assets: --count must be positive, got {count}")
@@ -154,9 +155,9 @@ def fetch(dest: Path | None = None, count: int = DEFAULT_COUNT, *, force: bool =
             old = {}  # the text images depend on the images and fonts
 
         text_files = {k: v for k, v in files.items() if k.split("/", 1)[0] in ("text_cls", "text_det")}
-        if (old.get("render_version") == RENDER_VERSION and old.get("count") == count
+        if (old.get("render_version") == RENDER_VERSION and old.get("count", 0) >= count
                 and old.get("sources") == sources and text_files and _verify(dest, text_files)):
-            log(f"text_cls, text_det: up to date ({count} each)")
+            log(f"text_cls, text_det: up to date ({old['count']} each)")
         else:
             t0 = time.perf_counter()
             backgrounds = background_images(dest / "images")
