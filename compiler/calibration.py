@@ -12,10 +12,9 @@ Observers
   ``2 * bins`` bins are kept, and when data falls outside the covered span the
   width doubles, merging bin pairs exactly. So no first min-max pass is needed,
   the observed span always has between ``bins / 2`` and ``2 * bins`` bins, and two
-  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. A tensor with
-  more than ``HISTOGRAM_SAMPLES`` values per sample adds every k-th value to its histogram
-  (k <= 31 and prime; min and max always see every value): the histogram is a shape estimate,
-  and this keeps its cost near that of a min-max pass on large feature maps.
+  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. Every value
+  goes into the histogram: a strided subsample (every k-th value) was tried and moved a 1 %
+  percentile by 12 bins and a histogram SQNR by 2.4 dB on 200 000 Gaussian values.
 
 Range searches (each returns ``(lo, hi)``, widened to contain 0 by the encoding):
 - percentile ``p``: lo = the (100 - p)-th percentile, hi = the p-th (each tail
@@ -43,7 +42,6 @@ from compiler.progress import Progress
 METHODS = ("minmax", "percentile", "entropy", "mse")
 ENTROPY_CANDIDATES = 256
 MSE_CANDIDATES = 100
-HISTOGRAM_SAMPLES = 2 ** 14  # per tensor and sample; beyond, every k-th value (min and max stay exact)
 _FIRST_WIDTH_EXPONENT = -40  # bin width for a histogram that has only seen zeros
 
 
@@ -276,12 +274,6 @@ def _finite(x: np.ndarray) -> tuple[np.ndarray, float, float]:
             return x, math.inf, -math.inf
         lo, hi = float(x.min()), float(x.max())
     return x, lo, hi
-
-
-def _stride(size: int) -> int:
-    """Histogram every k-th value of a large tensor (k prime, so it cannot alias power-of-two layouts)."""
-    wanted = size // HISTOGRAM_SAMPLES
-    return max([1] + [p for p in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31) if p <= wanted])
 
 
 def make_observer(method: str, bins: int = 2048) -> MinMaxObserver:
