@@ -13,6 +13,9 @@ fixes (Sigmoid, HardSigmoid, Softmax, Clip(0, 1) -> [0, 1]; Tanh -> [-1, 1]), en
 compiler.encoding.range_encoding. Other Clips (Relu6 = Clip(0, 6)) keep their calibrated range:
 it lies within the clip bounds already, and when the data never reaches 6 it is finer than [0, 6].
 
+The default method is MSE, the htp target's choice at 8 bits (measured in compiler/targets.py;
+at 16 bits that target uses min-max, which clips nothing).
+
 ``method=auto`` chooses per tensor among min-max, percentile and MSE: the one whose encoding
 quantizes that tensor's calibration values (its histogram) with the highest SQNR
 (compiler.calibration.choose_encoding). Stats count the choices (``auto-minmax``, ...);
@@ -41,7 +44,7 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: str = choices(*METHODS, AUTO, default="percentile")
+        method: str = choices(*METHODS, AUTO, default="mse")
         percentile: float = 99.99
         bins: int = 2048
         act_bits: int = 8
