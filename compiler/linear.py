@@ -25,6 +25,17 @@ from compiler.ir import const_value, make_const
 from compiler.patterns import has_single_consumer
 
 
+def channel_constant(value: np.ndarray, channels: int, rank: int, channel_axis: int = 1) -> np.ndarray | None:
+    """``value`` as one float64 per channel if, broadcast against a rank-``rank`` tensor, it varies at most
+    along ``channel_axis`` (axis 1 of NCHW; a Gemm's columns are axis 1 of rank 2); else None."""
+    if value.ndim > rank:
+        return None
+    aligned = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for i, d in enumerate(aligned) if i != channel_axis) or aligned[channel_axis] not in (1, channels):
+        return None
+    return np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (channels,)).copy()
+
+
 @dataclass(eq=False)  # identity semantics: layers key dictionaries
 class LinearLayer:
     node: gs.Node

@@ -132,8 +132,11 @@ def compile_model(module: Module, target: str = "htp", *, calib_data=None, eval_
                   verify: bool = False, quiet: bool = True, log=None) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place; evaluate on ``eval_data`` if given.
     ``target_cos`` adds mixed precision (``with_mixed_precision``) to the target's pipeline."""
+    if passes and target_cos is not None:
+        raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
+                       "and insert-converts in the pipeline")
     text = passes or get_target(target).pipeline_text(act_bits=act_bits, weight_bits=weight_bits, calib_method=calib_method)
-    if target_cos is not None and not passes:
+    if target_cos is not None:
         text = with_mixed_precision(text, target_cos, max_16bit_share)
     pipeline = parse_pipeline(text)
     ctx = PassContext(calib_data=calib_data, eval_data=eval_data)

@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value
-from compiler.linear import LinearLayer, linear_layer, set_input_const
+from compiler.linear import LinearLayer, channel_constant, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, is_graph_output, producer
 from passes.fold_bn import LAYERS, channel_vector, layer_problem, out_channels, output_rank, scale_weight
@@ -63,17 +63,6 @@ def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, str] | None:
     if node.op == "Div":
         return (node.inputs[0], 1.0 / value.astype(np.float64), "Mul") if np.all(value != 0) else None
     return node.inputs[1 - index], value, node.op
-
-
-def channel_constant(value: np.ndarray, channels: int, rank: int, channel_axis: int) -> np.ndarray | None:
-    """``value`` as one float64 per channel if, broadcast against a rank-``rank`` tensor, it varies
-    at most along ``channel_axis``; else None."""
-    if value.ndim > rank:
-        return None
-    aligned = (1,) * (rank - value.ndim) + value.shape
-    if any(d != 1 for i, d in enumerate(aligned) if i != channel_axis) or aligned[channel_axis] not in (1, channels):
-        return None
-    return channel_vector(value, channels)
 
 
 def layer_bias(node: gs.Node, channels: int) -> np.ndarray | None:
@@ -110,7 +99,7 @@ class FoldAffine(Pass):
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph
         stats = {"into-producer": 0, "into-consumers": 0, "gemm-scales": self.fold_gemm_scales(graph)}
-        declined: dict[str, str] = {}
+        declined: dict[str, tuple[gs.Node, str]] = {}  # node name -> (node, why it stays)
         changed = True
         while changed:
             changed = False
@@ -126,10 +115,8 @@ class FoldAffine(Pass):
                 elif self.into_consumers(graph, node, *operand, declined):
                     stats["into-consumers"] += 1
                     changed = True
-        for name, why in sorted(declined.items()):
-            node = next((n for n in graph.nodes if n.name == name), None)
-            if node is not None:
-                ctx.remark(node, why)
+        for node, why in (declined[name] for name in sorted(declined)):
+            ctx.remark(node, why)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(any(stats.values()), stats)
 
@@ -146,10 +133,9 @@ class FoldAffine(Pass):
         has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
         if kind == "Mul":
             set_input_const(graph, layer, 1, scale_weight(layer, weight.astype(np.float64), k).astype(weight.dtype))
-            if has_bias:  # y = xW + beta C: k y = x (kW) + beta (kC), whatever beta and C's shape
+            if has_bias:  # y = xW + beta C: k y = x (kW) + beta (kC); k runs along C's last axis (a Conv's only one)
                 bias = const_value(layer.inputs[2]).astype(np.float64)
-                set_input_const(graph, layer, 2, (bias * k.reshape((-1,) + (1,) * (bias.ndim - 1)) if layer.op != "Gemm"
-                                                  else bias * k).astype(weight.dtype))
+                set_input_const(graph, layer, 2, (bias * k).astype(weight.dtype))
         else:
             bias = layer_bias(layer, channels)
             if bias is None:
@@ -179,8 +165,8 @@ class FoldAffine(Pass):
                 if layer_bias(layer.node, layer.out_channels) is None:
                     return False
                 if layer.has_padding():
-                    declined[node.name] = (f"not folded into {layer.node.name or layer.node.op}: it pads with zeros, "
-                                           "and a padded border would see the added constant")
+                    declined[node.name] = (node, f"not folded into {layer.node.name or layer.node.op}: it pads with "
+                                                 "zeros, and a padded border would see the added constant")
                     return False
             per_channel.append(k)
         for layer, k in zip(layers, per_channel):

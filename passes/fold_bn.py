@@ -38,7 +38,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value, make_const, unique_name
-from compiler.linear import set_input_const, uses
+from compiler.linear import channel_constant, set_input_const, uses
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, producer
 
@@ -83,14 +83,6 @@ def bn_affine(bn: gs.Node) -> tuple[Affine | None, str]:
 def per_channel_shape(channels: int, rank: int) -> tuple:
     """Shape of a constant that broadcasts one value per channel of axis 1 over a rank-``rank`` tensor."""
     return (channels,) + (1,) * (rank - 2)
-
-
-def is_channel_constant(value: np.ndarray, channels: int, rank: int) -> bool:
-    """Whether ``value`` broadcast against a rank-``rank`` output varies (at most) along axis 1."""
-    if value.ndim > rank:
-        return False
-    aligned = (1,) * (rank - value.ndim) + value.shape
-    return all(d == 1 for i, d in enumerate(aligned) if i != 1) and aligned[1] in (1, channels)
 
 
 def channel_vector(value: np.ndarray, channels: int) -> np.ndarray:
@@ -189,7 +181,7 @@ def find_site(graph: gs.Graph, bn: gs.Node, channels: int) -> tuple[FoldSite | N
         return None, f"the {site.layer.op} has {out_channels(site.layer, weight)} output channels, the BatchNormalization {channels}"
     if site.bias_add is not None:
         bias = const_value(site.bias_add.inputs[site.bias_index])
-        if not is_channel_constant(bias, channels, output_rank(site.layer, weight)):
+        if channel_constant(bias, channels, output_rank(site.layer, weight)) is None:
             return None, f"the Add after the {site.layer.op} is not a per-channel bias (constant shape {list(bias.shape)})"
     return site, ""
 

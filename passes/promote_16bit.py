@@ -34,8 +34,10 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    against the new state (a unit that did not matter next to a worse one may matter now), up to
    ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
    still miss it) stop it.
-5. Apply. Promoted tensors get ``act_bits=16`` and their encodings re-derived at 16 bits over the
-   same range (fixed ranges exactly), as insert-qdq would.
+5. Apply. Promoted tensors get ``act_bits=16`` and the encoding a 16-bit pipeline gives them
+   (``sixteen_bit_encodings``: min-max range, then propagate-encodings' rules; fixed ranges
+   exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them
+   down to for an 8-bit reader.
 
 Stats: output cosine before and after, tensors promoted, 16-bit share, converts HTP will run. A
 remark per promoted unit says why (the share of the output error it removes alone), and ``module.cache["promote-16bit"]``
@@ -447,7 +449,7 @@ class Promote16Bit(Pass):
                     bar.advance()
             evaluations += len(remaining) + 1
             picked, count, measured = self._choose(sim, encodings, wide, remaining, round_cost, widened, share_of, cos)
-            evaluations += len(measured)
+            evaluations += len(measured) - 1  # prefix 0 is the state already measured
             budget_full = budget_full or count == len(picked) < sum(1 for c in round_cost.values() if c > 0)
             if not count:
                 break

@@ -51,6 +51,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.encoding import clip_bounds
 from compiler.ir import Module, const_value, unique_name
+from compiler.linear import channel_constant
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
 from compiler.patterns import is_graph_output
 
@@ -124,16 +125,6 @@ def scale_step(node: gs.Node, var) -> float | None:
     """k with node output = k var, for a Mul or Div of ``var`` by a scalar."""
     step = affine_step(node, var) if node.op in ("Mul", "Div") else None
     return step[0] if step else None
-
-
-def channel_vector(value: np.ndarray, channels: int, rank: int) -> np.ndarray | None:
-    """``value`` as one number per channel (axis 1) of a rank-``rank`` tensor, if that is what it is."""
-    if value.ndim > rank:
-        return None
-    aligned = (1,) * (rank - value.ndim) + value.shape
-    if any(d != 1 for i, d in enumerate(aligned) if i != 1) or aligned[1] not in (1, channels):
-        return None
-    return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,)).copy()
 
 
 @dataclass
@@ -261,7 +252,7 @@ def fc_layer(graph: gs.Graph, node: gs.Node, inp, channels: int, role: str) -> L
         bias, canonical = None, trans_b == 1 and alpha == 1.0 and beta == 1.0
         if len(node.inputs) > 2 and node.inputs[2].name:
             c = float_const(node.inputs[2])
-            bias = None if c is None else channel_vector(c, weight.shape[0], 2)
+            bias = None if c is None else channel_constant(c, weight.shape[0], 2)
             if bias is None:
                 raise Decline(f"{role} (Gemm) has a C that is not a constant per-output bias")
             bias = beta * bias
@@ -280,7 +271,7 @@ def with_bias_add(graph: gs.Graph, layer: Layer, rank: int, role: str) -> Layer:
     value = float_const(operand[0]) if len(operand) == 1 else None
     if value is None:
         return layer
-    vector = channel_vector(value, layer.weight.shape[0], rank)
+    vector = channel_constant(value, layer.weight.shape[0], rank)
     if vector is None:
         return layer
     bias = vector if layer.bias is None else layer.bias + vector

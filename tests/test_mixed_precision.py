@@ -2,6 +2,7 @@
 import json
 
 import onnx
+import onnx.parser
 import pytest
 
 from compiler.ir import QccError
@@ -55,3 +56,12 @@ def test_real_cls_reaches_a_tighter_cosine_with_some_activations_at_16_bits(asse
     assert widths == {8, 16}
     quantized = onnx.load(out)
     assert any(n.op_type == "QuantizeLinear" and n.domain == "com.microsoft" for n in quantized.graph.node)
+
+
+def test_compile_model_refuses_target_cos_with_its_own_pipeline():
+    from compiler.ir import from_onnx
+    from compiler.quantize import compile_model
+    from tests.test_compile_quantized import MODEL_TEXT
+    module = from_onnx(onnx.parser.parse_model(MODEL_TEXT))
+    with pytest.raises(QccError, match="put promote-16bit"):
+        compile_model(module, passes="calibrate,insert-qdq", target_cos=0.999)
