@@ -85,3 +85,79 @@ def sample_inputs(module: Module, ctx=None, count: int = 2) -> list[dict]:
                 sample[name] = rng.integers(0, 2, size=shape).astype(dtype)
         samples.append(sample)
     return samples
+
+
+def _node_reads(node: onnx.NodeProto) -> set[str]:
+    """Tensor names ``node`` reads: its inputs and, for If/Loop/Scan bodies, the outer-scope names they use."""
+    names = {name for name in node.input if name}
+    for attribute in node.attribute:
+        bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for body in bodies:
+            inner = {out for n in body.node for out in n.output} | {t.name for t in body.input} | {t.name for t in body.initializer}
+            names |= {name for n in body.node for name in _node_reads(n)} - inner
+    return names
+
+
+class StagedRun:
+    """A model run in stages, each producing some tensors from the tensors earlier stages left behind.
+
+    Between two stages the caller may change graph inputs (a feed that only later stages read), yet every node
+    runs once per sample: stage k runs the nodes its tensors need that no earlier stage ran, and reads what
+    it needs from a per-sample cache, which drops each tensor after the last stage that reads it. (Sequential
+    bias correction corrects a layer's bias after its inputs are measured, before anything downstream runs.)
+    """
+
+    def __init__(self, model: onnx.ModelProto, stages: list[list[str]]):
+        self.model = model
+        self.stages = [list(dict.fromkeys(targets)) for targets in stages]
+        nodes = list(model.graph.node)
+        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        reads = [_node_reads(node) for node in nodes]
+        owner: list[int | None] = [None] * len(nodes)
+        for stage, targets in enumerate(self.stages):
+            pending = [producer[t] for t in targets if t in producer]
+            while pending:
+                i = pending.pop()
+                if owner[i] is None:
+                    owner[i] = stage
+                    pending.extend(producer[name] for name in reads[i] if name in producer)
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self.nodes = [[node for i, node in enumerate(nodes) if owner[i] == stage] for stage in range(len(stages))]
+        made = [{out for node in stage_nodes for out in node.output if out} for stage_nodes in self.nodes]
+        self.reads = [sorted({name for i, node in enumerate(nodes) if owner[i] == stage for name in reads[i]}
+                             - made[stage] - set(self.initializers)) for stage in range(len(stages))]
+        last_read: dict[str, int] = {}
+        for stage in range(len(stages)):
+            for name in self.reads[stage] + self.stages[stage]:
+                last_read[name] = stage
+        self.writes = [sorted({name for name in made[stage] if last_read.get(name, -1) >= stage})
+                       for stage in range(len(stages))]
+        self.last_read = last_read
+        self.sessions: dict[int, ort.InferenceSession | None] = {}
+
+    def run(self, stage: int, cache: dict, feeds: dict | None = None) -> dict:
+        """Stage ``stage``'s tensors for one sample; ``cache`` holds that sample's graph inputs at first and is
+        updated in place; ``feeds`` are graph inputs shared by all samples."""
+        available = {**cache, **(feeds or {})}
+        if self.writes[stage]:
+            session = self._session(stage, available)
+            cache.update(zip(self.writes[stage], session.run(self.writes[stage],
+                                                             {name: available[name] for name in self.reads[stage]})))
+        result = {name: cache[name] if name in cache else available[name] for name in self.stages[stage]}
+        for name in [name for name in cache if self.last_read.get(name, -1) <= stage]:
+            del cache[name]
+        return result
+
+    def _session(self, stage: int, available: dict) -> ort.InferenceSession:
+        if stage not in self.sessions:
+            nodes = self.nodes[stage]
+            used = {name for node in nodes for name in _node_reads(node)}
+            inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(available[name].dtype),
+                                                         None) for name in self.reads[stage]]
+            outputs = [onnx.ValueInfoProto(name=name) for name in self.writes[stage]]
+            graph = onnx.helper.make_graph(nodes, f"stage{stage}", inputs, outputs,
+                                           [self.initializers[name] for name in sorted(used & set(self.initializers))])
+            model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+            self.sessions[stage] = ort.InferenceSession(model.SerializeToString(), session_options(threads=1),
+                                                        providers=["CPUExecutionProvider"])
+        return self.sessions[stage]

@@ -1,4 +1,4 @@
-"""Bias correction: remove the mean output shift that weight quantization causes, through the bias.
+"""Bias correction: remove the mean output shift of quantized layers through their biases.
 
 Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", 2019.
 Quantizing a layer's weight W to W_q = W + dW shifts its output by dW x, whose expectation is
@@ -14,6 +14,19 @@ the same axis rule (per tensor for MatMul).
 - ``mode=empirical``: E[x_patch] is the mean over ctx.calib_data (at most ``samples`` of them,
   run through onnxruntime) of the layer's input patches: every position a kernel tap reads,
   zero padding included, so it is exact for convolutions at the borders too.
+- ``mode=sequential``: the output shift of the quantized model, weights and activations together:
+  each layer's input comes from a simulation of the QDQ model (propagate-encodings and insert-qdq on
+  a clone; run after calibrate), so clipping and rounding of its input activations count too:
+
+      b[o] -= E[W_q x_q - W x][o] = sum_{g,k} (W E[x_q - x] + dW E[x_q])[g, o, k]
+
+  A layer's x_q depends on the corrected biases of the layers upstream, so the layers go in waves
+  (``_waves``: a wave follows every wave upstream of it) and the simulation runs wave by wave
+  (compiler.runtime.StagedRun: every node once per sample; the corrected biases are graph inputs of
+  the simulation). Correcting all layers from one run instead double-counts: each layer would also
+  undo the shift its upstream layers are correcting (det's output cosine fell to 0.5).
+  Measured on det W8A8 (4 folds of 32 calibration and 192 held-out images): mean cosine 0.9854 ->
+  0.9890, and about 0.7 s more; neutral on cls (0.9972 -> 0.9969).
 - ``mode=analytic``: no data; E[x] per channel from the batch-norm statistics upstream (run
   before fold-bn). When the input is act(BatchNormalization(...)), the pre-activation of channel
   c is taken as N(beta_c, gamma_c^2) and E[x_c] is the mean of that Gaussian through identity,
@@ -32,18 +45,22 @@ The bias is the node's (Conv input 2, Gemm C), the constant of a following per-c
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from compiler.encoding import clip_bounds, fake_quantize, weight_encoding
-from compiler.ir import Module, QccError, const_value
+from compiler.ir import Module, QccError, const_value, unique_name
 from compiler.linear import LinearLayer, bias_site, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
 from compiler.patterns import has_single_consumer, producer
 from compiler.progress import Progress
-from compiler.runtime import make_session
+from compiler.runtime import StagedRun, make_session
+from passes.insert_qdq import qdq_simulation
+from passes.propagate_encodings import PropagateEncodings
 
 MARK = "bias_corrected"
 
@@ -55,7 +72,7 @@ class BiasCorrection(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        mode: str = choices("empirical", "analytic", default="empirical")
+        mode: str = choices("empirical", "sequential", "analytic", default="empirical")
         weight_bits: int = 8
         per_channel: bool = True
         samples: int = 32
@@ -71,6 +88,8 @@ class BiasCorrection(Pass):
             return PassResult(False, {"corrected": 0})
         if opts.mode == "empirical":
             corrections = self._empirical(module, layers, ctx)
+        elif opts.mode == "sequential":
+            corrections = self._sequential(module, layers, ctx)
         else:
             corrections = self._analytic(module, layers, ctx)
         if corrections is None:
@@ -112,10 +131,7 @@ class BiasCorrection(Pass):
 
     # --- empirical ------------------------------------------------------------------------------
 
-    def _empirical(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:
-        if ctx.calib_data is None:
-            ctx.remark("graph", "empirical bias correction needs calibration data (--calib-data); nothing corrected")
-            return None
+    def _sites(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict:
         sites = {}
         for layer in layers:
             site = bias_site(module.graph, layer)
@@ -123,12 +139,15 @@ class BiasCorrection(Pass):
                 ctx.remark(layer.node, "not corrected: no bias to adjust (a MatMul without a following Add)")
                 continue
             sites[layer] = site
-        if not sites:
-            return None
-        inputs = sorted({layer.node.inputs[0].name for layer in sites})
+        return sites
+
+    def _float_means(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict:
+        """Layer -> mean input patch [g, K] of the float model over at most ``samples`` calibration samples."""
+        inputs = {layer: layer.node.inputs[0].name for layer in layers}
         graph_inputs = {t.name for t in module.graph.inputs}
-        session = make_session(module, extra_outputs=[n for n in inputs if n not in graph_inputs])
-        outputs = [n for n in inputs if n not in graph_inputs]
+        names = sorted(set(inputs.values()))
+        outputs = [n for n in names if n not in graph_inputs]
+        session = make_session(module, extra_outputs=outputs)
         sums: dict = {}
         count = 0
         total = min(self.options.samples, len(ctx.calib_data)) if hasattr(ctx.calib_data, "__len__") else None
@@ -137,20 +156,100 @@ class BiasCorrection(Pass):
                 if count == self.options.samples:
                     break
                 values = dict(zip(outputs, session.run(outputs, sample)))
-                values.update({n: sample[n] for n in inputs if n in graph_inputs})
-                for layer in sites:
-                    mean = layer.patch_mean(values[layer.node.inputs[0].name])
+                values.update({n: sample[n] for n in names if n in graph_inputs})
+                for layer in layers:
+                    mean = layer.patch_mean(values[inputs[layer]])
                     sums[layer] = sums[layer] + mean if layer in sums else mean
                 count += 1
                 bar.advance()
         if count == 0:
             raise QccError("bias-correction: calibration data is empty")
+        return {layer: sums[layer] / count for layer in layers}
+
+    def _empirical(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:
+        if ctx.calib_data is None:
+            ctx.remark("graph", "empirical bias correction needs calibration data (--calib-data); nothing corrected")
+            return None
+        sites = self._sites(module, layers, ctx)
+        if not sites:
+            return None
+        means = self._float_means(module, list(sites), ctx)
         corrections = {}
         for layer, site in sites.items():
-            shift = np.einsum("gok,gk->go", self._weight_error(module, layer), sums[layer] / count).reshape(-1)
+            shift = np.einsum("gok,gk->go", self._weight_error(module, layer), means[layer]).reshape(-1)
             if np.any(shift):
                 corrections[layer] = (site, shift)
         return corrections
+
+
+    # --- sequential -----------------------------------------------------------------------------
+
+    def _sequential(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:
+        if ctx.calib_data is None:
+            ctx.remark("graph", "sequential bias correction needs calibration data (--calib-data); nothing corrected")
+            return None
+        if not any(enc.dtype == "int" and not enc.symmetric for enc in module.encodings.values()):
+            ctx.remark("graph", "sequential bias correction simulates the quantized model: run calibrate first; "
+                                "nothing corrected")
+            return None
+        sites = self._sites(module, layers, ctx)
+        if not sites:
+            return None
+        float_means = self._float_means(module, list(sites), ctx)
+        sim, inputs, feed_names = self._simulation(module, sites)
+        feeds = {feed_names[layer]: site.read().reshape(site.shape) for layer, site in sites.items()}
+        waves = _waves(module, list(sites))
+        staged = StagedRun(sim.to_onnx(), [[inputs[layer] for layer in wave] for wave in waves])
+        caches = [dict(sample) for sample in itertools.islice(ctx.calib_data, self.options.samples)]
+        if not caches:
+            raise QccError("bias-correction: calibration data is empty")
+        corrections = {}
+        with Progress(len(waves), "bias-correction (sequential)") as bar:
+            for stage, wave in enumerate(waves):
+                sums: dict = {}
+                for cache in caches:
+                    values = staged.run(stage, cache, feeds)
+                    for layer in wave:
+                        mean = layer.patch_mean(values[inputs[layer]])
+                        sums[layer] = sums[layer] + mean if layer in sums else mean
+                for layer in wave:
+                    site, mean = sites[layer], sums[layer] / len(caches)
+                    weight = layer.to_matrix(layer.weight).astype(np.float64)
+                    shift = (np.einsum("gok,gk->go", weight, mean - float_means[layer])
+                             + np.einsum("gok,gk->go", self._weight_error(module, layer), mean)).reshape(-1)
+                    feeds[feed_names[layer]] = (site.read() - shift).astype(np.float32).reshape(site.shape)
+                    if np.any(shift):
+                        corrections[layer] = (site, shift)
+                bar.advance()
+        return corrections
+
+    def _simulation(self, module: Module, sites: dict) -> tuple[Module, dict, dict]:
+        """The QDQ model insert-qdq would write after propagate-encodings, with each corrected layer's bias
+        a float graph input so it can change between runs; returns it, layer -> the simulated layer's input
+        tensor, and layer -> its bias input's name."""
+        shared = module.clone()
+        PropagateEncodings().run(shared, PassContext(log=lambda message: None))
+        sim = qdq_simulation(shared, self.options.weight_bits, self.options.per_channel)
+        producers = {t.name: node for node in sim.graph.nodes for t in node.outputs}
+
+        def simulated(node: gs.Node) -> gs.Node:
+            twin = producers[node.outputs[0].name]
+            if twin.op == "DequantizeLinear" and node.op != "DequantizeLinear":  # a graph output keeps its name on the DQ
+                twin = twin.inputs[0].inputs[0].inputs[0].inputs[0]
+            return twin
+
+        inputs, feed_names = {}, {}
+        for layer, site in sites.items():
+            inputs[layer] = simulated(layer.node).inputs[0].name
+            node = simulated(site.node)
+            feed = gs.Variable(unique_name(sim.graph, f"{site.output.name}_bias"), dtype=np.float32, shape=list(site.shape))
+            while len(node.inputs) <= site.index:
+                node.inputs.append(gs.Variable.empty())
+            node.inputs[site.index] = feed
+            sim.graph.inputs.append(feed)
+            feed_names[layer] = feed.name
+        sim.graph.cleanup()
+        return sim, inputs, feed_names
 
     # --- analytic -------------------------------------------------------------------------------
 
@@ -245,3 +344,20 @@ _normal_cdf = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)), otype
 
 def _normal_pdf(z: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * np.square(z)) / math.sqrt(2.0 * math.pi)
+
+
+def _waves(module: Module, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+    """``layers`` in waves: a layer's wave follows every wave holding a layer upstream of it, and no layer
+    is upstream of another in its own wave, so a wave is corrected from one run of the simulation."""
+    by_node = {id(layer.node): layer for layer in layers}
+    depth: dict[str, int] = {}
+    waves: dict[int, list[LinearLayer]] = {}
+    for node in module.graph.nodes:
+        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        layer = by_node.get(id(node))
+        if layer is not None:
+            waves.setdefault(level, []).append(layer)
+            level += 1
+        for tensor in node.outputs:
+            depth[tensor.name] = level
+    return [waves[level] for level in sorted(waves)]

@@ -319,3 +319,17 @@ class InsertQdq(Pass):
 def _is_quantized(tensor) -> bool:
     produced_by_dq = bool(tensor.inputs) and tensor.inputs[0].op == "DequantizeLinear"
     return produced_by_dq or any(user.op == "QuantizeLinear" for user in tensor.outputs)
+
+
+def qdq_simulation(module: Module, weight_bits: int, per_channel: bool, encodings: dict | None = None) -> Module:
+    """A clone of ``module`` (its encodings updated with ``encodings``) with insert-qdq run on it: the QDQ
+    model insert-qdq would write, every activation at the width of its encoding (so nothing is re-derived)."""
+    qdq = module.clone()
+    qdq.encodings.update(encodings or {})
+    widths = [enc.bw for enc in qdq.encodings.values() if enc.dtype == "int" and not enc.symmetric]
+    for name, enc in qdq.encodings.items():
+        if enc.dtype == "int":
+            qdq.annotate(name, act_bits=enc.bw)
+    options = InsertQdq.Options(act_bits=max(widths, default=8), weight_bits=weight_bits, per_channel=per_channel)
+    InsertQdq(options).run(qdq, PassContext(log=lambda message: None))
+    return qdq

@@ -62,7 +62,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_
 from compiler.progress import Progress
 from compiler.runtime import make_session
 from passes.insert_converts import convert_encoding, rebiased, rebit, requantized_constant
-from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
+from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS, qdq_simulation
 
 CACHE_KEY = "promote-16bit"
 MS_DOMAIN = "com.microsoft"
@@ -191,15 +191,7 @@ class QdqSimulation:
     @staticmethod
     def _insert_qdq(module: Module, weight_bits: int, per_channel: bool, wide: dict | None = None) -> onnx.ModelProto:
         """The QDQ model as insert-qdq writes it; with ``wide``, every unsigned activation at its 16-bit encoding."""
-        qdq = module.clone()
-        qdq.encodings.update(wide or {})
-        for name, enc in qdq.encodings.items():
-            if enc.dtype == "int":
-                qdq.annotate(name, act_bits=enc.bw)
-        insert = make_pass("insert-qdq", {"weight-bits": str(weight_bits), "per-channel": str(per_channel).lower(),
-                                          "act-bits": "16" if wide else "8"})
-        insert.run(qdq, PassContext(log=lambda message: None))
-        return qdq.to_onnx()
+        return qdq_simulation(module, weight_bits, per_channel, wide).to_onnx()
 
     def _parameterised(self) -> onnx.ModelProto:
         model = onnx.ModelProto.FromString(self.qdq_model.SerializeToString())

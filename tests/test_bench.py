@@ -81,8 +81,8 @@ def test_ablation_rows_follow_the_selected_qcc_tools():
 
 
 def test_a_pass_the_default_leaves_out_is_ablated_by_adding_it(monkeypatch):
-    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(left_out=frozenset()))
     monkeypatch.setitem(targets.WIDTH_DEFAULTS, 8, targets.WidthDefaults("minmax", frozenset({"cle"})))
+    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(left_out=frozenset()))
     assert "cle" not in [n for n, _ in passes_and_options(targets.TARGETS["htp"].pipeline_text())]
     (row,) = [v for v in ablation_rows(["qcc-w8a8"]) if "cle" in v.config]
     assert row.config == "htp W8A8 +cle"
@@ -98,6 +98,16 @@ def test_a_variant_combines_changes(monkeypatch):
     assert "calibrate{method=mse act-bits=16}" in row.passes
     assert (row.tool, row.config, row.name) == ("qcc-w8a16", "htp W8A16 calib=mse -cle +adaround",
                                                 "qcc-w8a16-calib-mse-no-cle-with-adaround")
+
+
+def test_a_bias_variant_changes_only_bias_corrections_mode():
+    for width, bits in (("W8A8", 8), ("W8A16", 16)):
+        default = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=bits))
+        other = "empirical" if targets.width_defaults(bits).tuning.get("bias-correction") else "sequential"
+        row = bench.variant(f"{width} bias={other}")
+        expected = [(n, dataclasses.replace(o, mode=other) if n == "bias-correction" else o) for n, o in default]
+        assert passes_and_options(row.passes) == expected
+        assert f"{width} bias={other}" in bench.ablation_specs([bench.WIDTH_TOOLS[width]])
 
 
 def test_a_mixed_precision_variant_promotes_before_qdq_and_converts_after():
@@ -117,6 +127,7 @@ def test_a_mixed_precision_variant_promotes_before_qdq_and_converts_after():
     ("W8A8 -cle -cle", "has no pass 'cle'"),
     ("W8A16 +cle", "already has pass 'cle'"),
     ("W8A8 calib=nearest", "must be one of"),
+    ("W8A8 bias=analytical", "must be one of"),
 ])
 def test_a_variant_that_does_not_apply_is_an_error(spec, message):
     with pytest.raises(bench.QccError, match=message):

@@ -37,6 +37,7 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
   passes and their options unchanged, in order);
 - ``+PASS``: with an optional PASS the default leaves out (at its place in the full pipeline);
 - ``calib=METHOD``: calibrate{method=METHOD} instead of the width's default method;
+- ``bias=MODE``: bias-correction{mode=MODE} instead of the width's default mode;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
   (promote-16bit; share defaults to promote-16bit's own);
 
@@ -45,7 +46,7 @@ config is ``htp SPEC``.
 ``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
 each of fuse-hardswish, fold-affine, replace-se, cle, adaround, bias-correction toggled (``-PASS`` if the
 default has it, else ``+PASS``), then each calibration method other than the default among minmax,
-percentile, mse and auto. A pass's contribution is then the difference to the tool's own row (same float
+percentile, mse and auto, then the other data-driven bias-correction mode (empirical, sequential). A pass's contribution is then the difference to the tool's own row (same float
 model, same samples, same run). A change that does not apply (a pass not installed, ``-PASS`` for a pass
 the default lacks) is an error before any work. Variants compile as the others, through
 ``compile_model(..., passes=TEXT)``.
@@ -129,6 +130,7 @@ WIDTH_TOOLS = {"W8A8": "qcc-w8a8", "W8A16": "qcc-w8a16"}  # a --variant SPEC's f
 # --ablation: each of these passes toggled, then each of these calibration methods but the default.
 ABLATED_PASSES = ("fuse-hardswish", "fold-affine", "replace-se", "cle", "adaround", "bias-correction")
 ABLATION_CALIB_METHODS = ("minmax", "percentile", "mse", "auto")
+ABLATION_BIAS_MODES = ("empirical", "sequential")  # bias-correction's data-driven modes
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,15 @@ def variant(spec: str) -> Variant:
     bits = QCC_TOOLS[tool]
     installed = load_passes()
     left_out, method, slug = set(width_defaults(bits).left_out), None, tool
-    mixed = {}
+    mixed, tuning = {}, {}
     for change in changes:
         sign, name = change[:1], change[1:]
         if change.startswith("calib="):
             method = change.split("=", 1)[1]
             slug += f"-calib-{method}"
+        elif change.startswith("bias="):
+            tuning["bias-correction"] = {"mode": change.split("=", 1)[1]}
+            slug += f"-bias-{tuning['bias-correction']['mode']}"
         elif change.split("=", 1)[0] in ("cos", "share") and "=" in change:
             key, value = change.split("=", 1)
             try:
@@ -238,9 +243,9 @@ def variant(spec: str) -> Variant:
             left_out ^= {name}
             slug += f"-{'no' if sign == '-' else 'with'}-{name}"
         else:
-            raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, -PASS, +PASS, cos=C, share=S "
-                           f"(optional passes: {', '.join(OPTIONAL_PASSES)})")
-    text = TARGETS["htp"].pipeline_text(act_bits=bits, calib_method=method, left_out=frozenset(left_out))
+            raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, bias=MODE, -PASS, +PASS, cos=C, "
+                           f"share=S (optional passes: {', '.join(OPTIONAL_PASSES)})")
+    text = TARGETS["htp"].pipeline_text(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning)
     if mixed:
         if "cos" not in mixed:
             raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
@@ -263,6 +268,8 @@ def ablation_specs(tools: list[str]) -> list[str]:
         specs += [f"{width} {'-' if name in in_default else '+'}{name}" for name in ABLATED_PASSES]
         specs += [f"{width} calib={method}" for method in ABLATION_CALIB_METHODS
                   if method != width_defaults(bits).calib_method]
+        default_bias = width_defaults(bits).tuning.get("bias-correction", {}).get("mode", "empirical")
+        specs += [f"{width} bias={mode}" for mode in ABLATION_BIAS_MODES if mode != default_bias]
     return specs
 
 
