@@ -160,19 +160,30 @@ class LinearLayer:
     def patch_mean(self, x: np.ndarray) -> np.ndarray:
         """Mean input row [g, K] over every output position of ``x`` (zero padding included)."""
         if self.is_conv:
-            # One strided slice of the padded input per kernel tap: the positions that tap reads. (Averaging
-            # the [N, C, Ho, Wo, kh, kw] window view instead took 1.8 of bias correction's 2.1 s on det.)
+            # A tap's sum is a strided rectangle of the unpadded input (padding adds zeros): sum the columns
+            # each kernel column reads once, then the rows each kernel row reads, instead of averaging a
+            # slice per tap (which took 1.8 of bias correction's 2.1 s on det as a window view).
             kernel, strides, dilations, begin, end = self._conv_geometry(x.shape)
-            padded = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end))) if any(begin) or any(end) else x
-            out = [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in zip(padded.shape[2:], kernel, dilations, strides)]
+            ho, wo = [(size + b + e - (k - 1) * d - 1) // s + 1
+                      for size, b, e, k, d, s in zip(x.shape[2:], begin, end, kernel, dilations, strides)]
+            col_sums = [x[:, :, :, _valid(j * dilations[1] - begin[1], strides[1], wo, x.shape[3])]
+                        .sum(axis=(0, 3), dtype=np.float64) for j in range(kernel[1])]  # each [C, H]
             taps = np.empty((x.shape[1],) + tuple(kernel))
             for i in range(kernel[0]):
+                rows = _valid(i * dilations[0] - begin[0], strides[0], ho, x.shape[2])
                 for j in range(kernel[1]):
-                    rows = slice(i * dilations[0], i * dilations[0] + strides[0] * (out[0] - 1) + 1, strides[0])
-                    cols = slice(j * dilations[1], j * dilations[1] + strides[1] * (out[1] - 1) + 1, strides[1])
-                    taps[:, i, j] = padded[:, :, rows, cols].mean(axis=(0, 2, 3), dtype=np.float64)
-            return taps.reshape(self.groups, -1)
+                    taps[:, i, j] = col_sums[j][:, rows].sum(axis=1)
+            return (taps / (x.shape[0] * ho * wo)).reshape(self.groups, -1)
         return x.reshape(-1, x.shape[-1]).mean(axis=0, dtype=np.float64).reshape(1, -1)
+
+
+def _valid(first: int, step: int, count: int, size: int) -> slice:
+    """The indices first + step * k (k < count) that fall inside [0, size), as a slice."""
+    skip = max(0, (step - 1 - first) // step)  # k below this reads the leading padding
+    last = min(count - 1, (size - 1 - first) // step)  # k above this reads the trailing padding
+    if last < skip:
+        return slice(0, 0)
+    return slice(first + step * skip, first + step * last + 1, step)
 
 
 def linear_layer(node: gs.Node) -> tuple[LinearLayer | None, str]:

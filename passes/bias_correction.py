@@ -181,7 +181,6 @@ class BiasCorrection(Pass):
                 corrections[layer] = (site, shift)
         return corrections
 
-
     # --- sequential -----------------------------------------------------------------------------
 
     def _sequential(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:
