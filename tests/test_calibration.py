@@ -207,3 +207,125 @@ def test_grid_bounds_mirror_activation_encoding():
         for i in range(len(lows)):
             enc = activation_encoding(lows[i], highs[i], bw)
             assert (qmin[i], qmax[i], scale[i]) == pytest.approx((enc.min[0], enc.max[0], enc.scale[0]), rel=1e-12, abs=1e-15)
+
+
+# --- observers derived instead of counted (calibration.REPETITIONS) ---------------------------------
+
+def _chain_module(nodes, shape=(1, 2, 4, 4), consts=None):
+    """Input x, then ``nodes`` as (op, inputs, output, attributes); the last output is the graph output."""
+    from onnx import TensorProto, helper, numpy_helper
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, [output], **attrs) for op, inputs, output, attrs in nodes], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(nodes[-1][2], TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(value), name) for name, value in (consts or {}).items()])
+    return from_onnx(infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])))
+
+
+def _op_module(op, extra=(), attrs=None):
+    """x -> a = Mul(x, 2) -> y = op(a, *extra), extra inputs as constants (None for an absent optional one)."""
+    consts = {f"k{i}": value for i, value in enumerate(extra) if value is not None}
+    names = ["" if value is None else f"k{i}" for i, value in enumerate(extra)]
+    return _chain_module([("Mul", ["x", "two"], "a", {}), (op, ["a", *names], "y", attrs or {})],
+                         consts={"two": np.float32(2.0), **consts})
+
+
+def _growing_samples(shape=(1, 2, 4, 4), seed=0):
+    """Ranges that grow (so histograms widen and coarsen), with NaN and infinities in one sample."""
+    rng = np.random.default_rng(seed)
+    samples = [{"x": (rng.standard_normal(shape) * scale + shift).astype(np.float32)}
+               for scale, shift in ((0.01, 0.0), (1.0, 0.5), (40.0, -3.0), (2.0, 1.0))]
+    samples[1]["x"].reshape(-1)[:3] = [np.nan, np.inf, -np.inf]
+    return samples
+
+
+def _assert_same_observer(derived, counted):
+    assert (derived.min, derived.max) == (counted.min, counted.max)
+    if isinstance(counted, HistogramObserver):
+        assert (derived.exponent, derived.origin) == (counted.exponent, counted.origin)
+        np.testing.assert_array_equal(derived.counts, counted.counts)
+
+
+def _scales(*factors):
+    return np.array(factors, dtype=np.float32)
+
+
+NEAREST = {"mode": "nearest"}
+ASYMMETRIC_FLOOR = {**NEAREST, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+DERIVED_CASES = {  # case: (op, extra inputs (roi None: absent), attributes, times each value repeats)
+    "Identity": ("Identity", (), {}, 1),
+    "Reshape": ("Reshape", (np.array([4, -1], dtype=np.int64),), {}, 1),
+    "Flatten": ("Flatten", (), {"axis": 2}, 1),
+    "Squeeze": ("Squeeze", (np.array([0], dtype=np.int64),), {}, 1),
+    "Unsqueeze": ("Unsqueeze", (np.array([0], dtype=np.int64),), {}, 1),
+    "Transpose": ("Transpose", (), {"perm": [0, 2, 3, 1]}, 1),
+    "Resize asymmetric floor": ("Resize", (None, _scales(1, 1, 2, 4)), ASYMMETRIC_FLOOR, 8),
+    "Resize half_pixel round_prefer_floor": ("Resize", (None, _scales(1, 1, 2, 2)), NEAREST, 4),
+    "Resize half_pixel round_prefer_ceil, sizes": ("Resize", (None, None, np.array([1, 2, 16, 8], dtype=np.int64)),
+                                                   {**NEAREST, "nearest_mode": "round_prefer_ceil"}, 8),
+    "Resize pytorch_half_pixel": ("Resize", (None, _scales(1, 2, 4, 2)),
+                                  {**NEAREST, "coordinate_transformation_mode": "pytorch_half_pixel"}, 16),
+}
+
+
+@pytest.mark.parametrize("method", ["histogram", "minmax"])
+@pytest.mark.parametrize("case", DERIVED_CASES)
+def test_derived_observer_equals_the_counted_one(case, method):
+    op, extra, attrs, times = DERIVED_CASES[case]
+    module, samples = _op_module(op, extra, attrs), _growing_samples()
+    assert calibration.derived_tensors(module, ["x", "a", "y"]) == {"y": ("a", times)}
+    derived, _ = collect(module, samples, ["x", "a", "y"], method)
+    assert calibration.derived_tensors(module, ["y"]) == {}  # its source not observed: counted
+    counted, _ = collect(module, samples, ["y"], method)
+    _assert_same_observer(derived["y"], counted["y"])
+    if method == "histogram":
+        assert derived["y"].counts.sum() == times * derived["a"].counts.sum() > 0
+
+
+@pytest.mark.parametrize("scales, attrs", [
+    (_scales(1, 1, 2, 2), {"mode": "linear"}),
+    (_scales(1, 1, 3, 3), ASYMMETRIC_FLOOR),  # not a power of two
+    (_scales(1, 1, 4, 4), {**NEAREST, "coordinate_transformation_mode": "asymmetric"}),  # round: edge pixels fewer
+    (_scales(1, 1, 2, 2), {**NEAREST, "coordinate_transformation_mode": "align_corners"}),
+    (_scales(1, 1, 0.5, 0.5), NEAREST),
+])
+def test_resizes_that_do_not_repeat_every_value_alike_are_counted(scales, attrs):
+    assert calibration.derived_tensors(_op_module("Resize", (None, scales), attrs), ["a", "y"]) == {}
+
+
+def _resize_flatten_module(shape):
+    return _chain_module([("Resize", ["x", "", "s"], "r", NEAREST), ("Flatten", ["r"], "y", {})], shape,
+                         {"s": _scales(1, 1, 2, 2)})
+
+
+def test_derivations_follow_chains():
+    module, samples = _resize_flatten_module((1, 2, 4, 4)), _growing_samples()
+    assert calibration.derived_tensors(module, ["x", "r", "y"]) == {"r": ("x", 4), "y": ("x", 4)}
+    derived, _ = collect(module, samples, ["x", "r", "y"], "histogram")
+    counted, _ = collect(module, samples, ["y"], "histogram")
+    _assert_same_observer(derived["y"], counted["y"])
+
+
+def test_an_empty_tensor_is_not_derived_from_an_unknown_factor():
+    module = _resize_flatten_module((1, 0, 2, 2))
+    assert calibration.derived_tensors(module, ["x", "r", "y"]) == {"y": ("r", 1)}
+    observers, _ = collect(module, [{"x": np.zeros((1, 0, 2, 2), np.float32)}] * 2, ["x", "r", "y"], "histogram")
+    assert observers["y"].empty and observers["y"].exponent is None
+
+
+def test_histogram_keeps_a_value_rounded_onto_the_upper_edge():
+    # With origin -4000 the float32 index of 3.99999 / 0.5 - origin rounds up to 4008 = len(counts).
+    obs = HistogramObserver()
+    obs.update(np.array([-2000.0, 3.99999], dtype=np.float32))
+    assert (obs.exponent, obs.origin, len(obs.counts)) == (-1, -4000, 4008)
+    assert obs.counts[0] == 1 and obs.counts[-1] == 1 and obs.counts.sum() == 2
+
+
+def test_histogram_bins_tensors_longer_than_a_chunk():
+    x = np.random.default_rng(8).standard_normal(3 * calibration.CHUNK + 5).astype(np.float32)
+    obs = HistogramObserver()
+    obs.update(x)
+    # The float32 index arithmetic of the whole tensor at once (not floor(x / w): that rounds differently).
+    index = (x * np.float32(2.0 ** -obs.exponent) - np.float32(obs.origin)).astype(np.intp)
+    expected = np.bincount(index, minlength=len(obs.counts))
+    np.testing.assert_array_equal(obs.counts, expected)
