@@ -253,10 +253,14 @@ def make_const(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
     return gs.Constant(name, np.ascontiguousarray(values))
 
 
-def unique_name(graph: gs.Graph, hint: str) -> str:
-    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+def unique_name(graph: gs.Graph, hint: str, taken: set | None = None) -> str:
+    """``hint``, or ``hint_1``, ``hint_2``, ...: the first name no tensor or node of ``graph`` has. A caller naming
+    many tensors passes ``taken`` (the names in use, kept up to date here) so the graph is not rescanned."""
+    if taken is None:
+        taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     name, i = hint, 0
     while name in taken:
         i += 1
         name = f"{hint}_{i}"
+    taken.add(name)
     return name

@@ -238,10 +238,12 @@ class BiasCorrection(Pass):
             return twin
 
         inputs, feed_names = {}, {}
+        taken = set(sim.graph.tensors()) | {node.name for node in sim.graph.nodes}
         for layer, site in sites.items():
             inputs[layer] = simulated(layer.node).inputs[0].name
             node = simulated(site.node)
-            feed = gs.Variable(unique_name(sim.graph, f"{site.output.name}_bias"), dtype=np.float32, shape=list(site.shape))
+            feed = gs.Variable(unique_name(sim.graph, f"{site.output.name}_bias", taken), dtype=np.float32,
+                               shape=list(site.shape))
             while len(node.inputs) <= site.index:
                 node.inputs.append(gs.Variable.empty())
             node.inputs[site.index] = feed

@@ -44,7 +44,7 @@ import onnx_graphsurgeon as gs
 from compiler.calibration import activation_tensors
 from compiler.encoding import (ALL, SHARED_ENCODING_OPS, Encoding, activation_encoding, fixed_ranges, qdq_params,
                                range_encoding, stored_values, weight_encoding)
-from compiler.ir import Module, QccError, const_value
+from compiler.ir import Module, QccError, const_value, unique_name
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import is_graph_output
 
@@ -300,13 +300,8 @@ class InsertQdq(Pass):
         return scale_const, zp_const
 
     def _name(self, hint: str) -> str:
-        """A tensor name unused in the graph and the encodings table (compiler.ir.unique_name rescans the graph)."""
-        name, i = hint, 0
-        while name in self.taken:
-            i += 1
-            name = f"{hint}_{i}"
-        self.taken.add(name)
-        return name
+        """A tensor name unused in the graph and the encodings table."""
+        return unique_name(self.graph, hint, self.taken)
 
     def _domain(self, enc: Encoding) -> str:
         standard = enc.bw in (4, 8, 32) or self.module.opset >= 21
