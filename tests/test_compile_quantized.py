@@ -110,9 +110,12 @@ def test_target_pipelines_come_from_registered_passes(monkeypatch):
     assert "calibrate{method=mse act-bits=8}" in htp
     assert "per-channel=false" in TARGETS["dsp"].pipeline_text() and "per-channel=false" in TARGETS["hta"].pipeline_text()
     assert "calibrate{method=minmax act-bits=16}" in TARGETS["htp"].pipeline_text(act_bits=16)
-    # No AdaRound by default (measured in compiler/targets.py): bias correction at both widths.
+    # No AdaRound by default (measured in compiler/targets.py): bias correction at both widths, through the
+    # quantized model's layer inputs at 8 bits.
     for text in (htp, TARGETS["htp"].pipeline_text(act_bits=16)):
-        assert "adaround" not in text and "bias-correction{samples=8" in text
+        assert "adaround" not in text
+    assert "bias-correction{samples=4 mode=sequential" in htp
+    assert "bias-correction{samples=8 weight-bits=8" in TARGETS["htp"].pipeline_text(act_bits=16)
     assert "cle,calibrate{method=mse act-bits=8},adaround{iterations=200 samples=8" in \
         TARGETS["htp"].pipeline_text(left_out=frozenset())
     with pytest.raises(QccError, match="cannot leave out fold-bn"):
