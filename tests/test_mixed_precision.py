@@ -25,6 +25,14 @@ def test_promotion_sits_between_propagation_and_qdq_with_the_targets_weight_opti
     assert with_mixed_precision(text, 0.995) == text  # already mixed: unchanged
 
 
+def test_mixed_precision_corrects_biases_for_the_weights_only():
+    from compiler.pass_manager import parse_pipeline
+    base = TARGETS["htp"].pipeline_text()
+    assert "bias-correction{samples=4 mode=sequential" in base
+    (bias,) = [p for p in parse_pipeline(with_mixed_precision(base, 0.999)) if p.name == "bias-correction"]
+    assert (bias.options.mode, bias.options.samples) == ("empirical", 8)
+
+
 def test_sixteen_bit_activations_and_float_pipelines_are_refused():
     with pytest.raises(QccError, match="already has 16 bits"):
         with_mixed_precision(TARGETS["htp"].pipeline_text(act_bits=16), 0.999)
