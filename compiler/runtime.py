@@ -93,7 +93,8 @@ def _node_reads(node: onnx.NodeProto) -> set[str]:
     for attribute in node.attribute:
         bodies = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
         for body in bodies:
-            inner = {out for n in body.node for out in n.output} | {t.name for t in body.input} | {t.name for t in body.initializer}
+            inner = ({out for n in body.node for out in n.output} | {t.name for t in body.input}
+                     | {t.name for t in body.initializer})
             names |= {name for n in body.node for name in _node_reads(n)} - inner
     return names
 
@@ -133,7 +134,7 @@ class StagedRun:
         self.writes = [sorted({name for name in made[stage] if last_read.get(name, -1) >= stage})
                        for stage in range(len(stages))]
         self.last_read = last_read
-        self.sessions: dict[int, ort.InferenceSession | None] = {}
+        self.sessions: dict[int, ort.InferenceSession] = {}
 
     def run(self, stage: int, cache: dict, feeds: dict | None = None) -> dict:
         """Stage ``stage``'s tensors for one sample; ``cache`` holds that sample's graph inputs at first and is
@@ -152,8 +153,9 @@ class StagedRun:
         if stage not in self.sessions:
             nodes = self.nodes[stage]
             used = {name for node in nodes for name in _node_reads(node)}
-            inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(available[name].dtype),
-                                                         None) for name in self.reads[stage]]
+            dtype = onnx.helper.np_dtype_to_tensor_dtype
+            inputs = [onnx.helper.make_tensor_value_info(name, dtype(available[name].dtype), None)
+                      for name in self.reads[stage]]
             outputs = [onnx.ValueInfoProto(name=name) for name in self.writes[stage]]
             graph = onnx.helper.make_graph(nodes, f"stage{stage}", inputs, outputs,
                                            [self.initializers[name] for name in sorted(used & set(self.initializers))])

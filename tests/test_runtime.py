@@ -53,3 +53,24 @@ def test_a_feed_changed_between_stages_reaches_the_later_stage(model):
     y = staged.run(1, cache, {"late": moved})["y"]
     expected = run_model(model, [{**sample(0), "late": moved}], ["y"])[0]["y"]
     np.testing.assert_array_equal(y, expected)
+
+
+def test_a_node_whose_body_reads_an_earlier_tensor_runs_after_it():
+    from onnx import TensorProto, helper
+    branch = lambda name, op: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["a", "a"], [f"{name}_out"])], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]),
+         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["positive"]),
+         helper.make_node("If", ["positive"], ["y"], then_branch=branch("then", "Add"), else_branch=branch("else", "Mul"))],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    staged = StagedRun(model, [["a"], ["y"]])
+    assert "a" in staged.reads[1]  # the If's branches read 'a' from the outer graph
+    cache = dict(sample(1))
+    staged.run(0, cache)
+    np.testing.assert_array_equal(staged.run(1, cache)["y"], run_model(model, [sample(1)], ["y"])[0]["y"])
