@@ -105,7 +105,9 @@ def test_a_bias_variant_changes_only_bias_corrections_mode():
         default = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=bits))
         other = "empirical" if targets.width_defaults(bits).tuning.get("bias-correction") else "sequential"
         row = bench.variant(f"{width} bias={other}")
-        expected = [(n, dataclasses.replace(o, mode=other) if n == "bias-correction" else o) for n, o in default]
+        samples = {"sequential": 4, "empirical": 8}[other]  # the sample count of the width that uses the mode
+        expected = [(n, dataclasses.replace(o, mode=other, samples=samples) if n == "bias-correction" else o)
+                    for n, o in default]
         assert passes_and_options(row.passes) == expected
         assert f"{width} bias={other}" in bench.ablation_specs([bench.WIDTH_TOOLS[width]])
 

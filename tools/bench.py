@@ -37,7 +37,7 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
   passes and their options unchanged, in order);
 - ``+PASS``: with an optional PASS the default leaves out (at its place in the full pipeline);
 - ``calib=METHOD``: calibrate{method=METHOD} instead of the width's default method;
-- ``bias=MODE``: bias-correction{mode=MODE} instead of the width's default mode;
+- ``bias=MODE``: bias-correction in MODE, with the sample count of the width whose default uses it;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
   (promote-16bit; share defaults to promote-16bit's own);
 
@@ -225,7 +225,7 @@ def variant(spec: str) -> Variant:
             method = change.split("=", 1)[1]
             slug += f"-calib-{method}"
         elif change.startswith("bias="):
-            tuning["bias-correction"] = {"mode": change.split("=", 1)[1]}
+            tuning["bias-correction"] = bias_correction_options(change.split("=", 1)[1])
             slug += f"-bias-{tuning['bias-correction']['mode']}"
         elif change.split("=", 1)[0] in ("cos", "share") and "=" in change:
             key, value = change.split("=", 1)
@@ -252,6 +252,18 @@ def variant(spec: str) -> Variant:
         text = with_mixed_precision(text, mixed["cos"], mixed.get("share"))
     parse_pipeline(text)  # an unknown calibration method fails here, not after the first compiles
     return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", text)
+
+
+def bias_correction_options(mode: str) -> dict:
+    """bias-correction's options for ``mode`` as the width default that uses that mode has them (sequential
+    at W8A8 runs on 4 samples, empirical at W8A16 on 8), so a bias=MODE row changes the mode and its sample
+    count together; just the mode for a mode no default uses."""
+    from compiler.targets import QUANT_TUNING, WIDTH_DEFAULTS
+    for defaults in WIDTH_DEFAULTS.values():
+        options = {**dict(QUANT_TUNING)["bias-correction"], **defaults.tuning.get("bias-correction", {})}
+        if options.get("mode", "empirical") == mode:
+            return {**options, "mode": mode}
+    return {"mode": mode}
 
 
 def ablation_specs(tools: list[str]) -> list[str]:
