@@ -30,10 +30,10 @@ Errors, per quantized activation ``t`` (rows in FLOAT's topological order), agai
   with the dequantized weights, again fed FP32 activations) and activations only
   (``fake_quantize`` of FLOAT's ``t`` with ``t``'s encoding, numpy). ``weights`` when weights
   cause at least 2/3 of the noise energy, ``activations`` when they cause at most 1/3, else ``both``.
-  The dequantized constants include the biases: after bias-correction{mode=sequential}, whose biases
-  also offset the activations' mean shift, "weights only" keeps that offset without the shift it
-  offsets, so it reads worse than the weights are (det W8A8: 0.988 against 0.9991 with float-input
-  bias correction) and may blame weights for what the biases fix.
+  Biases stay FLOAT's in both: bias correction moves them to offset the weights' and (mode=sequential)
+  the activations' mean error together, so a corrected bias belongs to neither cause alone. The split
+  is each cause's raw error, which bias correction then reduces in QUANT (det W8A8: weights only
+  0.990, activations only 0.982, QUANT 0.990; with QUANT's sequential biases "weights only" read 0.988).
 Final outputs are also measured with only weights or only activations quantized (QNN's
 first triage step), which says whether per-channel weights or 16-bit activations will help.
 
@@ -227,6 +227,7 @@ class WeightUse:
     params: QdqParams
     dequantized: np.ndarray
     float_value: np.ndarray
+    bias: bool = False  # an int32 bias, or the constant of an Add after a linear layer
 
 
 @dataclass
@@ -252,6 +253,24 @@ def quantizes(float_value: np.ndarray, dequantized: np.ndarray, params: QdqParam
         scale = scale.reshape(shape)
     close = np.abs(dequantized.astype(np.float64) - float_value) <= 1.01 * scale + 1e-12
     return bool(close.mean() >= 0.99)
+
+
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def _is_bias_add(g: GraphIndex, index: int) -> bool:
+    """Whether node ``index`` adds a constant to a linear layer's output (paddle2onnx's MatMul + Add bias),
+    through that output's Q/DQ pair if it has one."""
+    node = g.nodes[index]
+    if node.op_type != "Add":
+        return False
+    for name in node.input:
+        producer = g.producer.get(name)
+        while producer is not None and (is_dq(g.nodes[producer]) or is_q(g.nodes[producer])):
+            producer = g.producer.get(g.nodes[producer].input[0])
+        if producer is not None and g.nodes[producer].op_type in LINEAR_OPS:
+            return True
+    return False
 
 
 def _match_node(fg: GraphIndex, node: onnx.NodeProto) -> int | None:
@@ -301,6 +320,7 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
             for user in users:
                 fnode = _match_node(fg, qg.nodes[user])
                 reader = qg.nodes[user].name or qg.nodes[user].op_type
+                bias = params.bits == 32 or _is_bias_add(qg, user)
                 for index, name in enumerate(qg.nodes[user].input):
                     if name != out:
                         continue
@@ -312,11 +332,12 @@ def map_qdq(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> QdqMa
                     if float_value is None:
                         unmatched.append(f"{out}: weight read by '{reader}' has no float counterpart")
                     elif not quantizes(float_value, dequantized, params) and not (
-                            params.bits == 32 and float_value.shape == dequantized.shape):
-                        # An int32 bias may differ on purpose (bias correction); a rewrite shows in the weight.
+                            bias and float_value.shape == dequantized.shape):
+                        # A bias may differ on purpose (bias correction); a rewrite shows in the weight.
                         unmatched.append(f"{out}: not a quantization of the float '{float_name}' (rewritten?)")
                     else:
-                        weights.append(WeightUse(out, user, fnode, index, float_name, params, dequantized, float_value))
+                        weights.append(WeightUse(out, user, fnode, index, float_name, params, dequantized, float_value,
+                                                 bias))
                         continue
                     if fnode is not None:
                         mismatched.add(fnode)
@@ -510,8 +531,11 @@ def _replace_inputs(model: onnx.ModelProto, replacements: list[tuple[int, int, n
 
 
 def weight_replacements(mapping: QdqMapping) -> tuple[list, list]:
-    """(FLOAT node, index, dequantized weight) and (QUANT node, index, float weight) replacements."""
-    dequantized = [(u.float_node, u.index, u.dequantized.astype(u.float_value.dtype)) for u in mapping.weights]
+    """(FLOAT node, index, dequantized weight) and (QUANT node, index, float weight) replacements. Biases stay
+    FLOAT's on both sides: a corrected bias offsets the error of both weights and activations (bias
+    correction), so it belongs to neither measured alone."""
+    dequantized = [(u.float_node, u.index, u.dequantized.astype(u.float_value.dtype)) for u in mapping.weights
+                   if not u.bias]
     floats = [(u.quant_node, u.index, u.float_value) for u in mapping.weights]
     return dequantized, floats
 

@@ -148,6 +148,35 @@ def test_biases_moved_or_added_by_the_quantizer_still_match(models):
     assert result.outputs[0].weights_only_cos is not None
 
 
+def test_biases_stay_float_in_the_weights_only_measure(models):
+    """A bias the quantizer moved (the int32 one of a Conv, or paddle's MatMul + Add constant) is matched, and
+    "weights only" keeps FLOAT's bias: moving QUANT's changes the full model, not that measure."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((8, 4)) * 0.5).astype(np.float32), "w")
+    b = numpy_helper.from_array((rng.standard_normal(4) * 0.5).astype(np.float32), "b")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+                               helper.make_node("Add", ["m", "b"], ["y"], name="fc_bias")],
+                              "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w, b])
+    float_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = [{"x": rng.standard_normal((2, 8)).astype(np.float32)} for _ in range(4)]
+    src, dst = models["folder"] / "fc.float.onnx", models["folder"] / "fc.qdq.onnx"
+    onnx.save(float_model, src)
+    quantization.quantize_static(str(src), str(dst), _Reader(data), quant_format=quantization.QuantFormat.QDQ)
+    quant = onnx.load(dst)
+    (add,) = [n for n in quant.graph.node if n.op_type == "Add"]
+    bias_dq = next(n for n in quant.graph.node if n.output[0] in add.input and n.op_type == "DequantizeLinear"
+                   and any(t.name == n.input[0] for t in quant.graph.initializer))
+    before = analyze(float_model, quant, data[:2])
+    stored = next(t for t in quant.graph.initializer if t.name == bias_dq.input[0])
+    stored.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(stored).astype(np.int32) // 2).astype(
+        numpy_helper.to_array(stored).dtype), stored.name))
+    after = analyze(float_model, quant, data[:2])
+    assert after.unmatched == [] and after.outputs[0].weights_only_cos is not None
+    assert after.outputs[0].cos < before.outputs[0].cos  # the moved bias is in the full model
+    assert after.outputs[0].weights_only_cos == before.outputs[0].weights_only_cos
+
+
 def test_tensor_fused_into_its_relu_is_compared_after_it():
     """qcc's insert-qdq keeps the Relu and quantizes the conv output with the Relu's range (propagate-encodings):
     on HTP the two are one op, so the conv output is not a layer of its own."""
