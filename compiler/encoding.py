@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_RANGE = 0.01
+# A weight channel whose largest |w| is below this contributes nothing at any activation scale; it is quantized
+# as a zero channel (weight_encoding).
+NEGLIGIBLE_WEIGHT = 1e-20
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> E
     so its scale is valid and its values quantize to exactly zero. Other channels keep
     their own range however small: the 0.01 floor is an activation rule, and applied to
     weights it left det's tiny output-head filters (|w| ~ 2e-4) about five levels.
+    Weights below NEGLIGIBLE_WEIGHT count as zero: PP-OCR rec has Gemm channels of
+    denormal weights (|w| ~ 3e-40), whose scale times a 16-bit input scale underflows
+    the int32 bias scale s_in * s_w to 0 in float32.
     """
     w = np.asarray(weights, dtype=np.float64)
     if axis is None:
@@ -78,7 +84,7 @@ def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> E
         absmax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     half = 2 ** (bw - 1)
     # Symmetric range [-absmax, absmax] on 2^bw - 1 steps with offset -2^(bw-1): scale = absmax / (2^(bw-1) - 1)
-    absmax = np.where(absmax > 0, absmax, MIN_RANGE / 2)
+    absmax = np.where(absmax > NEGLIGIBLE_WEIGHT, absmax, MIN_RANGE / 2)
     scale = absmax / (half - 1)
     return Encoding(bw=bw, scale=tuple(float(np.float32(s)) for s in scale),
                     offset=tuple(-half for _ in scale), symmetric=True, axis=axis)

@@ -38,6 +38,16 @@ def test_weight_encoding_keeps_tiny_channels_fine_grained():
     assert np.abs(fake_quantize(w, enc) - w).max() <= enc.scale[0] / 2 + 1e-12
 
 
+def test_weight_encoding_treats_denormal_channels_as_zero():
+    # PP-OCR rec's Gemm channels of |w| ~ 3e-40: their own scale (~2.5e-42) times a 16-bit input scale
+    # underflowed the int32 bias scale to 0 in float32.
+    w = np.array([[3e-40, -2e-40], [0.5, -0.25]], np.float32)
+    enc = weight_encoding(w, 8, axis=0)
+    assert enc.scale[0] == weight_encoding(np.zeros((1, 2), np.float32), 8, axis=0).scale[0]
+    assert fake_quantize(w, enc)[0].tolist() == [0.0, 0.0]
+    assert all(s > 0 for s in bias_encoding(1.5e-7, enc).scale)  # 16-bit steps of a 0.01-wide range
+
+
 def test_bias_encoding_scale_is_input_times_weight():
     weight = Encoding(bw=8, scale=(0.5, 0.25), offset=(-128, -128), symmetric=True, axis=0)
     bias = bias_encoding(0.1, weight)

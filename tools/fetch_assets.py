@@ -8,7 +8,10 @@ installed), so no model hub or ad-hoc URL is involved:
   ``ch_ppocr_mobile_v2.0_cls_infer.onnx`` -> ``models/ppocr_cls.onnx`` (text-line orientation
   classifier, input ``x [N,3,48,192]``, classes 0 / 180 degrees) and
   ``ch_PP-OCRv4_det_infer.onnx`` -> ``models/ppocr_det.onnx`` (text detector, input
-  ``x [N,3,H,W]`` with H, W multiples of 32, output a per-pixel text probability map).
+  ``x [N,3,H,W]`` with H, W multiples of 32, output a per-pixel text probability map) and
+  ``ch_PP-OCRv4_rec_infer.onnx`` -> ``models/ppocr_rec.onnx`` (text recogniser, SVTR-LCNet:
+  convolutions, then attention blocks with LayerNorm and Swish; input ``x [N,3,48,W]``, output per
+  time step a softmax over 6625 characters).
   Preprocessing for both: RGB float32, ``(x/255 - 0.5) / 0.5``, NCHW.
 - ``scikit-image==0.26.0``: the PNG/JPEG files of ``skimage/data/`` -> ``images/``.
 - ``matplotlib==3.10.8``: four DejaVu fonts of ``matplotlib/mpl-data/fonts/ttf/`` -> ``fonts/``.
@@ -93,6 +96,7 @@ SOURCES = (
     Wheel("rapidocr-onnxruntime", "1.4.4", members={
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "models/ppocr_cls.onnx",
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "models/ppocr_det.onnx",
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "models/ppocr_rec.onnx",
     }),
     Wheel("scikit-image", "0.26.0", folders=(("skimage/data/", "images", IMAGE_SUFFIXES),)),
     Wheel("matplotlib", "3.10.8", members={
@@ -146,7 +150,9 @@ def fetch(dest: Path | None = None, count: int = DEFAULT_COUNT, *, force: bool =
         files = old.get("files", {})
 
         source_files = {k: v for k, v in files.items() if k.split("/", 1)[0] in ("models", "images", "fonts")}
-        if old.get("sources") == sources and source_files and _verify(dest, source_files):
+        members = {rel for wheel in SOURCES for rel in wheel.members.values()}
+        if (old.get("sources") == sources and source_files and members <= set(source_files)
+                and _verify(dest, source_files)):
             log("models, images, fonts: up to date")
         else:
             t0 = time.perf_counter()
