@@ -30,6 +30,16 @@ def test_iou_of_thresholded_maps():
     assert result["task_metric"] == pytest.approx(4 / 12)
 
 
+def test_rec_agreement_is_the_share_of_time_steps_with_the_same_character():
+    ref = np.zeros((1, 4, 5))
+    ref[0, np.arange(4), [1, 2, 3, 0]] = 1.0   # characters 1 2 3 blank
+    got = ref.copy()
+    got[0, 2] = 0.0
+    got[0, 2, 4] = 1.0                         # the third step reads character 4
+    result = bench.accuracy([{"probs": ref}], [{"probs": got}], [0], "chars")
+    assert result["task_metric"] == pytest.approx(3 / 4)
+
+
 def test_missing_htp_target_fails_clearly(monkeypatch):
     monkeypatch.delitem(targets.TARGETS, "htp", raising=False)
     with pytest.raises(SystemExit, match="no 'htp' target.*--tools ort-minmax"):

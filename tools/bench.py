@@ -28,7 +28,8 @@ Every QDQ model is evaluated on onnxruntime CPU with graph optimisations off (ex
 compiler.runtime) against the float model: cosine per sample (mean and min) and SQNR in dB over the
 held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is ~0 on an image without
 text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
-(det). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
+(det), the share of time steps whose most likely character agrees with FP32's (rec, ``--models rec``:
+the recogniser on the classifier's text lines, resized to 48x320). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
 
 A variant row (``--variant SPEC``) compiles the ``htp`` target's default pipeline at one activation width
 with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
@@ -113,13 +114,16 @@ class BenchModel:
     shape: list
     folder: str
     image: ImageOptions
-    task: str  # "top1" or "iou"
+    task: str  # "top1", "iou" or "chars"
 
 
 MODELS = {
     "cls": BenchModel("cls", [1, 3, 48, 192], "text_cls", RAPIDOCR, "top1"),
     "det": BenchModel("det", [1, 3, 320, 320], "text_det", RAPIDOCR, "iou"),
+    # Not in the default --models: the recogniser (attention blocks) on the classifier's text lines.
+    "rec": BenchModel("rec", [1, 3, 48, 320], "text_cls", RAPIDOCR, "chars"),
 }
+TASK_LABELS = {"top1": "top1", "iou": "IoU", "chars": "chars"}
 QCC_TOOLS = {"qcc-w8a8": 8, "qcc-w8a16": 16}
 ORT_TOOLS = ("ort-minmax", "ort-percentile", "ort-qnn")
 TOOLS = tuple(QCC_TOOLS) + ORT_TOOLS
@@ -336,6 +340,9 @@ def accuracy(reference: list[dict], candidate: list[dict], keep: list[int], task
     if task == "top1":
         agree = [int(np.argmax(reference[i][name])) == int(np.argmax(candidate[i][name])) for i in keep]
         task_value = float(np.mean(agree)) if agree else None
+    elif task == "chars":  # the greedy CTC decode's character per time step, as rec's FP32 output picks it
+        agree = [np.mean(np.argmax(reference[i][name], axis=-1) == np.argmax(candidate[i][name], axis=-1)) for i in keep]
+        task_value = float(np.mean(agree)) if agree else None
     else:
         ref = np.concatenate([(reference[i][name] > DET_THRESHOLD).ravel() for i in keep])
         got = np.concatenate([(candidate[i][name] > DET_THRESHOLD).ravel() for i in keep])
@@ -417,7 +424,7 @@ def render(rows: list[Row], with_htp: bool) -> str:
         if r.error:
             lines.append(f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}  failed: {r.error}")
             continue
-        task = f"{'top1' if r.task == 'top1' else 'IoU'} {_fmt(r.task_metric, '.3f')}"
+        task = f"{TASK_LABELS.get(r.task, r.task)} {_fmt(r.task_metric, '.3f')}"
         line = (f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
         if with_htp:
