@@ -29,7 +29,8 @@ compiler.runtime) against the float model: cosine per sample (mean and min) and 
 held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is ~0 on an image without
 text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
 (det), the share of time steps whose most likely character agrees with FP32's (rec, ``--models rec``:
-the recogniser on the classifier's text lines, resized to 48x320). ``qcc/ORT`` is a qcc row's compile time over ``ort minmax``'s for the same model.
+the recogniser on the classifier's text lines, resized to 48x320). ``qcc/ORT`` is a qcc row's compile
+time over ``ort minmax``'s for the same model.
 
 A variant row (``--variant SPEC``) compiles the ``htp`` target's default pipeline at one activation width
 with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
@@ -47,14 +48,15 @@ config is ``htp SPEC``.
 ``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
 each of fuse-hardswish, fold-affine, replace-se, cle, adaround, bias-correction toggled (``-PASS`` if the
 default has it, else ``+PASS``), then each calibration method other than the default among minmax,
-percentile, mse and auto, then the other data-driven bias-correction mode (empirical, sequential). A pass's contribution is then the difference to the tool's own row (same float
-model, same samples, same run). A change that does not apply (a pass not installed, ``-PASS`` for a pass
+percentile, mse and auto, then the other data-driven bias-correction mode (empirical, sequential). A
+pass's contribution is then the difference to the tool's own row (same float model, same samples, same
+run). A change that does not apply (a pass not installed, ``-PASS`` for a pass
 the default lacks) is an error before any work. Variants compile as the others, through
 ``compile_model(..., passes=TEXT)``.
 
 Usage (from the repository root):
 
-    python tools/bench.py [--models cls,det] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
+    python tools/bench.py [--models cls,det[,rec]] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
                           [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
                           [--ablation] [--variant SPEC ...]
 
