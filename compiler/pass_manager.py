@@ -62,7 +62,8 @@ class PassContext:
 
 
 class Pass:
-    """Base class. Subclasses set ``name``, ``kind``, a frozen ``Options`` dataclass and ``run``."""
+    """Base class. Subclasses set ``name``, ``kind`` and ``run``, and a frozen ``Options`` dataclass when they
+    have options (this empty one otherwise)."""
     name: ClassVar[str]
     kind: ClassVar[PassKind]
 

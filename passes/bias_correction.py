@@ -249,7 +249,6 @@ class BiasCorrection(Pass):
             node.inputs[site.index] = feed
             sim.graph.inputs.append(feed)
             feed_names[layer] = feed.name
-        sim.graph.cleanup()
         return sim, inputs, feed_names
 
     # --- analytic -------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ Graph inputs and outputs keep their names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,10 +35,6 @@ def _cast_target(node):
 class Cleanup(Pass):
     name = "cleanup"
     kind = PassKind.FLOAT_PRESERVING
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph

@@ -31,7 +31,6 @@ Stats: ``into-producer``, ``into-consumers`` (nodes folded), ``gemm-scales`` (al
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -91,10 +90,6 @@ def take_output(node: gs.Node, layer: gs.Node) -> None:
 class FoldAffine(Pass):
     name = "fold-affine"
     kind = PassKind.FLOAT_PRESERVING
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph

@@ -202,10 +202,6 @@ class FoldBatchNorm(Pass):
     name = "fold-bn"
     kind = PassKind.FLOAT_PRESERVING
 
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph
         graph.toposort()

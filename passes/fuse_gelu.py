@@ -21,7 +21,6 @@ Stats: ``gelu-fused``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
@@ -97,10 +96,6 @@ def match_gelu(graph: gs.Graph, erf: gs.Node) -> tuple:
 class FuseGelu(Pass):
     name = "fuse-gelu"
     kind = PassKind.FLOAT_PRESERVING
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph

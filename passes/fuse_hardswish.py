@@ -258,10 +258,6 @@ class FuseHardSwish(Pass):
     name = "fuse-hardswish"
     kind = PassKind.FLOAT_PRESERVING
 
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph
         graph.toposort()

@@ -31,7 +31,6 @@ QuantizeLinear / DequantizeLinear themselves, are left alone; a second run finds
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -132,10 +131,6 @@ def output_width(node: gs.Node) -> int | None:
 class InsertConverts(Pass):
     name = "insert-converts"
     kind = PassKind.LOWERING
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph
