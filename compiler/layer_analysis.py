@@ -54,6 +54,7 @@ from onnx import numpy_helper
 
 from compiler.encoding import FUSED_ACTIVATIONS, Encoding, encoding_from_qdq, fake_quantize
 from compiler.ir import QccError
+from compiler.linear import LINEAR_OPS
 from compiler.progress import Progress
 from compiler.runtime import make_session
 
@@ -254,8 +255,6 @@ def quantizes(float_value: np.ndarray, dequantized: np.ndarray, params: QdqParam
     close = np.abs(dequantized.astype(np.float64) - float_value) <= 1.01 * scale + 1e-12
     return bool(close.mean() >= 0.99)
 
-
-LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _is_bias_add(g: GraphIndex, index: int) -> bool:

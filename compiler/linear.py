@@ -24,6 +24,8 @@ from compiler.encoding import Encoding, weight_encoding
 from compiler.ir import const_value, make_const
 from compiler.patterns import has_single_consumer
 
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})  # the ops whose weight makes them a layer
+
 
 def channel_constant(value: np.ndarray, channels: int, rank: int, channel_axis: int = 1) -> np.ndarray | None:
     """``value`` as one float64 per channel if, broadcast against a rank-``rank`` tensor, it varies at most

@@ -35,6 +35,25 @@ the same axis rule (per tensor for MatMul).
   and the correction goes into that BN's beta, where fold-bn will find it. Layers without such
   statistics are declined with a remark: an activation encoding gives a range, not a mean.
 
+Output layers, those whose output reaches a graph output through no other Conv, ConvTranspose, Gemm or
+MatMul (a classifier's last MatMul, a detector's last conv before its activation), are left alone unless
+``output-layers=true``. Correcting one moves every sample's output by the calibration samples' mean
+shift, which the samples a decision hangs on do not share. cls (two classes, softmax) shows it: on
+fold A's 42 held-out images whose float logit difference is within 2, the quantized model's logit
+difference is off by -0.54 on average with its final MatMul corrected (sequential, 4 samples), -0.24
+with it left alone (-0.05 without any bias correction). Mean held-out cosine over 8 folds of 32
+calibration and 192 held-out images (cls W8A8; rec 2 folds of 32 + 64):
+
+    bias-correction                     cls W8A8   cls W8A16 (4 folds)  rec W8A8
+    sequential, 4 samples               0.99708               -         0.97478
+      with output-layers=true           0.99628               -         0.97498
+    sequential, 32 samples              0.99711               -            -
+      with output-layers=true           0.99681               -            -
+    empirical, 8 samples                   -               0.99972         -
+      with output-layers=true              -               0.99972         -
+
+det is unchanged: its output layer is a ConvTranspose, which the pass does not correct.
+
 Kind: ANNOTATING, although it writes biases. It deliberately changes the float model (the FP32
 output moves by -E[dW x]) so that the quantized one matches the original, so --verify must not
 hold it to float equality. A layer it corrected is annotated ``bias_corrected`` on its output
@@ -54,7 +73,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.encoding import clip_bounds, fake_quantize, weight_encoding
 from compiler.ir import Module, QccError, const_value, unique_name
-from compiler.linear import LinearLayer, bias_site, linear_layer, set_input_const
+from compiler.linear import LINEAR_OPS, LinearLayer, bias_site, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
 from compiler.patterns import has_single_consumer, producer
 from compiler.progress import Progress
@@ -76,6 +95,7 @@ class BiasCorrection(Pass):
         weight_bits: int = 8
         per_channel: bool = True
         samples: int = 32
+        output_layers: bool = False
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -106,8 +126,13 @@ class BiasCorrection(Pass):
 
     def _layers(self, module: Module, ctx: PassContext) -> list[LinearLayer]:
         layers = []
+        heads = set() if self.options.output_layers else _output_layers(module.graph)
         for node in module.graph.nodes:
             if node.op not in ("Conv", "Gemm", "MatMul") or MARK in module.annotations.get(node.outputs[0].name, {}):
+                continue
+            if id(node) in heads:
+                ctx.remark(node, "not corrected: its output reaches a graph output through no other layer "
+                                 "(output-layers=true corrects it)")
                 continue
             layer, why = linear_layer(node)
             if layer is None:
@@ -344,6 +369,22 @@ _normal_cdf = np.vectorize(lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)), otype
 
 def _normal_pdf(z: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * np.square(z)) / math.sqrt(2.0 * math.pi)
+
+
+def _output_layers(graph: gs.Graph) -> set[int]:
+    """ids of the Conv/ConvTranspose/Gemm/MatMul nodes that reach a graph output through no other such node."""
+    heads, seen = set(), set()
+    stack = [producer(tensor) for tensor in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op in LINEAR_OPS:
+            heads.add(id(node))
+            continue
+        stack.extend(producer(tensor) for tensor in node.inputs)
+    return heads
 
 
 def _waves(module: Module, layers: list[LinearLayer]) -> list[list[LinearLayer]]:

@@ -36,10 +36,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value
-from compiler.linear import LinearLayer, channel_constant, linear_layer, set_input_const
+from compiler.linear import LINEAR_OPS, LinearLayer, channel_constant, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, is_graph_output, producer
-from passes.fold_bn import LAYERS, channel_vector, layer_problem, out_channels, output_rank, scale_weight
+from passes.fold_bn import channel_vector, layer_problem, out_channels, output_rank, scale_weight
 
 
 def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, str] | None:
@@ -117,7 +117,7 @@ class FoldAffine(Pass):
 
     def into_producer(self, graph: gs.Graph, node: gs.Node, x, value: np.ndarray, kind: str) -> bool:
         layer = producer(x)
-        if layer is None or layer.op not in LAYERS or layer_problem(layer) or not has_single_consumer(graph, x):
+        if layer is None or layer.op not in LINEAR_OPS or layer_problem(layer) or not has_single_consumer(graph, x):
             return False
         weight = const_value(layer.inputs[1])
         channels = out_channels(layer, weight)

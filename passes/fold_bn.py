@@ -38,11 +38,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value, make_const, unique_name
-from compiler.linear import channel_constant, set_input_const, uses
+from compiler.linear import LINEAR_OPS, channel_constant, set_input_const, uses
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, producer
-
-LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -132,7 +130,7 @@ def scale_weight(layer: gs.Node, weight: np.ndarray, s: np.ndarray) -> np.ndarra
 
 def layer_problem(layer: gs.Node) -> str:
     """Why ``layer`` cannot absorb a per-channel scale on its output ('' if it can)."""
-    if layer.op not in LAYERS:
+    if layer.op not in LINEAR_OPS:
         return f"its producer is a {layer.op}, not a Conv, ConvTranspose, Gemm or MatMul"
     weight = const_value(layer.inputs[1]) if len(layer.inputs) > 1 else None
     if weight is None:
@@ -170,7 +168,7 @@ def find_site(graph: gs.Graph, bn: gs.Node, channels: int) -> tuple[FoldSite | N
     if node.op == "Add" and len(node.inputs) == 2:
         index = next((i for i in (1, 0) if const_value(node.inputs[i]) is not None), None)
         upstream = producer(node.inputs[1 - index]) if index is not None else None
-        if upstream is None or upstream.op not in LAYERS or not has_single_consumer(graph, node.inputs[1 - index]):
+        if upstream is None or upstream.op not in LINEAR_OPS or not has_single_consumer(graph, node.inputs[1 - index]):
             return None, "its producer Add is not a constant bias added to a Conv, ConvTranspose, Gemm or MatMul"
         site = FoldSite(upstream, node, index)
     problem = layer_problem(site.layer)

@@ -64,10 +64,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, QccError, const_value, make_const, unique_name
+from compiler.linear import LINEAR_OPS
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
 from compiler.patterns import const_input, producer
 
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 UNARY_CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Clip",
                                 "MaxPool", "AveragePool", "GlobalAveragePool"})
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})

@@ -8,7 +8,7 @@ from compiler.ir import const_value, from_onnx, infer_shapes, load
 from compiler.linear import linear_layer, set_input_const
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import run_model, sample_inputs
-from passes.bias_correction import BiasCorrection
+from passes.bias_correction import MARK, BiasCorrection, _output_layers
 
 
 def golden(case):
@@ -16,7 +16,8 @@ def golden(case):
 
 
 def correct(module, ctx, **options):
-    return BiasCorrection(BiasCorrection.Options(**options)).run(module, ctx)
+    """The pass; these small graphs' layers are their output layers, which only output-layers=true corrects."""
+    return BiasCorrection(BiasCorrection.Options(**{"output_layers": True, **options})).run(module, ctx)
 
 
 def quantize_weights(module, bits, per_channel=True):
@@ -168,6 +169,38 @@ def test_sequential_restores_the_quantized_models_means_layer_after_layer():
     np.testing.assert_allclose(c1_sequential, float_means[0], atol=2e-3)
     np.testing.assert_allclose(c2_sequential, float_means[1], atol=2e-3)
     assert not correct(sequential, ctx, mode="sequential", weight_bits=4).modified  # annotated: done
+
+
+def test_output_layers_are_left_alone_by_default():
+    module = chain_module()
+    samples = sample_inputs(module, PassContext(seed=4), 4)
+    ctx = PassContext(calib_data=samples, log=lambda m: None)
+    b2 = const_value(module.graph.nodes[-2].inputs[2]).copy()
+    result = BiasCorrection(BiasCorrection.Options(weight_bits=4)).run(module, ctx)
+    # c2 reaches the output y through a Relu only: its mean shift is the output's, left as the float model's.
+    assert result.stats["corrected"] == 1
+    assert len(ctx.remarks) == 1 and "output-layers=true" in ctx.remarks[0].message
+    np.testing.assert_array_equal(const_value(module.graph.nodes[-2].inputs[2]), b2)
+    assert MARK not in module.annotations.get("c2", {}) and MARK in module.annotations.get("c1", {})
+
+
+def test_output_layers_stop_at_the_first_layer_upstream_of_each_output():
+    text = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,2,4,4] x) => (float[1,2,4,4] y, float[1,2,4,4] z)
+  <float[2,2,1,1] w = {1.0, 0.5, -0.5, 1.0}, float[2,2,1,1] u = {1.0, 0.0, 0.0, 1.0}> {
+  a = Conv(x, w)
+  t = ConvTranspose(a, u)
+  y = Relu(t)
+  b = Conv(a, w)
+  c = Conv(b, w)
+  s = Add(b, c)
+  z = Sigmoid(s)
+}
+"""
+    module = from_onnx(infer_shapes(onnx.parser.parse_model(text)))
+    heads = {module.graph.nodes[i].outputs[0].name for i, n in enumerate(module.graph.nodes)
+             if id(n) in _output_layers(module.graph)}
+    assert heads == {"t", "b", "c"}  # a feeds outputs only through t or b
 
 
 def test_sequential_declines_before_calibrate():
