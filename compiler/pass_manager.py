@@ -286,13 +286,33 @@ class PassManager:
                 checked = f" verified (max rel diff {error:.2g})" if error is not None else ""
                 ctx.log(f"[{index + 1}/{len(self.pipeline)}] {p.name}: {seconds:.2f}s {'modified' if result.modified else 'unchanged'}"
                         f"{' ' + stats if stats else ''}{checked}")
-                for remark in ctx.remarks[remarks_before:]:
-                    ctx.log(f"    {remark}")
+                for line in remark_lines(ctx.remarks[remarks_before:]):
+                    ctx.log(f"    {line}")
             if self.dump_dir and self.dump_after in ("all", p.name):
                 self.dump_dir.mkdir(parents=True, exist_ok=True)
                 (self.dump_dir / f"{index + 1:02d}-{p.name}.txt").write_text(print_module(module))
         module.metadata["qcc.pipeline"] = str(self.pipeline)
         return module
+
+
+REMARKS_SHOWN = 3  # a message on more nodes than this is logged once, with the count
+
+
+def remark_lines(remarks: list[Remark]) -> list[str]:
+    """The log lines for one pass's remarks, in order of first appearance: a message on at most REMARKS_SHOWN
+    nodes once per node, one on more as a single line naming the first few and the count (qcc compile's
+    report.json keeps them all; cle on a PicoDet detector remarked on 71 HardSwish pairs one by one)."""
+    by_message: dict[str, list[Remark]] = {}
+    for remark in remarks:
+        by_message.setdefault(remark.message, []).append(remark)
+    lines = []
+    for message, group in by_message.items():
+        if len(group) <= REMARKS_SHOWN:
+            lines += [str(remark) for remark in group]
+        else:
+            first = ", ".join(remark.where for remark in group[:REMARKS_SHOWN])
+            lines.append(f"remark [{group[0].pass_name}] {len(group)} nodes ({first}, ...): {message}")
+    return lines
 
 
 def _format_stat(value) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from compiler.ir import QccError, from_onnx, infer_shapes
 from compiler.pass_manager import (REGISTRY, Pass, PassContext, PassKind, PassManager, PassResult,
-                                   load_passes, parse_pipeline, register)
+                                   load_passes, parse_pipeline, register, remark_lines)
 
 TINY = """
 <ir_version: 8, opset_import: ["" : 13]>
@@ -124,6 +124,21 @@ def test_remarks_carry_pass_and_node():
     node = gs.Node("Conv", name="conv1")
     ctx.remark(node, "shared weight")
     assert str(ctx.remarks[0]) == "remark [fold-bn] conv1 (Conv): shared weight"
+
+
+def test_a_remark_repeated_on_many_nodes_is_logged_once_with_the_count():
+    ctx = PassContext()
+    ctx.current_pass = "cle"
+    for i in range(5):
+        ctx.remark(gs.Node("HardSwish", name=f"hs{i}"), "not positively homogeneous")
+    ctx.remark(gs.Node("Conv", name="c"), "shared weight")
+    ctx.remark(gs.Node("Conv", name="d"), "shared weight")
+    assert remark_lines(ctx.remarks) == [
+        "remark [cle] 5 nodes (hs0 (HardSwish), hs1 (HardSwish), hs2 (HardSwish), ...): not positively homogeneous",
+        "remark [cle] c (Conv): shared weight",
+        "remark [cle] d (Conv): shared weight",
+    ]
+    assert len(ctx.remarks) == 7  # the context (and the report) keeps every one
 
 
 @pytest.fixture(autouse=True, scope="module")
