@@ -123,6 +123,28 @@ def test_fetch_is_a_no_op_on_a_complete_cache(cache, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
 
 
+def test_a_cache_rendered_again_keeps_its_larger_count(cache, monkeypatch, tmp_path):
+    import shutil
+    sources = {rel: sha for rel, sha in fa._read_manifest(cache)["files"].items()
+               if rel.split("/", 1)[0] in ("models", "images", "fonts")}
+
+    def copy_sources(dest, log):  # the wheels' files, from the real cache instead of pip
+        for rel in sources:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cache / rel, dest / rel)
+        return dict(sources)
+
+    monkeypatch.setattr(fa, "_fetch_sources", copy_sources)
+    dest = tmp_path / "assets"
+    fa.fetch(dest, count=3)
+    manifest = fa._read_manifest(dest)
+    manifest["sources"] = {"an-older-wheel": "0.1"}  # as after a new model joins SOURCES
+    (dest / fa.MANIFEST).write_text(json.dumps(manifest))
+    fa.fetch(dest, count=2)  # the bench's and the tests' default request
+    assert fa._read_manifest(dest)["count"] == 3
+    assert len(list((dest / "text_det").glob("det_*.png"))) == 3
+
+
 def test_assets_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QCC_ASSETS", str(tmp_path))
     assert fa.assets_dir() == tmp_path

@@ -142,7 +142,9 @@ def fetch(dest: Path | None = None, count: int = DEFAULT_COUNT, *, force: bool =
     """Make sure ``dest`` (default :func:`assets_dir`) holds the models, images, fonts and
     at least ``count`` rendered text images of each set; return it. Does nothing when the manifest
     matches the files (a cache rendered with a larger --count already holds the first ``count``
-    images, identical: it is kept, not shrunk). Raises SystemExit with a one-line message on failure."""
+    images, identical: it is kept, not shrunk). A cache that must be rendered again (new sources, a new
+    renderer) is rendered at its previous count when that is larger, so a bench run's default fetch does
+    not shrink a 256-image cache to 64. Raises SystemExit with a one-line message on failure."""
     dest = Path(dest) if dest is not None else assets_dir()
     if count < 1:
         raise SystemExit(f"fetch_assets: --count must be positive, got {count}")
@@ -152,7 +154,9 @@ def fetch(dest: Path | None = None, count: int = DEFAULT_COUNT, *, force: bool =
     except OSError as exc:
         raise SystemExit(f"fetch_assets: cannot create {dest}: {exc.strerror or exc}")
     with _locked(dest / ".lock"):
-        old = {} if force else _read_manifest(dest)
+        previous = _read_manifest(dest)
+        old = {} if force else previous
+        count = max(count, int(previous.get("count", 0)))
         sources = {w.package: w.version for w in SOURCES}
         files = old.get("files", {})
 
