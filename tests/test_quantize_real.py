@@ -5,7 +5,7 @@ cosine 0.9963 / 0.9995. With 12 calibration images, as here, the threshold leave
 rec (PP-OCRv4 recogniser, convolutions then attention blocks, not in the bench): with 12 calibration and 12
 held-out text lines of text_cls, W8A8 0.978 (0.966 with float-input bias correction), W8A16 0.997.
 The document orientation classifier (RapidAI's PP-LCNet, not PP-OCR's; opset 15, dynamic batch) on 12 + 12
-of the detector's pages: W8A8 0.9905, 0.9979 with float-input bias correction (see passes/bias_correction.py).
+of the detector's pages: W8A8 0.9910, 0.9979 with float-input bias correction (see passes/bias_correction.py).
 """
 import re
 
@@ -96,6 +96,6 @@ def test_document_orientation_classifier_an_unseen_architecture(assets):
         cosines[config] = metrics["cosine_mean"]
         stats = {r.name: r.stats for r in result.manager.records}
         assert stats["replace-se"]["se-rewritten"] == 2  # its two squeeze-excite blocks
-    # Measured 0.9905 and 0.9979: this model's activation shifts on the calibration pages do not carry over
-    # to other pages as det's do, so the float-input mode is the better one here.
+    # Measured 0.9910 and 0.9979 (12 + 12 pages): this model's activation shifts on a few calibration pages
+    # carry over to other pages less than det's do; over 4 folds of 32 + 192 pages 0.9936 against 0.9958.
     assert cosines["W8A8"] > 0.98 and cosines["W8A8 float-input bias correction"] > 0.995, cosines
