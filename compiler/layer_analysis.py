@@ -256,7 +256,6 @@ def quantizes(float_value: np.ndarray, dequantized: np.ndarray, params: QdqParam
     return bool(close.mean() >= 0.99)
 
 
-
 def _is_bias_add(g: GraphIndex, index: int) -> bool:
     """Whether node ``index`` adds a constant to a linear layer's output (paddle2onnx's MatMul + Add bias),
     through that output's Q/DQ pair if it has one."""

@@ -385,9 +385,7 @@ def _shrunk_mean(shifts: np.ndarray) -> np.ndarray:
     if len(shifts) < 2:
         return mean
     squared_error = shifts.var(axis=0, ddof=1) / len(shifts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        keep = np.where(mean != 0, np.maximum(0.0, 1.0 - squared_error / np.square(mean)), 0.0)
-    return mean * keep
+    return mean * np.maximum(0.0, 1.0 - squared_error / np.maximum(np.square(mean), np.finfo(np.float64).tiny))
 
 
 def _output_layers(graph: gs.Graph) -> set[int]:

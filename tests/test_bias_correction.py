@@ -200,8 +200,8 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y, float[1,2,4,4] z)
 }
 """
     module = from_onnx(infer_shapes(onnx.parser.parse_model(text)))
-    heads = {module.graph.nodes[i].outputs[0].name for i, n in enumerate(module.graph.nodes)
-             if id(n) in _output_layers(module.graph)}
+    found = _output_layers(module.graph)
+    heads = {node.outputs[0].name for node in module.graph.nodes if id(node) in found}
     assert heads == {"t", "b", "c"}  # a feeds outputs only through t or b
 
 

@@ -2,7 +2,6 @@
 import numpy as np
 import onnx.parser
 import onnxruntime as ort
-import pytest
 
 from compiler.encoding import Encoding, activation_encoding, encoding_from_qdq, fake_quantize
 from compiler.golden import cosine

@@ -101,7 +101,7 @@ sys.path.insert(0, str(REPO))
 from compiler.data import Dataset, ImageOptions, specs_of  # noqa: E402
 from compiler.ir import QccError, load  # noqa: E402
 from compiler.layer_analysis import ErrorStats, Reference  # noqa: E402
-from compiler.pass_manager import PassContext, PassManager, Pipeline, parse_pipeline  # noqa: E402
+from compiler.pass_manager import PassContext, PassManager, parse_pipeline  # noqa: E402
 from compiler.runtime import run_model  # noqa: E402
 
 ZERO_OUTPUT = 1e-3     # a held-out sample whose FP32 output stays below this everywhere is left out
