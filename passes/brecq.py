@@ -1,0 +1,81 @@
+"""Block reconstruction: learn weight rounding block by block through the quantized model (BRECQ, QDrop).
+
+AdaRound (passes/adaround.py) fits each layer's rounding to its own output with float inputs. BRECQ
+(Li et al. 2021) fits the rounding of all layers of a block together, against the FP32 block output,
+with the block's activations quantized as the QDQ model will quantize them, so the layers' errors
+can cancel inside the block and the activations' rounding and clipping count:
+
+    min_V  E || B_q(x_q; W~(V)) - B(x) ||^2  +  reg * sum (1 - |2 h(V) - 1|^beta)
+
+per block B in topological order, x the FP32 block input, x_q the input in the quantized model
+(the blocks before it already reconstructed), W~(V) = s * clip(floor(W / s) + h(V), qmin, qmax) as in
+AdaRound (rectified sigmoid h, V starting at nearest rounding, no regulariser for the first 20 % of
+the iterations, beta annealed from 20 to 2). The squared error is summed over channels and averaged
+over samples and positions, as BRECQ's. QDrop (Wei et al. 2022, ``drop``): while learning, each
+activation element of the block and of its input keeps its float value with probability ``drop``, so
+the rounding does not overfit to the few calibration samples' quantization noise; ``drop=0`` is
+BRECQ's.
+
+A block is a run of nodes between two cut points of the QDQ simulation, a quantized activation that
+is the only tensor alive there (a residual block's input and output); runs are merged until each
+holds at least ``block-layers`` weighted layers. Detectors with long skip connections get large
+blocks.
+
+The quantized model is the one insert-qdq would write after propagate-encodings (run calibrate
+first), run in PyTorch (compiler.torch_graph), which makes this pass need the ``torch`` extra; without
+it, or with an op the torch simulation lacks, it declines with a remark. Learned weights are written
+back exactly on their grid with their encoding in module.encodings, as adaround's; a block whose
+learned rounding does not lower its error on the calibration samples keeps nearest rounding.
+
+Kind: ANNOTATING. The float weights change on purpose (they become their quantized values).
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from dataclasses import dataclass
+
+from compiler.ir import Module, QccError
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
+
+
+
+@register
+class Brecq(Pass):
+    name = "brecq"
+    kind = PassKind.ANNOTATING
+
+    @dataclass(frozen=True)
+    class Options:
+        iterations: int = 500
+        lr: float = 0.03
+        reg: float = 0.01
+        samples: int = 32
+        batch: int = 8
+        drop: float = 0.5
+        block_layers: int = 2
+        weight_bits: int = 8
+        per_channel: bool = True
+        seed: int = 0
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        opts = self.options
+        if opts.iterations < 1 or opts.samples < 1 or opts.batch < 1 or opts.block_layers < 1:
+            raise QccError("brecq: iterations, samples, batch and block-layers must be at least 1")
+        if not 0.0 <= opts.drop < 1.0:
+            raise QccError(f"brecq: drop must be in [0, 1), got {opts.drop}")
+        if importlib.util.find_spec("torch") is None:
+            ctx.remark("graph", "brecq needs PyTorch (pip install 'qcc[torch]'); weights left to insert-qdq's rounding")
+            return PassResult(False, {"blocks": 0})
+        if ctx.calib_data is None:
+            ctx.remark("graph", "brecq needs calibration data (--calib-data); weights left to insert-qdq's rounding")
+            return PassResult(False, {"blocks": 0})
+        if not any(enc.dtype == "int" and not enc.symmetric for enc in module.encodings.values()):
+            ctx.remark("graph", "brecq reconstructs the quantized model: run calibrate first; nothing learned")
+            return PassResult(False, {"blocks": 0})
+        samples = list(itertools.islice(ctx.calib_data, opts.samples))
+        if not samples:
+            raise QccError("brecq: calibration data is empty")
+        from compiler import reconstruction  # imports torch, which only this pass needs
+        return reconstruction.reconstruct(module, ctx, samples, opts)
+
