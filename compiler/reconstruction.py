@@ -74,7 +74,7 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
         encoding = sim.encodings[node.inputs[1].name]
         set_input_const(module.graph, node, 1, values)
         module.encodings[node.inputs[1].name] = encoding
-    stats = {"blocks": len(blocks), "layers": len(learned), "kept-nearest": int(kept),
+    stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(model.batched), "kept-nearest": int(kept),
              "flipped-percent": 100.0 * flipped / max(total, 1), "optimize-seconds": time.perf_counter() - start}
     if ratios:
         stats["error-ratio-mean"] = float(np.mean(ratios))  # learned / nearest block output error

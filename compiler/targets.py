@@ -8,13 +8,14 @@ registered at that moment, so a rewrite that is not installed is simply left out
 
     canonicalize (opset 14: HardSwish is an ONNX op from 14)
     -> float rewrites: fold-bn, fuse-hardswish, fuse-gelu, fold-affine, replace-se, cle
-    -> calibrate{method, act-bits} -> adaround{iterations=200 samples=8} -> bias-correction{samples=8}
+    -> calibrate{method, act-bits} -> adaround{iterations=200 samples=8} -> brecq -> bias-correction{samples=8}
     -> propagate-encodings
     -> insert-qdq{act-bits, weight-bits, per-channel}
 
 with, per activation width (WIDTH_DEFAULTS): W8A8 calibrate{method=mse} and bias-correction{mode=sequential
 samples=4}, W8A16 calibrate{method=minmax} and bias-correction{mode=empirical samples=8}, and at both widths
-no adaround (bias correction corrects the rounding bias instead).
+no adaround (bias correction corrects the rounding bias instead) and no brecq (measured below; it needs the
+torch extra too).
 
 Chosen from ``tools/bench.py --tools qcc-w8a8,qcc-w8a16 --ablation`` (and --variant rows) on the PP-OCR
 models, two folds of the 64 rendered text images: A = calibrate on images 0-31, hold out 32-63
@@ -126,7 +127,7 @@ QUANTIZED_CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=14}"
 FLOAT_REWRITES = ("fold-bn", "fuse-hardswish", "fuse-gelu", "fold-affine", "replace-se", "cle")
 # Annotating passes between calibrate and propagate-encodings, with fixed options; they also get the
 # target's weight options. Bias correction on 8 samples did as well as on 32 (cls, two folds), in a quarter of the time.
-QUANT_TUNING = (("adaround", {"iterations": 200, "samples": 8}), ("bias-correction", {"samples": 8}))
+QUANT_TUNING = (("adaround", {"iterations": 200, "samples": 8}), ("brecq", {}), ("bias-correction", {"samples": 8}))
 # The passes a default pipeline may leave out (WidthDefaults.left_out); fold-bn always runs.
 OPTIONAL_PASSES = FLOAT_REWRITES[1:] + tuple(name for name, _ in QUANT_TUNING)
 
@@ -140,8 +141,8 @@ class WidthDefaults:
 
 
 WIDTH_DEFAULTS = {
-    8: WidthDefaults("mse", frozenset({"adaround"}), {"bias-correction": {"mode": "sequential", "samples": 4}}),
-    16: WidthDefaults("minmax", frozenset({"adaround"})),
+    8: WidthDefaults("mse", frozenset({"adaround", "brecq"}), {"bias-correction": {"mode": "sequential", "samples": 4}}),
+    16: WidthDefaults("minmax", frozenset({"adaround", "brecq"})),
 }
 
 

@@ -27,6 +27,20 @@ it, or with an op the torch simulation lacks, it declines with a remark. Learned
 back exactly on their grid with their encoding in module.encodings, as adaround's; a block whose
 learned rounding does not lower its error on the calibration samples keeps nearest rounding.
 
+Measured at W8A8 on PP-OCR (calibrate, brecq, then the default sequential bias-correction; 32 calibration
+images, mean held-out cosine to FP32), so it is in no default pipeline (compiler/targets.py):
+
+    cls, 192 held out, offsets 0 / 64 / 128 / 192        fold cosines                       mean
+    default pipeline                                     0.99776  0.99663  0.99612  0.99652  0.99676
+    + brecq (iterations=100 lr=0.01 drop=0.5)            0.99730  0.99747  0.99713  0.99660  0.99713
+    + brecq lr=0.03                                      0.99562     -     0.99554     -
+    + brecq lr=0.03 drop=0 (BRECQ without QDrop)         0.99681     -     0.99566     -
+    det, offset 0, 64 held out, samples=16: 0.99019 against 0.99061 without it, in 245 s against 2 s.
+
+The block errors on the calibration samples fall (to 0.84 of nearest rounding's on det), the held-out
+cosines much less: at 8 bits the weights' rounding is not where the loss is (it is in the activations,
+whose encodings this pass leaves as calibrate chose them). About 25 s on cls, 4 minutes on det (2 cores).
+
 Kind: ANNOTATING. The float weights change on purpose (they become their quantized values).
 """
 from __future__ import annotations
@@ -47,8 +61,8 @@ class Brecq(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        iterations: int = 500
-        lr: float = 0.03
+        iterations: int = 100
+        lr: float = 0.01
         reg: float = 0.01
         samples: int = 32
         batch: int = 8

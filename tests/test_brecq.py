@@ -54,7 +54,7 @@ def calibrated(samples):
 
 def run_brecq(module, samples, **options):
     ctx = PassContext(calib_data=samples, **QUIET)
-    options = {"iterations": 200, "weight-bits": 4, **options}
+    options = {"iterations": 200, "lr": 0.05, "weight-bits": 4, **options}
     result = Brecq(Brecq.Options(**{k.replace("-", "_"): v for k, v in options.items()})).run(module, ctx)
     return result, ctx
 
@@ -128,3 +128,16 @@ def test_an_op_the_simulation_lacks_is_a_remark_naming_the_node():
     result, ctx = run_brecq(module, samples)
     assert not result.modified
     assert any(r.where.startswith("mod") and "Mod" in r.message for r in ctx.remarks)
+
+
+def test_real_classifier_splits_into_residual_blocks_and_runs_batched(assets):
+    """PP-OCR cls (MobileNetV3 with SE blocks, a Reshape to a batch of 1 before its head): blocks between the
+    inverted-residual blocks, the samples stacked into one batch (the Reshape keeps the batch)."""
+    from real_models import load_canonical
+    module, ctx = load_canonical(assets, "cls")
+    manager = PassManager(parse_pipeline("fold-bn,fuse-hardswish,replace-se,calibrate{method=minmax},"
+                                         "brecq{iterations=3 samples=2 batch=2}"), quiet=True)
+    manager.run(module, ctx)
+    record = manager.records[-1]
+    assert record.stats["layers"] >= 40 and record.stats["blocks"] >= 10, record.stats
+    assert record.stats["batched"] == 1

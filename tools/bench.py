@@ -48,7 +48,7 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 e.g. ``--variant "W8A8 calib=mse -cle -adaround"`` or ``--variant "W8A8 cos=0.999 share=1"``; its row's
 config is ``htp SPEC``.
 ``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
-each of fuse-hardswish, fold-affine, replace-se, cle, adaround, bias-correction toggled (``-PASS`` if the
+each of fuse-hardswish, fold-affine, replace-se, cle, adaround, brecq, bias-correction toggled (``-PASS`` if the
 default has it, else ``+PASS``), then each calibration method other than the default among minmax,
 percentile, mse and auto, then the other data-driven bias-correction mode (empirical, sequential). A
 pass's contribution is then the difference to the tool's own row (same float model, same samples, same
@@ -74,7 +74,8 @@ Usage (from the repository root):
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
 ``--json OUT``  write every row as JSON
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
-``--ablation``  also the ablation rows above (10 compiles per model and qcc tool)
+``--ablation``  also the ablation rows above (11 compiles per model and qcc tool; +brecq needs the torch extra
+                and takes about 25 s on cls, 4 minutes on det)
 ``--variant SPEC`` also this variant row (repeatable)
 
 The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
@@ -140,7 +141,7 @@ TOOL_LABELS = {"qcc-w8a8": ("qcc", "htp W8A8"), "qcc-w8a16": ("qcc", "htp W8A16"
                "ort-qnn": ("ort", "QNN helper MinMax per-ch u8/s8")}
 WIDTH_TOOLS = {"W8A8": "qcc-w8a8", "W8A16": "qcc-w8a16"}  # a --variant SPEC's first word
 # --ablation: each of these passes toggled, then each of these calibration methods but the default.
-ABLATED_PASSES = ("fuse-hardswish", "fold-affine", "replace-se", "cle", "adaround", "bias-correction")
+ABLATED_PASSES = ("fuse-hardswish", "fold-affine", "replace-se", "cle", "adaround", "brecq", "bias-correction")
 ABLATION_CALIB_METHODS = ("minmax", "percentile", "mse", "auto")
 ABLATION_BIAS_MODES = ("empirical", "sequential")  # bias-correction's data-driven modes
 
