@@ -51,11 +51,12 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
     else:
         quantized = [dict(feed) for feed in feeds]
     ratios, kept = [], 0
-    with Progress(len(blocks), "brecq") as bar:
+    learning = sum(any(name in learned for name in block.weights) for block in blocks)
+    with Progress(learning * opts.iterations, "brecq") as bar:  # one step per iteration: det's blocks take a minute
         for block in blocks:
             names = [name for name in block.weights if name in learned]
             if names:
-                nearest, error = _learn(model, block, names, float_values, quantized, opts)
+                nearest, error = _learn(model, block, names, float_values, quantized, opts, bar)
                 kept += error >= nearest
                 if nearest > 0:
                     ratios.append(min(error, nearest) / nearest)
@@ -64,7 +65,6 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
                     model.run(values, block.nodes)
                     for name in [name for name in values if name not in boundaries]:
                         del values[name]
-            bar.advance()
     flipped = total = 0
     for node, rounding in learned.values():
         codes = rounding.codes().detach()
@@ -113,7 +113,7 @@ def _roundings(module: Module, shared: Module, sim: Module, model: TorchGraph) -
 
 
 def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list[dict], quantized: list[dict],
-           opts) -> tuple[float, float]:
+           opts, bar: Progress) -> tuple[float, float]:
     """Learn the rounding of ``names`` on ``block``; returns the block's error with nearest and with the
     learned (hard) rounding. The learned one is kept only if it is lower."""
     roundings = [model.roundings[name] for name in names]
@@ -136,6 +136,7 @@ def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        bar.advance()
     model.drop = 0.0
     for rounding in roundings:
         rounding.soft = False

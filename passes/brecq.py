@@ -37,6 +37,10 @@ images, mean held-out cosine to FP32), so it is in no default pipeline (compiler
     + brecq lr=0.03 drop=0 (BRECQ without QDrop)         0.99681     -     0.99566     -
     det, offset 0, 64 held out, samples=16: 0.99019 against 0.99061 without it, in 245 s against 2 s.
 
+On tools/bench.py's fold A alone (held-out images 32-63, a sixth of the first fold above) it reaches the
+bar: cls 0.99979 (min 0.99710, SQNR 32.8 dB) against 0.99722 (0.96542, 22.6 dB); det 0.98966 against
+0.98999. The other 160 images of that fold bring it down to 0.99730: its gain depends on the images.
+
 The block errors on the calibration samples fall (to 0.84 of nearest rounding's on det), the held-out
 cosines much less: at 8 bits the weights' rounding is not where the loss is (it is in the activations,
 whose encodings this pass leaves as calibrate chose them). About 25 s on cls, 4 minutes on det (2 cores).
