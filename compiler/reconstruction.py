@@ -1,7 +1,9 @@
 """Block reconstruction in PyTorch for passes/brecq.py (the math is in that pass's docstring)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -9,6 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import torch
 
+from compiler.encoding import MIN_RANGE, fixed_ranges
 from compiler.ir import Module, const_value
 from compiler.linear import set_input_const, uses
 from compiler.pass_manager import PassContext, PassResult
@@ -41,6 +44,7 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
     if not learned:
         return PassResult(False, {"blocks": 0})
     blocks = _blocks(sim.graph, model, set(learned), opts.block_layers)
+    scale_groups = _scale_groups(shared, model) if opts.learn_scales else []
     start = time.perf_counter()
     feeds = [{name: torch.from_numpy(np.asarray(value)) for name, value in sample.items()} for sample in samples]
     boundaries = {name for block in blocks for name in block.inputs + block.outputs}
@@ -74,8 +78,21 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
         encoding = sim.encodings[node.inputs[1].name]
         set_input_const(module.graph, node, 1, values)
         module.encodings[node.inputs[1].name] = encoding
+    changes = []
+    for log_scale, names in scale_groups:
+        factor = math.exp(float(log_scale.detach()))
+        if factor == 1.0:
+            continue
+        changes.append(abs(factor - 1.0))
+        for name in names:
+            encoding = shared.encodings[name]
+            scale = max(encoding.scale[0] * factor, MIN_RANGE / (2 ** encoding.bw - 1))
+            module.encodings[name] = dataclasses.replace(encoding, scale=(float(np.float32(scale)),))
     stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(model.batched), "kept-nearest": int(kept),
              "flipped-percent": 100.0 * flipped / max(total, 1), "optimize-seconds": time.perf_counter() - start}
+    if opts.learn_scales:
+        stats["scales-learned"] = len(changes)
+        stats["scale-change-percent"] = 100.0 * float(np.mean(changes)) if changes else 0.0
     if ratios:
         stats["error-ratio-mean"] = float(np.mean(ratios))  # learned / nearest block output error
     return PassResult(True, stats)
@@ -117,8 +134,10 @@ def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list
     """Learn the rounding of ``names`` on ``block``; returns the block's error with nearest and with the
     learned (hard) rounding. The learned one is kept only if it is lower."""
     roundings = [model.roundings[name] for name in names]
-    initial = [rounding.v.detach().clone() for rounding in roundings]
-    optimizer = torch.optim.Adam([rounding.v for rounding in roundings], lr=opts.lr)
+    parameters = [rounding.v for rounding in roundings] + _block_scales(model, block)
+    initial = [parameter.detach().clone() for parameter in parameters]
+    optimizer = torch.optim.Adam([{"params": [rounding.v for rounding in roundings], "lr": opts.lr},
+                                  {"params": parameters[len(roundings):], "lr": opts.scale_lr}])
     count = len(quantized) if len(quantized) > 1 else len(next(iter(quantized[0].values())))
     batch = min(opts.batch, count)
     warmup = int(WARMUP * opts.iterations)
@@ -144,15 +163,47 @@ def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list
     with torch.no_grad():
         error = sum(float(_block_error(model, block, f, q, 0.0))
                     for rows in chunks for f, q in _rows(float_values, quantized, rows))
-        learned_v = [rounding.v.detach().clone() for rounding in roundings]
-        for rounding, v in zip(roundings, initial):
-            rounding.v.copy_(v)
+        learned_values = [parameter.detach().clone() for parameter in parameters]
+        for parameter, value in zip(parameters, initial):
+            parameter.copy_(value)
         nearest = sum(float(_block_error(model, block, f, q, 0.0))
                       for rows in chunks for f, q in _rows(float_values, quantized, rows))
         if error < nearest:
-            for rounding, v in zip(roundings, learned_v):
-                rounding.v.copy_(v)
+            for parameter, value in zip(parameters, learned_values):
+                parameter.copy_(value)
     return nearest, error
+
+
+def _scale_groups(shared: Module, model: TorchGraph) -> list[tuple[torch.Tensor, list[str]]]:
+    """One learnable log-scale per activation encoding the simulation quantizes with: the Q/DQ pairs of
+    tensors that share an encoding (propagate-encodings) share it. Each comes with the names of the tensors
+    whose encodings it sets. Fixed ranges (Sigmoid, Softmax, annotated ones) stay."""
+    fixed = fixed_ranges(shared)
+    groups: dict[tuple, tuple[torch.Tensor, list[str]]] = {}
+    for node in model.nodes:
+        if node.op != "QuantizeLinear":
+            continue
+        source, dequantized = node.inputs[0].name, node.outputs[0].outputs[0].outputs[0].name
+        name = source if source in shared.encodings else dequantized  # a graph output keeps its name on the DQ
+        if name not in shared.encodings or name in fixed or dequantized in fixed:
+            continue
+        fake = model.fake_quants[node.outputs[0].name]
+        key = (fake.scale, fake.zero_point, fake.qmin, fake.qmax)
+        if key not in groups:
+            groups[key] = (torch.zeros(1, requires_grad=True), [])
+        fake.log_scale = groups[key][0]
+        groups[key][1].append(name)
+    return list(groups.values())
+
+
+def _block_scales(model: TorchGraph, block: Block) -> list[torch.Tensor]:
+    """The learnable log-scales of the activation encodings the block's nodes quantize with."""
+    found = {}
+    for node in block.nodes:
+        fake = model.fake_quants.get(node.inputs[0].name) if node.op == "DequantizeLinear" else None
+        if fake is not None and fake.log_scale is not None:
+            found[id(fake.log_scale)] = fake.log_scale
+    return list(found.values())
 
 
 def _block_error(model: TorchGraph, block: Block, float_values: dict, quantized: dict, drop: float):
@@ -207,8 +258,7 @@ def _batches(model: TorchGraph, feeds: list[dict], float_values: list[dict]) -> 
     finally:
         model.quantize = True
     pair = _stack(float_values[:2])
-    model.batched = all(name in values and values[name].shape == value.shape and torch.allclose(values[name], value, atol=1e-4)
-                        for name, value in pair.items())
+    model.batched = all(name in values and _same(values[name], value) for name, value in pair.items())
     return model.batched
 
 
@@ -275,6 +325,15 @@ def _blocks(graph: gs.Graph, model: TorchGraph, learnable: set, block_layers: in
 def _weights_read(nodes: list, model: TorchGraph, learnable: set) -> tuple[list[str], int]:
     names = [t.name for node in nodes for t in node.inputs if t.name in model.stored_weights]
     return names, sum(name in learnable for name in names)
+
+
+def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float accumulation order (a batched convolution sums in another order)."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return False
+    if not expected.is_floating_point() or not expected.numel():
+        return torch.equal(got, expected)
+    return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())))
 
 
 def _float_boundaries(model: TorchGraph, feeds: list[dict], keep: set) -> list[dict]:

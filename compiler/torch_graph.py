@@ -42,16 +42,23 @@ def _int_range(zero_point: np.ndarray) -> tuple[int, int]:
 
 
 class FakeQuant:
-    """One activation Q/DQ pair: scale, zero point and integer range (per tensor)."""
+    """One activation Q/DQ pair: scale, zero point and integer range (per tensor). With a ``log_scale``
+    parameter u (shared by the pairs of one encoding), the scale is scale * exp(u) and learnable: the
+    gradient reaches it as in LSQ (Esser et al. 2020); the zero point stays."""
 
     def __init__(self, scale: np.ndarray, zero_point: np.ndarray):
         self.scale = float(np.asarray(scale).reshape(-1)[0])
         self.zero_point = int(np.asarray(zero_point).reshape(-1)[0])
         self.qmin, self.qmax = _int_range(np.asarray(zero_point))
+        self.log_scale: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # rounds half to even as onnxruntime; the gradient is the straight-through estimator inside the range
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.log_scale is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        scale = self.scale * torch.exp(self.log_scale)
+        zero_point = torch.tensor([float(self.zero_point)])
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax, 1.0)
 
 
 class WeightRounding(torch.nn.Module):

@@ -12,6 +12,7 @@ from compiler.quantize import compile_model
 from compiler.runtime import run_model, sample_inputs
 from model_zoo import mbconv_se, nhwc_convnet, resnet_block, style_convnet, transformer_block, yolo_head
 from passes.brecq import Brecq
+from passes.propagate_encodings import PropagateEncodings
 
 torch = pytest.importorskip("torch")
 from compiler.torch_graph import TorchGraph  # noqa: E402  (needs torch)
@@ -141,3 +142,19 @@ def test_real_classifier_splits_into_residual_blocks_and_runs_batched(assets):
     record = manager.records[-1]
     assert record.stats["layers"] >= 40 and record.stats["blocks"] >= 10, record.stats
     assert record.stats["batched"] == 1
+
+
+def test_learned_activation_scales_keep_their_zero_points_and_lower_the_block_error():
+    samples = sample_inputs(conv_and_matmul(), PassContext(seed=3), 16)
+    module = calibrated(samples)
+    propagated = module.clone()  # brecq learns the encodings propagate-encodings will have given them (c takes r's)
+    PropagateEncodings().run(propagated, PassContext(**QUIET))
+    before = propagated.encodings
+    result, _ = run_brecq(module, samples, drop=0.0, learn_scales=True, scale_lr=0.01)
+    assert result.stats["scales-learned"] > 0 and result.stats["error-ratio-mean"] < 1.0
+    changed = [name for name in ("x", "c", "r", "y") if module.encodings[name].scale != before[name].scale]
+    assert changed
+    for name in changed:
+        assert module.encodings[name].offset == before[name].offset  # the zero point stays: float 0 exact
+    without, _ = run_brecq(calibrated(samples), samples, drop=0.0)
+    assert "scales-learned" not in without.stats
