@@ -6,11 +6,12 @@ import pytest
 
 from compiler.encoding import fake_quantize
 from compiler.golden import GOLDEN_ROOT, GoldenCase
-from compiler.ir import const_value, from_onnx, infer_shapes
+from compiler.ir import const_value, fix_input_shapes, from_onnx, infer_shapes, parse_input_shape
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.quantize import compile_model
 from compiler.runtime import run_model, sample_inputs
-from model_zoo import mbconv_se, nhwc_convnet, resnet_block, style_convnet, transformer_block, yolo_head
+from model_zoo import mbconv_se, nhwc_convnet, resnet_block, style_convnet, transformer_block, yolo_head, zoo
+from compiler.targets import TARGETS
 from passes.brecq import Brecq
 from passes.propagate_encodings import PropagateEncodings
 
@@ -32,6 +33,21 @@ def test_torch_simulation_equals_onnxruntime_on_the_qdq_model(zoo_model):
         values = simulation.run({name: torch.from_numpy(value) for name, value in sample.items()})
         for name, value in expected.items():
             np.testing.assert_allclose(values[name].numpy(), value, atol=1e-5)
+
+
+@pytest.mark.parametrize("zoo_model", zoo(), ids=lambda z: z.name)
+def test_runs_in_the_htp_pipeline_on_every_zoo_model(zoo_model):
+    """Opsets 9-17, NHWC, dynamic shapes, attention: every weighted layer learned, nothing declined."""
+    proto = fix_input_shapes(zoo_model.model, dict(parse_input_shape(text) for text in zoo_model.input_shapes))
+    module = from_onnx(infer_shapes(proto))
+    samples = sample_inputs(module, PassContext(seed=1), 4)
+    passes = TARGETS["htp"].pipeline_text(act_bits=8).replace(",bias-correction", ",brecq{iterations=3 samples=4},bias-correction")
+    result = compile_model(module, "htp", calib_data=samples, passes=passes)
+    (record,) = [r for r in result.manager.records if r.name == "brecq"]
+    weighted = sum(n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"
+                   and not n.inputs[1].inputs[0].inputs[0].inputs for n in module.graph.nodes)
+    assert record.modified and record.stats["layers"] == weighted, record.stats
+    assert not [r for r in result.context.remarks if r.pass_name == "brecq"]
 
 
 def conv_and_matmul():
