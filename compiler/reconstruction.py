@@ -48,27 +48,30 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
     start = time.perf_counter()
     feeds = [{name: torch.from_numpy(np.asarray(value)) for name, value in sample.items()} for sample in samples]
     boundaries = {name for block in blocks for name in block.inputs + block.outputs}
-    float_values = _float_boundaries(model, feeds, boundaries)
-    if _batches(model, feeds, float_values):
-        float_values = [_stack(float_values)]
-        quantized = [_stack(feeds)]
-    else:
-        quantized = [dict(feed) for feed in feeds]
+    batched = _batches(model, feeds, boundaries)
+    # FP32 targets come from one sample at a time, as onnxruntime computes them (a batched convolution sums
+    # in another order, and the learned rounding is sensitive to that); the quantized side runs stacked.
+    float_samples = [dict(feed) for feed in feeds]
+    quantized = [_stack(feeds)] if batched else [dict(feed) for feed in feeds]
+    # A boundary tensor is kept until the last block that reads it: memory is bounded by what is alive
+    # between blocks, not by every block's inputs and outputs at once.
+    last_reader = {name: index for index, block in enumerate(blocks) for name in block.inputs}
     ratios, kept = [], 0
     learning = sum(any(name in learned for name in block.weights) for block in blocks)
     with Progress(learning * opts.iterations, "brecq") as bar:  # one step per iteration: det's blocks take a minute
-        for block in blocks:
+        for index, block in enumerate(blocks):
+            _propagate(model, block, float_samples, boundaries, quantize=False)
+            float_values = [_stack(float_samples, block.inputs + block.outputs)] if batched else float_samples
             names = [name for name in block.weights if name in learned]
             if names:
                 nearest, error = _learn(model, block, names, float_values, quantized, opts, bar)
                 kept += error >= nearest
                 if nearest > 0:
                     ratios.append(min(error, nearest) / nearest)
-            with torch.no_grad():
-                for values in quantized:
-                    model.run(values, block.nodes)
-                    for name in [name for name in values if name not in boundaries]:
-                        del values[name]
+            _propagate(model, block, quantized, boundaries, quantize=True)
+            for values in float_samples + quantized:
+                for name in [name for name in values if last_reader.get(name, -1) <= index]:
+                    del values[name]
     flipped = total = 0
     for node, rounding in learned.values():
         codes = rounding.codes().detach()
@@ -147,7 +150,7 @@ def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list
     model.drop = opts.drop
     for step in range(opts.iterations):
         chosen = np.sort(generator.choice(count, size=batch, replace=False))
-        loss = sum(_block_error(model, block, f, q, opts.drop) for f, q in _rows(float_values, quantized, chosen)) / batch
+        loss = sum(_block_error(model, block, f, q, opts.drop) for f, q in _rows(float_values, quantized, chosen, block)) / batch
         if step >= warmup:
             progress = (step - warmup) / max(opts.iterations - warmup, 1)
             beta = BETA_END + (BETA_START - BETA_END) * (1.0 - progress)
@@ -162,12 +165,12 @@ def _learn(model: TorchGraph, block: Block, names: list[str], float_values: list
     chunks = [np.arange(first, min(first + batch, count)) for first in range(0, count, batch)]
     with torch.no_grad():
         error = sum(float(_block_error(model, block, f, q, 0.0))
-                    for rows in chunks for f, q in _rows(float_values, quantized, rows))
+                    for rows in chunks for f, q in _rows(float_values, quantized, rows, block))
         learned_values = [parameter.detach().clone() for parameter in parameters]
         for parameter, value in zip(parameters, initial):
             parameter.copy_(value)
         nearest = sum(float(_block_error(model, block, f, q, 0.0))
-                      for rows in chunks for f, q in _rows(float_values, quantized, rows))
+                      for rows in chunks for f, q in _rows(float_values, quantized, rows, block))
         if error < nearest:
             for parameter, value in zip(parameters, learned_values):
                 parameter.copy_(value)
@@ -227,20 +230,21 @@ def _block_error(model: TorchGraph, block: Block, float_values: dict, quantized:
     return error
 
 
-def _rows(float_values: list[dict], quantized: list[dict], rows: np.ndarray) -> list[tuple[dict, dict]]:
-    """(float, quantized) value dicts covering the samples ``rows``: one stacked pair, or one pair per sample."""
+def _rows(float_values: list[dict], quantized: list[dict], rows: np.ndarray, block: Block) -> list[tuple[dict, dict]]:
+    """(float, quantized) values of the block's inputs and outputs for the samples ``rows``: one stacked
+    pair, or one pair per sample."""
     if len(quantized) > 1:
         return [(float_values[i], quantized[i]) for i in rows]
     index = torch.from_numpy(rows)
-    return [({name: value[index] for name, value in float_values[0].items()},
-             {name: value[index] for name, value in quantized[0].items()})]
+    return [({name: float_values[0][name][index] for name in block.inputs + block.outputs},
+             {name: quantized[0][name][index] for name in block.inputs})]
 
 
-def _stack(values: list[dict]) -> dict:
-    return {name: torch.cat([v[name] for v in values]) for name in values[0]}
+def _stack(values: list[dict], names: list[str] | None = None) -> dict:
+    return {name: torch.cat([v[name] for v in values]) for name in (values[0] if names is None else names)}
 
 
-def _batches(model: TorchGraph, feeds: list[dict], float_values: list[dict]) -> bool:
+def _batches(model: TorchGraph, feeds: list[dict], boundaries: set) -> bool:
     """Whether the samples can run as one batch: same shapes, batch dimension 1, and two of them stacked
     give what they give one at a time (a Reshape to a fixed batch of 1 would not)."""
     shapes = {name: value.shape for name, value in feeds[0].items()}
@@ -248,18 +252,31 @@ def _batches(model: TorchGraph, feeds: list[dict], float_values: list[dict]) -> 
         return False
     if any({name: value.shape for name, value in feed.items()} != shapes for feed in feeds):
         return False
-    model.quantize, model.batched = False, True
+    model.quantize = False
     try:
         with torch.no_grad():
-            values = model.run(_stack(feeds[:2]))
+            single = [model.run(dict(feed)) for feed in feeds[:2]]
+            model.batched = True
+            stacked = model.run(_stack(feeds[:2]))
     except (RuntimeError, IndexError, ValueError):
         model.batched = False
         return False
     finally:
         model.quantize = True
-    pair = _stack(float_values[:2])
-    model.batched = all(name in values and _same(values[name], value) for name, value in pair.items())
+    model.batched = all(name in stacked and _same(stacked[name], torch.cat([single[0][name], single[1][name]]))
+                        for name in boundaries if name in single[0])
     return model.batched
+
+
+def _propagate(model: TorchGraph, block: Block, chunks: list[dict], boundaries: set, quantize: bool) -> None:
+    """Run ``block`` on each chunk of values (FP32 or quantized), keeping only the boundary tensors."""
+    model.quantize = quantize
+    with torch.no_grad():
+        for values in chunks:
+            model.run(values, block.nodes)
+            for name in [name for name in values if name not in boundaries]:
+                del values[name]
+    model.quantize = True
 
 
 @dataclass
@@ -334,15 +351,3 @@ def _same(got: torch.Tensor, expected: torch.Tensor) -> bool:
     if not expected.is_floating_point() or not expected.numel():
         return torch.equal(got, expected)
     return bool(torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())))
-
-
-def _float_boundaries(model: TorchGraph, feeds: list[dict], keep: set) -> list[dict]:
-    """Each sample's FP32 values of every block's inputs and outputs."""
-    model.quantize = False
-    result = []
-    with torch.no_grad():
-        for feed in feeds:
-            values = model.run(dict(feed))
-            result.append({name: values[name] for name in keep if name in values})
-    model.quantize = True
-    return result
