@@ -72,15 +72,35 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
             for values in float_samples + quantized:
                 for name in [name for name in values if last_reader.get(name, -1) <= index]:
                     del values[name]
+    flipped, total = _write_weights(module, sim, learned)
+    changes = _write_scales(module, shared, scale_groups)
+    stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(model.batched), "kept-nearest": int(kept),
+             "flipped-percent": 100.0 * flipped / max(total, 1), "optimize-seconds": time.perf_counter() - start}
+    if opts.learn_scales:
+        stats["scales-learned"] = len(changes)
+        stats["scale-change-percent"] = 100.0 * float(np.mean(changes)) if changes else 0.0
+    if ratios:
+        stats["error-ratio-mean"] = float(np.mean(ratios))  # learned / nearest block output error
+    return PassResult(True, stats)
+
+
+def _write_weights(module: Module, sim: Module, learned: dict) -> tuple[int, int]:
+    """Each learned weight into the module, exactly on its grid, with the encoding that grid belongs to;
+    returns how many weights round otherwise than to nearest, and how many there are."""
     flipped = total = 0
     for node, rounding in learned.values():
         codes = rounding.codes().detach()
         flipped += int((codes != rounding.nearest).sum())
         total += codes.numel()
-        values = (codes * rounding.scale).numpy().astype(np.float32)
         encoding = sim.encodings[node.inputs[1].name]
-        set_input_const(module.graph, node, 1, values)
+        set_input_const(module.graph, node, 1, (codes * rounding.scale).numpy().astype(np.float32))
         module.encodings[node.inputs[1].name] = encoding
+    return flipped, total
+
+
+def _write_scales(module: Module, shared: Module, scale_groups: list) -> list[float]:
+    """Each learned activation scale into the encodings of the tensors that share it (zero point kept,
+    range at least MIN_RANGE); returns the relative change of each scale that moved."""
     changes = []
     for log_scale, names in scale_groups:
         factor = math.exp(float(log_scale.detach()))
@@ -91,14 +111,7 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
             encoding = shared.encodings[name]
             scale = max(encoding.scale[0] * factor, MIN_RANGE / (2 ** encoding.bw - 1))
             module.encodings[name] = dataclasses.replace(encoding, scale=(float(np.float32(scale)),))
-    stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(model.batched), "kept-nearest": int(kept),
-             "flipped-percent": 100.0 * flipped / max(total, 1), "optimize-seconds": time.perf_counter() - start}
-    if opts.learn_scales:
-        stats["scales-learned"] = len(changes)
-        stats["scale-change-percent"] = 100.0 * float(np.mean(changes)) if changes else 0.0
-    if ratios:
-        stats["error-ratio-mean"] = float(np.mean(ratios))  # learned / nearest block output error
-    return PassResult(True, stats)
+    return changes
 
 
 def _roundings(module: Module, shared: Module, sim: Module, model: TorchGraph) -> dict:
