@@ -110,19 +110,7 @@ class LinearLayer:
         kernel = self.weight.shape[2:]
         strides = list(attrs.get("strides", [1] * len(kernel)))
         dilations = list(attrs.get("dilations", [1] * len(kernel)))
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads_begin, pads_end = [], []
-            for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations):
-                total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-                small, large = total // 2, total - total // 2
-                pads_begin.append(small if auto_pad == "SAME_UPPER" else large)
-                pads_end.append(large if auto_pad == "SAME_UPPER" else small)
-        elif auto_pad == "VALID":
-            pads_begin = pads_end = [0] * len(kernel)
-        else:
-            pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
-            pads_begin, pads_end = pads[:len(kernel)], pads[len(kernel):]
+        pads_begin, pads_end = conv_pads(attrs, x_shape[2:], kernel, strides, dilations)
         return kernel, strides, dilations, pads_begin, pads_end
 
     def has_padding(self) -> bool:
@@ -186,6 +174,25 @@ def _valid(first: int, step: int, count: int, size: int) -> slice:
     if last < skip:
         return slice(0, 0)
     return slice(first + step * skip, first + step * last + 1, step)
+
+
+def conv_pads(attrs: dict, spatial, kernel, strides, dilations) -> tuple[list[int], list[int]]:
+    """A Conv's or pool's padding at the start and end of each spatial axis, ``auto_pad`` resolved for an
+    input of spatial size ``spatial``."""
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return begin, end
+    if auto_pad == "VALID":
+        return [0] * len(kernel), [0] * len(kernel)
+    pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+    return pads[:len(kernel)], pads[len(kernel):]
 
 
 def linear_layer(node: gs.Node) -> tuple[LinearLayer | None, str]:

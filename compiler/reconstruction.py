@@ -17,8 +17,8 @@ from compiler.linear import set_input_const, uses
 from compiler.pass_manager import PassContext, PassResult
 from compiler.progress import Progress
 from compiler.torch_graph import TorchGraph, UnsupportedOp, WeightRounding
-from passes.insert_qdq import QDQ_CONSTANTS_KEY, qdq_simulation
-from passes.propagate_encodings import PropagateEncodings
+from passes.insert_qdq import QDQ_CONSTANTS_KEY
+from passes.propagate_encodings import quantized_simulation
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 WARMUP = 0.2
@@ -32,9 +32,7 @@ def reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) -> 
 
 
 def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) -> PassResult:
-    shared = module.clone()
-    PropagateEncodings().run(shared, PassContext(log=lambda message: None))
-    sim = qdq_simulation(shared, opts.weight_bits, opts.per_channel)
+    shared, sim = quantized_simulation(module, opts.weight_bits, opts.per_channel)
     try:
         model = TorchGraph(sim.graph)
     except UnsupportedOp as exc:
@@ -48,7 +46,7 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
     start = time.perf_counter()
     feeds = [{name: torch.from_numpy(np.asarray(value)) for name, value in sample.items()} for sample in samples]
     boundaries = {name for block in blocks for name in block.inputs + block.outputs}
-    batched = _batches(model, feeds, boundaries)
+    batched = model.batched = _batches(model, feeds, boundaries)
     # FP32 targets come from one sample at a time, as onnxruntime computes them (a batched convolution sums
     # in another order, and the learned rounding is sensitive to that); the quantized side runs stacked.
     float_samples = [dict(feed) for feed in feeds]
@@ -74,7 +72,7 @@ def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) ->
                     del values[name]
     flipped, total = _write_weights(module, sim, learned)
     changes = _write_scales(module, shared, scale_groups)
-    stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(model.batched), "kept-nearest": int(kept),
+    stats = {"blocks": len(blocks), "layers": len(learned), "batched": int(batched), "kept-nearest": int(kept),
              "flipped-percent": 100.0 * flipped / max(total, 1), "optimize-seconds": time.perf_counter() - start}
     if opts.learn_scales:
         stats["scales-learned"] = len(changes)
@@ -272,13 +270,11 @@ def _batches(model: TorchGraph, feeds: list[dict], boundaries: set) -> bool:
             model.batched = True
             stacked = model.run(_stack(feeds[:2]))
     except (RuntimeError, IndexError, ValueError):
-        model.batched = False
         return False
     finally:
-        model.quantize = True
-    model.batched = all(name in stacked and _same(stacked[name], torch.cat([single[0][name], single[1][name]]))
-                        for name in boundaries if name in single[0])
-    return model.batched
+        model.quantize, model.batched = True, False
+    return all(name in stacked and _same(stacked[name], torch.cat([single[0][name], single[1][name]]))
+               for name in boundaries if name in single[0])
 
 
 def _propagate(model: TorchGraph, block: Block, chunks: list[dict], boundaries: set, quantize: bool) -> None:
@@ -346,8 +342,8 @@ def _blocks(graph: gs.Graph, model: TorchGraph, learnable: set, block_layers: in
         inside = {t.name for node in block_nodes for t in node.outputs}
         reads = [t.name for node in block_nodes for t in node.inputs if t.name]
         inputs = sorted({name for name in reads if name in produced and name not in inside})
-        after = {t.name for node in nodes[position[id(block_nodes[-1])] + 1:] for t in node.inputs}
-        outputs = sorted(name for name in inside if name in after or name in {t.name for t in graph.outputs})
+        end = position[id(block_nodes[-1])]
+        outputs = sorted(name for name in inside if last_use.get(name, -1) > end)  # graph outputs: last use past the end
         result.append(Block(block_nodes, inputs, outputs, _weights_read(block_nodes, model, learnable)[0]))
     return result
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler.ir import const_value
+from compiler.linear import conv_pads
 
 
 class UnsupportedOp(Exception):
@@ -102,20 +103,8 @@ def _ints(value) -> list[int]:
 
 def _conv_padding(node: gs.Node, x: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
     """ONNX pads [b1, b2, ..., e1, e2, ...] with auto_pad resolved."""
-    spatial = x.shape[2:]
-    auto = node.attrs.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else large)
-            ends.append(large if auto == "SAME_UPPER" else small)
-        return begins + ends
-    if auto == "VALID":
-        return [0] * (2 * len(spatial))
-    return list(node.attrs.get("pads", [0] * (2 * len(spatial))))
+    begin, end = conv_pads(node.attrs, list(x.shape[2:]), kernel, strides, dilations)
+    return list(begin) + list(end)
 
 
 def _torch_pad(pads: list[int]) -> list[int]:
@@ -292,6 +281,17 @@ def _pad(node, x, pads=None, value=None, axes=None):
     return F.pad(x, order, mode={"reflect": "reflect", "edge": "replicate"}[mode])
 
 
+def _flatten(x: torch.Tensor, axis: int) -> torch.Tensor:
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _gather(x: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
+    """ONNX Gather: negative indices count from the end; the result's axis becomes the indices' shape."""
+    taken = torch.index_select(x, axis, indices.reshape(-1) % x.shape[axis])
+    return taken.reshape(list(x.shape[:axis]) + list(indices.shape) + list(x.shape[axis + 1:]))
+
+
 def _tensor(value) -> torch.Tensor:
     array = np.asarray(value)
     if array.dtype == np.float64:
@@ -318,14 +318,10 @@ _ELEMENTWISE = {
     "GlobalMaxPool": lambda n, x: x.amax(dim=list(range(2, x.dim())), keepdim=True),
     "MaxPool": lambda n, x: _pool(n, x, "max"), "AveragePool": lambda n, x: _pool(n, x, "avg"),
     "Reshape": _reshape, "Slice": _slice, "Resize": _resize, "Pad": _pad,
-    "Flatten": lambda n, x: x.reshape(int(np.prod(x.shape[:int(n.attrs.get("axis", 1)) % max(x.dim(), 1)] or [1])), -1)
-    if int(n.attrs.get("axis", 1)) else x.reshape(1, -1),
+    "Flatten": lambda n, x: _flatten(x, int(n.attrs.get("axis", 1))),
     "Transpose": lambda n, x: x.permute(list(n.attrs["perm"]) if "perm" in n.attrs else list(reversed(range(x.dim())))),
     "Shape": lambda n, x: torch.tensor(list(x.shape), dtype=torch.int64),
-    "Gather": lambda n, x, i: torch.index_select(x, int(n.attrs.get("axis", 0)) % x.dim(),
-                                                 (i.reshape(-1) % x.shape[int(n.attrs.get("axis", 0))])).reshape(
-        list(x.shape[:int(n.attrs.get("axis", 0)) % x.dim()]) + list(i.shape)
-        + list(x.shape[int(n.attrs.get("axis", 0)) % x.dim() + 1:])),
+    "Gather": lambda n, x, i: _gather(x, i, int(n.attrs.get("axis", 0)) % x.dim()),
     "Cast": lambda n, x: x.to(torch.float32) if int(n.attrs["to"]) == 1 else x.to(torch.int64),
     "Expand": lambda n, x, shape: x * torch.ones(_ints(shape), dtype=x.dtype),
     "LayerNormalization": _layer_norm, "BatchNormalization": _batch_norm,

@@ -88,8 +88,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choic
 from compiler.patterns import has_single_consumer, producer
 from compiler.progress import Progress
 from compiler.runtime import StagedRun, make_session
-from passes.insert_qdq import qdq_simulation
-from passes.propagate_encodings import PropagateEncodings
+from passes.propagate_encodings import quantized_simulation
 
 MARK = "bias_corrected"
 
@@ -258,9 +257,7 @@ class BiasCorrection(Pass):
         """The QDQ model insert-qdq would write after propagate-encodings, with each corrected layer's bias
         a float graph input so it can change between runs; returns it, layer -> the simulated layer's input
         tensor, and layer -> its bias input's name."""
-        shared = module.clone()
-        PropagateEncodings().run(shared, PassContext(log=lambda message: None))
-        sim = qdq_simulation(shared, self.options.weight_bits, self.options.per_channel)
+        _, sim = quantized_simulation(module, self.options.weight_bits, self.options.per_channel)
         producers = {t.name: node for node in sim.graph.nodes for t in node.outputs}
 
         def simulated(node: gs.Node) -> gs.Node:

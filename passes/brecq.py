@@ -59,7 +59,7 @@ not the held-out ones: cls over the four folds 0.99713 0.99726 0.99679 0.99656 (
 
 The block errors on the calibration samples fall (to 0.84 of nearest rounding's on det), the held-out
 cosines much less: at 8 bits the weights' rounding is not where the loss is (it is in the activations,
-whose encodings this pass leaves as calibrate chose them). About 25 s on cls, 4 minutes on det (2 cores).
+whose encodings this pass leaves as calibrate chose them unless learn-scales=true, which did not help either). About 25 s on cls, 4 minutes on det (2 cores).
 
 Kind: ANNOTATING. The float weights change on purpose (they become their quantized values).
 """
@@ -71,7 +71,6 @@ from dataclasses import dataclass
 
 from compiler.ir import Module, QccError
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-
 
 
 @register
@@ -98,6 +97,8 @@ class Brecq(Pass):
         opts = self.options
         if opts.iterations < 1 or opts.samples < 1 or opts.batch < 1 or opts.block_layers < 1:
             raise QccError("brecq: iterations, samples, batch and block-layers must be at least 1")
+        if opts.weight_bits not in (4, 8, 16):
+            raise QccError(f"brecq: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
         if not 0.0 <= opts.drop < 1.0:
             raise QccError(f"brecq: drop must be in [0, 1), got {opts.drop}")
         if importlib.util.find_spec("torch") is None:

@@ -39,6 +39,7 @@ from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED
 from compiler.ir import Module, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer
+from passes.insert_qdq import qdq_simulation
 
 
 def _pick(tensors: list, indices) -> list:
@@ -182,3 +183,11 @@ class PropagateEncodings(Pass):
         if all(e == current[0] for e in current):
             return current[0]  # already shared: keep it exactly (re-deriving could move a float ulp)
         return union_encoding(current, bw)
+
+
+def quantized_simulation(module: Module, weight_bits: int, per_channel: bool) -> tuple[Module, Module]:
+    """What the end of a quantized pipeline would make of ``module`` now: a clone with propagate-encodings'
+    encodings, and the QDQ model insert-qdq writes from it (bias-correction's and brecq's simulation)."""
+    propagated = module.clone()
+    PropagateEncodings().run(propagated, PassContext(log=lambda message: None))
+    return propagated, qdq_simulation(propagated, weight_bits, per_channel)
