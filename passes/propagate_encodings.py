@@ -27,15 +27,28 @@
    (-beta/alpha, (1-beta)/alpha); Sigmoid and Tanh beyond the point where the output is within
    a quarter step of its limit. Tensors in a shared-encoding group or with a fixed range are left alone.
 
+4. Scalar affine maps (``y = a*x + b`` by one Mul, Div, Add or Sub with a scalar constant, or a Neg),
+   such as the learnable affine blocks PP-LCNetV3 puts after each HardSwish. The output takes the
+   input's grid mapped through the op, so HTP moves the codes without rounding them again: scale |a|*s,
+   the offset mirrored when a < 0 and moved by round(b / scale). A b off that grid becomes a constant
+   shift of at most half a step, which bias correction downstream removes; requantizing to the output's
+   own calibrated grid instead adds rounding noise (0.29 step rms) to every element. An output whose
+   encoding an earlier rule set, or whose mapped grid would not hold zero, keeps its own. Measured on
+   PP-OCR det W8A8 (eight folds of 32 calibration + 192 held-out images): SQNR better on every fold
+   (+0.2 to +0.9 dB, mean 17.44 -> 18.04 dB), mean cosine 0.98922 -> 0.99073 (better on 7 of 8).
+
 Runs between calibrate and insert-qdq; a graph that already has QDQ nodes is left alone.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from compiler.calibration import is_float
-from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, activation_encoding,
-                               fixed_ranges, has_qdq, range_encoding, saturation_bounds, union_encoding)
+from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, Encoding,
+                               activation_encoding, fixed_ranges, has_qdq, range_encoding, saturation_bounds,
+                               union_encoding)
 from compiler.ir import Module, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer
@@ -103,6 +116,8 @@ class PropagateEncodings(Pass):
                     encodings[name] = target
                     changed.add(name)
 
+        grouped = {name for members in groups for name in members}
+        decided = set(grouped)  # tensors whose encoding a rule chose, even when it kept the calibrated one
         fused = 0
         if self.options.fuse_activations:
             for node in module.graph.nodes:
@@ -120,11 +135,11 @@ class PropagateEncodings(Pass):
                 wanted = encodings[result.name]
                 if wanted.bw != encodings[source.name].bw:
                     wanted = activation_encoding(float(wanted.min[0]), float(wanted.max[0]), encodings[source.name].bw)
+                decided.add(source.name)
                 if encodings[source.name] != wanted:
                     encodings[source.name] = wanted
                     changed.add(source.name)
                     fused += 1
-        grouped = {name for members in groups for name in members}
         clamped = 0
         for node in module.graph.nodes:
             source = node.inputs[0] if node.inputs else None
@@ -134,6 +149,7 @@ class PropagateEncodings(Pass):
             bounds = saturation_bounds(node, out_enc.bw if out_enc is not None else encodings[source.name].bw)
             if bounds is None or not has_single_consumer(module.graph, source):
                 continue
+            decided.add(source.name)
             enc = encodings[source.name]
             lo, hi, step = float(enc.min[0]), float(enc.max[0]), enc.scale[0]
             # A step of slack: the grid (zero kept exact) may put an end up to half a step past the bound.
@@ -141,8 +157,25 @@ class PropagateEncodings(Pass):
                 encodings[source.name] = activation_encoding(max(lo, bounds[0]), min(hi, bounds[1]), enc.bw)
                 changed.add(source.name)
                 clamped += 1
-        return PassResult(bool(changed), {"groups": len(groups), "shared": len(changed) - fused - clamped,
-                                          "fused": fused, "saturation-clamped": clamped})
+        mapped = 0
+        for node in module.graph.toposort().nodes:  # in order: a chain (Mul then Add) maps the mapped grid
+            affine = scalar_affine(node)
+            if affine is None:
+                continue
+            source, a, b = affine
+            result = node.outputs[0].name
+            if result in decided or result in fixed or source.name not in encodings or result not in encodings:
+                continue
+            enc, own = encodings[source.name], encodings[result]
+            if enc.dtype != "int" or own.dtype != "int" or enc.per_channel or enc.bw != own.bw:
+                continue
+            target = mapped_encoding(enc, a, b)
+            if target is not None and target != own:
+                encodings[result] = target
+                changed.add(result)
+                mapped += 1
+        return PassResult(bool(changed), {"groups": len(groups), "shared": len(changed) - fused - clamped - mapped,
+                                          "fused": fused, "saturation-clamped": clamped, "affine-mapped": mapped})
 
     @staticmethod
     def _group_encodings(members: list[str], links: list[list[str]], encodings: dict, fixed: dict,
@@ -183,6 +216,44 @@ class PropagateEncodings(Pass):
         if all(e == current[0] for e in current):
             return current[0]  # already shared: keep it exactly (re-deriving could move a float ulp)
         return union_encoding(current, bw)
+
+
+def scalar_affine(node) -> tuple | None:
+    """(x, a, b) when ``node`` computes y = a*x + b from one non-constant tensor x and a finite scalar constant
+    (or is a Neg)."""
+    if node.op == "Neg" and len(node.inputs) == 1 and is_float(node.inputs[0]):
+        return node.inputs[0], -1.0, 0.0
+    if node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    values = [const_value(t) for t in node.inputs]
+    if sum(v is not None for v in values) != 1:
+        return None
+    at = 0 if values[0] is not None else 1
+    c = values[at]
+    if c.size != 1 or not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
+        return None
+    source, c = node.inputs[1 - at], float(c.ravel()[0])
+    if not is_float(source):
+        return None
+    if node.op == "Mul":
+        return (source, c, 0.0) if c != 0 else None
+    if node.op == "Div":
+        return (source, 1.0 / c, 0.0) if at == 1 and c != 0 else None
+    if node.op == "Add":
+        return source, 1.0, c
+    return (source, 1.0, -c) if at == 1 else (source, -1.0, c)
+
+
+def mapped_encoding(enc: Encoding, a: float, b: float) -> Encoding | None:
+    """The encoding of a*x + b whose codes are x's (mirrored when a < 0), b rounded to the grid; None
+    when that grid would not hold zero."""
+    levels = 2 ** enc.bw - 1
+    scale = float(np.float32(enc.scale[0] * abs(a)))
+    offset = enc.offset[0] if a > 0 else -levels - enc.offset[0]
+    offset += int(np.round(b / scale))
+    if not -levels <= offset <= 0:
+        return None
+    return Encoding(bw=enc.bw, scale=(scale,), offset=(offset,))
 
 
 def quantized_simulation(module: Module, weight_bits: int, per_channel: bool) -> tuple[Module, Module]:

@@ -150,3 +150,52 @@ def test_saturation_bounds_leave_the_quantized_output_unchanged(op, attrs):
         np.testing.assert_array_equal(f(np.clip(x, lo, hi)), f(x))
     else:
         np.testing.assert_array_equal(fake_quantize(f(np.clip(x, lo, hi)), out), fake_quantize(f(x), out))
+
+
+# y = a*x + b by one op with a scalar constant: (body, initializers, a, b).
+AFFINE_CASES = {
+    "Mul": ("y = Mul(x, k)", "float k = {0.63}", 0.63, 0.0),
+    "Mul by a negative constant first": ("y = Mul(k, x)", "float k = {-1.7}", -1.7, 0.0),
+    "Div": ("y = Div(x, k)", "float k = {4.0}", 0.25, 0.0),
+    "Add": ("y = Add(x, k)", "float k = {-0.55}", 1.0, -0.55),
+    "Sub": ("y = Sub(x, k)", "float k = {0.3}", 1.0, -0.3),
+    "Sub from a constant": ("y = Sub(k, x)", "float k = {2.0}", -1.0, 2.0),
+    "Neg": ("y = Neg(x)", "", -1.0, 0.0),
+}
+
+
+def _propagated(body: str, inits: str):
+    """Calibrated and propagated, y calibrated to a grid of its own (min-max gives y = a*x + b x's grid mapped)."""
+    module = _graph(body, inits)
+    ctx = PassContext(calib_data=sample_inputs(module, PassContext(seed=0), count=3), log=lambda m: None)
+    PassManager(parse_pipeline("calibrate{method=minmax}"), quiet=True).run(module, ctx)
+    module.encodings["y"] = activation_encoding(float(module.encodings["y"].min[0]) * 0.9,
+                                                float(module.encodings["y"].max[0]) * 0.9)
+    calibrated = dict(module.encodings)
+    PassManager(parse_pipeline("propagate-encodings"), quiet=True).run(module, ctx)
+    return module, calibrated
+
+
+@pytest.mark.parametrize("case", sorted(AFFINE_CASES))
+def test_scalar_affine_output_moves_the_input_codes_without_rounding_them_again(case):
+    body, inits, a, b = AFFINE_CASES[case]
+    module, calibrated = _propagated(body, inits)
+    x_enc, y_enc = module.encodings["x"], module.encodings["y"]
+    assert y_enc != calibrated["y"]
+    grid = (np.arange(2 ** x_enc.bw) + x_enc.offset[0]) * x_enc.scale[0]
+    exact = a * grid + b
+    error = fake_quantize(exact, y_enc) - exact
+    step = y_enc.scale[0]
+    # every code lands on one output code: the only error is b's distance to the grid, the same for all
+    assert np.ptp(error) < 1e-4 * step and abs(error[0]) <= step / 2 + 1e-6
+    assert y_enc.scale[0] == pytest.approx(abs(a) * x_enc.scale[0], rel=1e-6)
+
+
+def test_scalar_affine_keeps_its_own_encoding_where_the_mapped_grid_would_not_hold_zero():
+    module, calibrated = _propagated("r = Relu(x)\ny = Add(r, k)", "float k = {1.5}")
+    assert module.encodings["y"] == calibrated["y"]
+
+
+def test_scalar_affine_leaves_a_fused_activation_its_encoding():
+    module, _ = _propagated("m = Add(x, k)\ny = Relu(m)", "float k = {-0.5}")
+    assert module.encodings["m"] == module.encodings["y"]
