@@ -43,7 +43,7 @@ images, mean held-out cosine to FP32), so it is in no default pipeline (compiler
 
 On tools/bench.py's fold A alone (held-out images 32-63, a sixth of the first fold above) it reaches the
 bar: cls 0.99979 (min 0.99710, SQNR 32.8 dB) against 0.99722 (0.96542, 22.6 dB); det 0.98966 against
-0.98999; RapidAI's orientation classifier 0.99684 (min 0.96622) against 0.99488 (ORT MinMax 0.99754), in 72 s.
+0.98999 (0.98842 against 0.99119 once propagate-encodings kept scalar affine ops on their input's grid); RapidAI's orientation classifier 0.99684 (min 0.96622) against 0.99488 (ORT MinMax 0.99754), in 72 s.
 The other 160 images of cls's first fold bring it down to 0.99730, and on the bench's fold B (--offset 32) it
 loses: 0.99729 (min 0.96930) against 0.99875 (0.98758). Its gain depends on the images, and on float
 rounding: FP32 targets computed on stacked samples instead of one at a time (differing by about 1e-6) give
