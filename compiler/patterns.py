@@ -50,6 +50,28 @@ def const_input(node: gs.Node, index: int) -> np.ndarray | None:
     return const_value(node.inputs[index])
 
 
+def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, str] | None:
+    """(variable input, constant, "Mul" or "Add") of a two-input node that scales or shifts by one constant
+    input: Mul, Add, and ``x - c`` (Add of -c) and ``x / c`` (Mul by 1/c, c without zeros), as input
+    normalisations are written."""
+    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+        return None
+    values = [const_value(t) for t in node.inputs]
+    if (values[0] is None) == (values[1] is None):
+        return None
+    index = 0 if values[0] is not None else 1
+    value = values[index]
+    if not np.issubdtype(value.dtype, np.floating):
+        return None
+    if node.op in ("Sub", "Div") and index == 0:
+        return None  # c - x, c / x
+    if node.op == "Sub":
+        return node.inputs[0], -value.astype(np.float64), "Add"
+    if node.op == "Div":
+        return (node.inputs[0], 1.0 / value.astype(np.float64), "Mul") if np.all(value != 0) else None
+    return node.inputs[1 - index], value, node.op
+
+
 def is_const(tensor) -> bool:
     return const_value(tensor) is not None
 

@@ -38,30 +38,8 @@ import onnx_graphsurgeon as gs
 from compiler.ir import Module, const_value
 from compiler.linear import LINEAR_OPS, LinearLayer, channel_constant, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.patterns import has_single_consumer, is_graph_output, producer
+from compiler.patterns import constant_operand, has_single_consumer, is_graph_output, producer
 from passes.fold_bn import channel_vector, layer_problem, out_channels, output_rank, scale_weight
-
-
-def constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, str] | None:
-    """(variable input, constant, "Mul" or "Add") of a two-input node that scales or shifts by one constant
-    input: Mul, Add, and ``x - c`` (Add of -c) and ``x / c`` (Mul by 1/c, c without zeros), as input
-    normalisations are written."""
-    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
-        return None
-    values = [const_value(t) for t in node.inputs]
-    if (values[0] is None) == (values[1] is None):
-        return None
-    index = 0 if values[0] is not None else 1
-    value = values[index]
-    if not np.issubdtype(value.dtype, np.floating):
-        return None
-    if node.op in ("Sub", "Div") and index == 0:
-        return None  # c - x, c / x
-    if node.op == "Sub":
-        return node.inputs[0], -value.astype(np.float64), "Add"
-    if node.op == "Div":
-        return (node.inputs[0], 1.0 / value.astype(np.float64), "Mul") if np.all(value != 0) else None
-    return node.inputs[1 - index], value, node.op
 
 
 def layer_bias(node: gs.Node, channels: int) -> np.ndarray | None:

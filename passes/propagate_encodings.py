@@ -51,7 +51,7 @@ from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED
                                union_encoding)
 from compiler.ir import Module, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.patterns import has_single_consumer
+from compiler.patterns import constant_operand, has_single_consumer
 from passes.insert_qdq import qdq_simulation
 
 
@@ -219,29 +219,24 @@ class PropagateEncodings(Pass):
 
 
 def scalar_affine(node) -> tuple | None:
-    """(x, a, b) when ``node`` computes y = a*x + b from one non-constant tensor x and a finite scalar constant
-    (or is a Neg)."""
-    if node.op == "Neg" and len(node.inputs) == 1 and is_float(node.inputs[0]):
-        return node.inputs[0], -1.0, 0.0
-    if node.op not in ("Mul", "Div", "Add", "Sub") or len(node.inputs) != 2 or len(node.outputs) != 1:
-        return None
-    values = [const_value(t) for t in node.inputs]
-    if sum(v is not None for v in values) != 1:
-        return None
-    at = 0 if values[0] is not None else 1
-    c = values[at]
-    if c.size != 1 or not np.issubdtype(c.dtype, np.floating) or not np.isfinite(c).all():
-        return None
-    source, c = node.inputs[1 - at], float(c.ravel()[0])
-    if not is_float(source):
-        return None
-    if node.op == "Mul":
-        return (source, c, 0.0) if c != 0 else None
-    if node.op == "Div":
-        return (source, 1.0 / c, 0.0) if at == 1 and c != 0 else None
-    if node.op == "Add":
-        return source, 1.0, c
-    return (source, 1.0, -c) if at == 1 else (source, -1.0, c)
+    """(x, a, b) when ``node`` computes y = a*x + b from one tensor x and a finite scalar constant, a != 0:
+    fold-affine's constant operands (Mul, Add, x - c, x / c), c - x and Neg."""
+    if node.op == "Neg":
+        source, a, b = node.inputs[0], -1.0, 0.0
+    else:
+        operand = constant_operand(node)
+        mirrored = operand is None and node.op == "Sub" and const_value(node.inputs[1]) is None
+        if mirrored:  # c - x = -x + c
+            operand = node.inputs[1], const_value(node.inputs[0]), "Add"
+        if operand is None or operand[1] is None:
+            return None
+        source, value, kind = operand
+        if value.size != 1 or not np.isfinite(value).all():
+            return None
+        value = float(value.ravel()[0])
+        a, b = (value, 0.0) if kind == "Mul" else (1.0, value)
+        a = -a if mirrored else a
+    return (source, a, b) if a != 0 and is_float(source) else None
 
 
 def mapped_encoding(enc: Encoding, a: float, b: float) -> Encoding | None:
