@@ -9,7 +9,8 @@ import math
 import sys
 from pathlib import Path
 
-from compiler.ir import QccError, load, parse_input_shape, write_atomic
+from compiler.ir import QccError, load, parse_input_shape
+from compiler.outputs import write_file
 from compiler.layer_analysis import Analysis, analyze
 
 EXIT_GATE_FAILED = 1
@@ -113,9 +114,9 @@ def cmd_analyze(args) -> int:
     analysis = analyze(float_module.to_onnx(), quant_module.to_onnx(), data)
     report = report_dict(analysis, args, gate)
     if args.json:
-        write_atomic(Path(args.json), json.dumps(report, indent=1) + "\n")
+        write_file(Path(args.json), json.dumps(report, indent=1) + "\n")
     if args.html:
-        write_atomic(Path(args.html), render_html(report))
+        write_file(Path(args.html), render_html(report))
     if not args.quiet:
         sys.stdout.write(render_text(report, args.top))
     for failure in report["gate"]["failures"]:

@@ -6,13 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from compiler import analyze_cmd, compare_dump
-from compiler import htp
-from compiler import quantize
-from compiler.ir import QccError, load, parse_input_shape, save
-from compiler.pass_manager import PassContext, PassManager, load_passes, parse_pipeline
-from compiler.printer import print_module
-from compiler.targets import TARGETS, get_target
+from compiler.errors import QccError
 
 EXIT_USER_ERROR = 2
 
@@ -23,10 +17,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _input_shapes(values) -> dict:
-    return dict(parse_input_shape(v) for v in values or [])
+    from compiler.ir import parse_input_shape
+    shapes = {}
+    for text in values or []:
+        name, shape = parse_input_shape(text)
+        if name in shapes and shapes[name] != shape:
+            raise QccError(f"--input-shape: input '{name}' given twice, as {shapes[name]} and {shape}")
+        shapes[name] = shape
+    return shapes
 
 
 def _add_compile(sub) -> None:
+    from compiler import quantize
+    from compiler.targets import TARGETS
     p = sub.add_parser("compile", help="run a target's pipeline (or --passes) on a model")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
@@ -43,33 +46,36 @@ def _add_compile(sub) -> None:
     p.set_defaults(func=cmd_compile)
 
 
-def build_context(args) -> PassContext:
+def build_context(args):
+    from compiler.pass_manager import PassContext
     return PassContext(verbose=not args.quiet)
 
 
 def cmd_compile(args) -> int:
-    output = Path(args.output)
+    """Everything that can be checked is checked before the first pass (pipeline, output paths, every
+    sample's names, shapes and dtypes); every output is staged and committed together at the end, so a
+    failure anywhere leaves nothing of the run behind."""
+    from compiler import quantize
+    from compiler.ir import load
+    from compiler.pass_manager import PassManager, parse_pipeline
+    from compiler.targets import get_target
     model_path = Path(args.model)
-    if output.exists() and output.resolve() == model_path.resolve():
-        raise QccError(f"{output}: refusing to overwrite the input model; choose another output path")
-    if output.exists() and not args.force:
-        raise QccError(f"{output}: already exists; pass --force to overwrite it")
-    if not output.parent.is_dir():
-        raise QccError(f"{output}: output folder '{output.parent}' does not exist")
+    output = Path(args.output)
     target = get_target(args.target or "cpu")
     pipeline = parse_pipeline(quantize.pipeline_text(target, args))
     if args.dump_after and args.dump_after != "all" and args.dump_after not in {p.name for p in pipeline}:
         raise QccError(f"--dump-after: pass '{args.dump_after}' is not in the pipeline ({pipeline})")
-    module = load(model_path, _input_shapes(args.input_shape))
-    ctx = build_context(args)
-    original = quantize.prepare_context(module, ctx, args, pipeline)
-    dump_dir = args.dump_dir or output.with_name(output.stem + ".dumps")
-    manager = PassManager(pipeline, verify=args.verify, dump_after=args.dump_after, dump_dir=dump_dir, quiet=args.quiet)
-    start = time.perf_counter()
-    manager.run(module, ctx)
-    seconds = time.perf_counter() - start
-    save(module, output, protect=(model_path,))
-    quantize.finish(original, module, manager, ctx, args, output, seconds)
+    with quantize.plan_outputs(model_path, output, pipeline, args) as outputs:
+        outputs.check()
+        module = load(model_path, _input_shapes(args.input_shape))
+        ctx = build_context(args)
+        original = quantize.prepare_context(module, ctx, args, pipeline)
+        dump_dir = outputs.folder("dumps") if args.dump_after else None
+        manager = PassManager(pipeline, verify=args.verify, dump_after=args.dump_after, dump_dir=dump_dir, quiet=args.quiet)
+        start = time.perf_counter()
+        manager.run(module, ctx)
+        seconds = time.perf_counter() - start
+        quantize.finish(original, module, manager, ctx, args, outputs, seconds)
     return 0
 
 
@@ -80,7 +86,7 @@ def _add_passes(sub) -> None:
 
 def cmd_passes(args) -> int:
     import dataclasses
-    from compiler.pass_manager import _format_value, _kebab
+    from compiler.pass_manager import _format_value, _kebab, load_passes
     for name, cls in sorted(load_passes().items()):
         print(f"{name}  [{cls.kind.value}]  {cls.summary()}")
         for f in dataclasses.fields(cls.Options):
@@ -98,17 +104,20 @@ def _add_print(sub) -> None:
 
 
 def cmd_print(args) -> int:
+    from compiler.ir import load
+    from compiler.printer import print_module
     sys.stdout.write(print_module(load(args.model, _input_shapes(args.input_shape))))
     return 0
 
 
-COMMANDS = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command, htp.add_command]
-
-
 def make_parser() -> argparse.ArgumentParser:
+    """The parser of every command; called inside ``main``'s error handling, because building it imports
+    onnx and onnxruntime (a second's work a user may interrupt)."""
+    from compiler import analyze_cmd, compare_dump, htp
+    commands = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command, htp.add_command]
     parser = _Parser(prog="qcc", description="ONNX quantization compiler for Qualcomm HTP-class NPUs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in COMMANDS:
+    for add in commands:
         add(sub)
     return parser
 

@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from compiler.analyze_cmd import parse_gate
-from compiler.ir import QccError, load, parse_input_shape, write_atomic
+from compiler.ir import QccError, load, parse_input_shape
+from compiler.outputs import write_file
 from compiler.layer_analysis import ErrorStats, Reference, GraphIndex, dq_params, is_dq, is_q
 from compiler.runtime import make_session
 
@@ -213,7 +214,7 @@ def cmd_compare_dump(args) -> int:
         sample = Dataset(None, specs_of(module), files=[path])[0]
     result = compare_dump(module.to_onnx(), Path(args.dump_dir), sample, threshold)
     if args.json:
-        write_atomic(Path(args.json), json.dumps(result.to_dict(), indent=1) + "\n")
+        write_file(Path(args.json), json.dumps(result.to_dict(), indent=1) + "\n")
     if not args.quiet:
         sys.stdout.write(render_text(result, threshold))
     return EXIT_DIVERGED if result.first_divergence else 0

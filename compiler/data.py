@@ -99,6 +99,22 @@ class Dataset:
         return (self.subset([f for f, h in zip(self.files, held) if not h]),
                 self.subset([f for f, h in zip(self.files, held) if h]))
 
+    def check(self) -> None:
+        """Every sample's names, shapes and dtypes against the inputs, from the files' headers (array
+        files) or by opening them (images), so that a bad sample is reported before any work."""
+        for path in self.files:
+            suffix = path.suffix.lower()
+            if suffix == ".npy":
+                headers = {self.inputs[0].name: _read(path, _npy_header)}
+            elif suffix == ".npz":
+                headers = _read(path, _npz_headers)
+            else:
+                _read(path, _open_image)
+                continue
+            self._check_names(path, headers)
+            for spec in self.inputs:
+                _check_header(path, spec, *headers[spec.name])
+
     def load(self, path: Path) -> dict:
         suffix = path.suffix.lower()
         if suffix == ".npy":
@@ -109,7 +125,7 @@ class Dataset:
             arrays = {self.inputs[0].name: self._load_image(path)}
         return self._validate(path, arrays)
 
-    def _validate(self, path: Path, arrays: dict) -> dict:
+    def _check_names(self, path: Path, arrays: dict) -> None:
         expected = {s.name for s in self.inputs}
         missing = [name for name in (s.name for s in self.inputs) if name not in arrays]
         if missing:
@@ -117,6 +133,9 @@ class Dataset:
         extra = sorted(set(arrays) - expected)
         if extra:
             raise QccError(f"{path}: unexpected array '{extra[0]}' (model inputs: {', '.join(sorted(expected))})")
+
+    def _validate(self, path: Path, arrays: dict) -> dict:
+        self._check_names(path, arrays)
         sample = {}
         for spec in self.inputs:
             sample[spec.name] = _conform(path, spec, np.asarray(arrays[spec.name]))
@@ -184,15 +203,53 @@ def _read(path: Path, reader):
         raise QccError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'error'})") from None
 
 
-def _conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind != np.dtype(spec.dtype).kind and not (
-            array.dtype.kind in "iu" and np.dtype(spec.dtype).kind in "iu"):
-        raise QccError(f"{path}: input '{spec.name}' has dtype {array.dtype}, the model expects {np.dtype(spec.dtype)}")
-    if array.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[0] in (1, None):
-        array = array[None]
-    if array.ndim != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, array.shape)):
+def _npy_header(path: Path) -> tuple:
+    with open(path, "rb") as handle:
+        return _array_header(handle)
+
+
+def _npz_headers(path: Path) -> dict:
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        headers = {}
+        for member in archive.namelist():
+            if member.endswith(".npy"):
+                with archive.open(member) as handle:
+                    headers[member[:-4]] = _array_header(handle)
+        return headers
+
+
+def _array_header(handle) -> tuple:
+    """(shape, dtype) of a .npy stream, without reading its data."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _open_image(path: Path) -> None:
+    from PIL import Image
+    with Image.open(path) as img:
+        img.verify()
+
+
+def _check_header(path: Path, spec: InputSpec, shape: tuple, dtype: np.dtype) -> bool:
+    """Raise QccError if an array of ``shape`` and ``dtype`` cannot feed ``spec``; True when it lacks only a
+    leading batch dimension of 1."""
+    if dtype.kind != np.dtype(spec.dtype).kind and not (dtype.kind in "iu" and np.dtype(spec.dtype).kind in "iu"):
+        raise QccError(f"{path}: input '{spec.name}' has dtype {dtype}, the model expects {np.dtype(spec.dtype)}")
+    batched = len(shape) == len(spec.shape) - 1 and bool(spec.shape) and spec.shape[0] in (1, None)
+    if batched:
+        shape = (1, *shape)
+    if len(shape) != len(spec.shape) or any(d is not None and d != a for d, a in zip(spec.shape, shape)):
         expected = "[" + ",".join("?" if d is None else str(d) for d in spec.shape) + "]"
-        raise QccError(f"{path}: input '{spec.name}' has shape {list(array.shape)}, the model expects {expected}")
+        raise QccError(f"{path}: input '{spec.name}' has shape {list(shape)}, the model expects {expected}")
+    return batched
+
+
+def _conform(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    if _check_header(path, spec, array.shape, array.dtype):
+        array = array[None]
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise QccError(f"{path}: input '{spec.name}' contains NaN or infinite values")
     return np.ascontiguousarray(array.astype(spec.dtype, copy=False))

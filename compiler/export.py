@@ -34,7 +34,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.encoding import Encoding, encoding_from_qdq
-from compiler.ir import Module, QccError, const_value, write_atomic
+from compiler.ir import Module, QccError, const_value
+from compiler.outputs import write_file
 
 FORMATS = ("1.0.0", "0.6.1")
 
@@ -99,10 +100,12 @@ def _entry_legacy(name: str, enc: Encoding) -> list:
             for lo, hi, offset, scale in zip(enc.min, enc.max, enc.offset, enc.scale)]
 
 
-def write_encodings(module: Module, path: str | Path, fmt: str = "1.0.0") -> dict:
-    document = encodings_document(module, fmt)
-    write_atomic(Path(path), json.dumps(document, indent=1) + "\n")
-    return document
+def encodings_json(module: Module, fmt: str = "1.0.0") -> str:
+    return json.dumps(encodings_document(module, fmt), indent=1) + "\n"
+
+
+def write_encodings(module: Module, path: str | Path, fmt: str = "1.0.0") -> None:
+    write_file(Path(path), encodings_json(module, fmt))
 
 
 # --- reading ------------------------------------------------------------------------------------

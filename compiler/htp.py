@@ -293,7 +293,7 @@ def cmd_run_htp(args) -> int:
 
     from compiler.analyze_cmd import image_options
     from compiler.data import Dataset, specs_of
-    from compiler.ir import write_atomic
+    from compiler.outputs import write_file
     qnn_module()
     if args.htp_arch is not None and not args.htp_arch.isdigit():
         raise QccError(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
@@ -308,6 +308,6 @@ def cmd_run_htp(args) -> int:
     rows, seconds = compare_with_cpu(model, samples, {"htp_arch": args.htp_arch} if args.htp_arch else None)
     sys.stdout.write(render(rows, len(samples), seconds))
     if args.json:
-        write_atomic(Path(args.json), json.dumps({"samples": len(samples), "htp_seconds_per_sample": seconds,
+        write_file(Path(args.json), json.dumps({"samples": len(samples), "htp_seconds_per_sample": seconds,
                                                  "outputs": [r.to_dict() for r in rows]}, indent=1) + "\n")
     return 0

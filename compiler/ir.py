@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +18,14 @@ import onnx_graphsurgeon as gs
 from onnx import shape_inference
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from compiler.errors import QccError  # noqa: F401  (re-exported: passes raise it from here)
+
 G_LOGGER.severity = G_LOGGER.ERROR
 
 MIN_OPSET = 7
 MAX_OPSET = 23
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 INITIALIZERS_APART_IR = 4  # the first IR version whose initializers need not be graph inputs
-
-
-class QccError(Exception):
-    """A user-facing error: printed as one line by the CLI, exit code 2."""
 
 
 @dataclass
@@ -205,31 +202,6 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
     module = from_onnx(model)
     module.metadata.setdefault("qcc.source", path.name)
     return module
-
-
-def save(module: Module, path: str | os.PathLike, *, protect: tuple = ()) -> onnx.ModelProto:
-    """Write atomically (temp file + rename); never overwrite a path in ``protect``."""
-    path = Path(path)
-    for other in protect:
-        if other is not None and Path(other).exists() and path.exists() and path.resolve() == Path(other).resolve():
-            raise QccError(f"{path}: refusing to overwrite the input model; choose another output path")
-    if path.parent and not path.parent.exists():
-        raise QccError(f"{path}: output folder '{path.parent}' does not exist")
-    model = module.to_onnx()
-    write_atomic(path, model.SerializeToString())
-    return model
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def const_value(tensor) -> np.ndarray | None:

@@ -684,6 +684,9 @@ def analyze(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, samples,
                 if with_blame:
                     stats[r.name, "weights"].update(reference, through(r.then, weights_local[r.name]), with_cosine=False)
             for f, q in mapping.outputs:
+                if ref[f].shape != got[q].shape:
+                    raise QccError(f"output '{q}' of the quantized model has shape {list(got[q].shape)}, the float "
+                                   f"model's '{f}' {list(ref[f].shape)}: are they the same network?")
                 reference = Reference(ref[f])
                 outputs[f, "acc"].update(reference, got[q])
                 if with_blame:

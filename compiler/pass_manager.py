@@ -188,6 +188,10 @@ def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
 
 
 def parse_pipeline(text: str) -> Pipeline:
+    """The passes of ``text``, refusing an empty pipeline and an annotating or lowering pass named twice (a
+    second calibrate would replace the first's encodings, a second insert-qdq quantize the QDQ nodes)."""
+    if not text.strip():
+        raise QccError("pipeline: no passes given (e.g. 'fold-constants,cleanup,fold-bn')")
     pipeline = Pipeline()
     for part in _split_top_level(text.strip()):
         part = part.strip()
@@ -204,6 +208,10 @@ def parse_pipeline(text: str) -> Pipeline:
                     raise QccError(f"pipeline: option '{item}' of pass '{name.strip()}' must be key=value")
                 options[key] = value
         pipeline.append(make_pass(name.strip(), options))
+    names = [p.name for p in pipeline if p.kind is not PassKind.FLOAT_PRESERVING]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice:
+        raise QccError(f"pipeline: pass '{twice}' appears more than once; an annotating or lowering pass runs once")
     return pipeline
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from compiler.data import Dataset, ImageOptions, specs_of
-from compiler.ir import Module, QccError, save, write_atomic
+from compiler.ir import Module, QccError
+from compiler.outputs import OutputSet
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.targets import QUANT_TUNING, get_target
 
@@ -57,7 +58,7 @@ def add_arguments(parser) -> None:
 def pipeline_text(target, args) -> str:
     """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method and
     --target-cos/--max-16bit-share applied."""
-    if args.passes:
+    if args.passes is not None:
         given = [flag for flag, value in (("--act-bits", args.act_bits), ("--weight-bits", args.weight_bits),
                                           ("--calib-method", args.calib_method), ("--target-cos", args.target_cos),
                                           ("--max-16bit-share", args.max_16bit_share)) if value is not None]
@@ -120,6 +121,9 @@ def prepare_context(module: Module, ctx: PassContext, args, pipeline) -> Module 
         raise QccError("--calib-count needs --calib-data")
     if args.eval_data:
         ctx.eval_data = Dataset(args.eval_data, specs_of(module), image=image)
+    for data in (ctx.calib_data, ctx.eval_data):
+        if data is not None:
+            data.check()
     if ctx.calib_data is None and any(p.name == "calibrate" for p in pipeline):
         raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
                        "(.npy, .npz or images)")
@@ -203,32 +207,46 @@ def report(manager: PassManager, ctx: PassContext, seconds: float, metrics: dict
     }
 
 
-def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, output: Path,
+def plan_outputs(model_path: Path, output: Path, pipeline, args) -> OutputSet:
+    """The files ``qcc compile`` may write: OUT, OUT.encodings and OUT.float.onnx (when the pipeline
+    quantizes), OUT.report.json and the --dump-after folder; the model and the data folders are inputs
+    none of them may replace."""
+    outputs = OutputSet(force=args.force, inputs=(model_path, args.calib_data, args.eval_data))
+    outputs.add("compiled model", output)
+    if any(p.name == "insert-qdq" for p in pipeline):
+        outputs.add("encodings", output.with_suffix(".encodings"))
+        outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
+    outputs.add("report", output.with_name(output.stem + ".report.json"))
+    if args.dump_after:
+        outputs.add("dumps", args.dump_dir or output.with_name(output.stem + ".dumps"), folder=True)
+    return outputs
+
+
+def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, outputs: OutputSet,
            seconds: float) -> None:
-    """After saving OUT.onnx: OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer
-    started from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx
-    OUT.onnx`` compares like with like where CLE rescaled channels or fold-affine moved constants),
-    OUT.report.json, and the summary."""
+    """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer started
+    from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx OUT.onnx``
+    compares like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json;
+    commit them together and print the summary. Each model is checked to load in onnxruntime first."""
     from compiler.encoding import has_qdq
-    from compiler.export import write_encodings
-    outputs = {"model": output.name}
+    from compiler.export import encodings_json
+    from compiler.runtime import loadable_bytes
+    names = {"model": outputs.write("compiled model", loadable_bytes(module.to_onnx(), outputs.paths["compiled model"])).name}
     if has_qdq(module.graph):
-        encodings = output.with_suffix(".encodings")
-        write_encodings(module, encodings, args.encodings_format)
-        outputs["encodings"] = encodings.name
+        names["encodings"] = outputs.write("encodings", encodings_json(module, args.encodings_format)).name
         if ctx.reference is not None:
-            float_model = output.with_name(output.stem + ".float.onnx")
-            save(ctx.reference, float_model, protect=(args.model,))
-            outputs["float_model"] = float_model.name
+            data = loadable_bytes(ctx.reference.to_onnx(), outputs.paths["float model"])
+            names["float_model"] = outputs.write("float model", data).name
     metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
-    report_path = output.with_name(output.stem + ".report.json")
-    write_atomic(report_path, json.dumps(report(manager, ctx, seconds, metrics, outputs), indent=1, default=_json) + "\n")
+    document = report(manager, ctx, seconds, metrics, names)
+    report_path = outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
+    written = outputs.commit()
     if not args.quiet:
         for line in summary_lines(metrics):
             print(line, file=sys.stderr)
         timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in manager.records)
         print(f"compiled in {seconds:.2f}s ({timings})", file=sys.stderr)
-        print(f"wrote {', '.join(list(outputs.values()) + [report_path.name])}", file=sys.stderr)
+        print(f"wrote {', '.join(path.name for path in written)}", file=sys.stderr)
 
 
 def _json(value):

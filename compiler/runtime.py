@@ -40,6 +40,23 @@ def make_session(model: Module | onnx.ModelProto, extra_outputs: list[str] | Non
         raise QccError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
 
+STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def loadable_bytes(proto: onnx.ModelProto, path) -> bytes:
+    """The serialized model, refused when onnxruntime cannot load it. A model with ops of a custom domain is
+    not checked: onnxruntime could not load its input either."""
+    data = proto.SerializeToString()
+    if any(node.domain not in STANDARD_DOMAINS for node in proto.graph.node):
+        return data
+    try:
+        ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise QccError(f"{path}: not written: the compiled model does not load in onnxruntime "
+                       f"({str(exc).splitlines()[0]})") from None
+    return data
+
+
 def expose_tensors(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     present = {o.name for o in proto.graph.output}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from onnx import version_converter
 
-from compiler.ir import Module, QccError, from_onnx, infer_shapes
+from compiler.ir import MAX_OPSET, MIN_OPSET, Module, QccError, from_onnx, infer_shapes
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 
 
@@ -22,6 +22,11 @@ class UpgradeOpset(Pass):
     @dataclass(frozen=True)
     class Options:
         version: int = 13
+
+        def __post_init__(self):
+            if not MIN_OPSET <= self.version <= MAX_OPSET:
+                raise QccError(f"pass 'upgrade-opset': option 'version' must be an opset qcc supports "
+                               f"({MIN_OPSET}..{MAX_OPSET}), got {self.version}")
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         old = module.opset
