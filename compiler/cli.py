@@ -6,9 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-from compiler.errors import QccError
+from compiler.errors import PassFailure, QccError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: a bug in qcc
+TRACEBACK_VARIABLE = "QCC_TRACEBACK"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +134,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qcc: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        import os
+        import traceback
+        if os.environ.get(TRACEBACK_VARIABLE):
+            traceback.print_exception(exc.cause if isinstance(exc, PassFailure) else exc)
+        what = str(exc) if isinstance(exc, PassFailure) else f"{type(exc).__name__}: {exc}"
+        print(f"qcc: internal error: {what} (a bug in qcc; {TRACEBACK_VARIABLE}=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from compiler.errors import PassFailure
 from compiler.ir import Module, QccError
 
 
@@ -285,7 +286,12 @@ class PassManager:
             before = module.clone() if check else None
             start = time.perf_counter()
             remarks_before = len(ctx.remarks)
-            result = p.run(module, ctx)
+            try:
+                result = p.run(module, ctx)
+            except QccError:
+                raise
+            except Exception as exc:
+                raise PassFailure(p.name, str(Pipeline(self.pipeline[:index])), exc) from exc
             seconds = time.perf_counter() - start
             error = verify_outputs(before, module, samples, self.verify_rtol, f"'{p.name}'") if check and result.modified else None
             self.records.append(PassRecord(p.name, str(p), result.modified, dict(result.stats), seconds, error))

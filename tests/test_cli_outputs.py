@@ -228,3 +228,21 @@ def test_analyze_of_two_different_networks_is_one_line(work, tmp_path, capsys):
                  "--calib-data", str(work / "data"), "-q"]) == 0
     code = main(["analyze", str(work / "m.onnx"), str(work / "run" / "o.onnx"), "--data", str(work / "data")])
     assert code == 2 and "are they the same network?" in one_error(capsys)
+
+
+def test_a_bug_inside_a_pass_is_one_line_naming_the_pass_and_what_ran_before(work, capsys, monkeypatch):
+    from passes.cle import CrossLayerEqualization as Cle
+
+    def crash(self, module, ctx):
+        raise ValueError("cannot reshape array of size 0")
+    monkeypatch.setattr(Cle, "run", crash)
+    assert compile_htp(work, work / "run" / "m.onnx") == 70
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("qcc: internal error:")]
+    assert "pass 'cle' failed (ValueError: cannot reshape array of size 0)" in line
+    assert "passes before it: fold-constants,cleanup,upgrade-opset{version=14},fold-bn," in line
+    assert listing(work / "run") == []
+    monkeypatch.setenv("QCC_TRACEBACK", "1")
+    assert compile_htp(work, work / "run" / "m.onnx") == 70
+    assert "Traceback" in capsys.readouterr().err
