@@ -241,7 +241,8 @@ def test_a_bug_inside_a_pass_is_one_line_naming_the_pass_and_what_ran_before(wor
     assert "Traceback" not in err
     [line] = [line for line in err.splitlines() if line.startswith("qcc: internal error:")]
     assert "pass 'cle' failed (ValueError: cannot reshape array of size 0)" in line
-    assert "passes before it: fold-constants,cleanup,upgrade-opset{version=14},fold-bn," in line
+    before = line.split("passes before it: ")[1]
+    assert before.startswith("fold-constants") and "replace-se" in before and "calibrate" not in before
     assert listing(work / "run") == []
     monkeypatch.setenv("QCC_TRACEBACK", "1")
     assert compile_htp(work, work / "run" / "m.onnx") == 70
