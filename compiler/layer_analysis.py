@@ -451,7 +451,7 @@ class ErrorStats:
         if with_cosine:
             got_energy = _dot(got, got)
             denom = math.sqrt(ref.energy * got_energy)
-            # Same convention as compiler.golden.cosine: two all-zero tensors agree.
+            # Same convention as tests.golden_cases.cosine: two all-zero tensors agree.
             self.cosines.append(_dot(ref.values, got) / denom if denom else float(not got_energy and not ref.energy))
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
+import importlib.util
 import pkgutil
 import sys
 import time
@@ -57,7 +58,8 @@ class PassContext:
     reference: object = None
 
     def remark(self, where, message: str) -> None:
-        label = getattr(where, "name", None) or str(where)
+        outputs = getattr(where, "outputs", None)
+        label = getattr(where, "name", None) or (outputs[0].name if outputs else str(where))  # unnamed: its output
         op = getattr(where, "op", None)
         self.remarks.append(Remark(self.current_pass, f"{label} ({op})" if op else label, message))
 
@@ -67,6 +69,12 @@ class Pass:
     have options (this empty one otherwise)."""
     name: ClassVar[str]
     kind: ClassVar[PassKind]
+    # An optional extra's module the pass needs (brecq: "torch"); without it the pass declines with a remark.
+    optional_module: ClassVar[str | None] = None
+
+    @classmethod
+    def available(cls) -> bool:
+        return cls.optional_module is None or importlib.util.find_spec(cls.optional_module) is not None
 
     @dataclass(frozen=True)
     class Options:

@@ -65,7 +65,6 @@ Kind: ANNOTATING. The float weights change on purpose (they become their quantiz
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from dataclasses import dataclass
 
@@ -77,6 +76,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, regis
 class Brecq(Pass):
     name = "brecq"
     kind = PassKind.ANNOTATING
+    optional_module = "torch"
 
     @dataclass(frozen=True)
     class Options:
@@ -101,7 +101,7 @@ class Brecq(Pass):
             raise QccError(f"brecq: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
         if not 0.0 <= opts.drop < 1.0:
             raise QccError(f"brecq: drop must be in [0, 1), got {opts.drop}")
-        if importlib.util.find_spec("torch") is None:
+        if not self.available():
             ctx.remark("graph", "brecq needs PyTorch (pip install 'qcc[torch]'); weights left to insert-qdq's rounding")
             return PassResult(False, {"blocks": 0})
         if ctx.calib_data is None:

@@ -2,7 +2,7 @@
 import numpy as np
 
 from compiler.encoding import fake_quantize, weight_encoding
-from compiler.golden import GOLDEN_ROOT, GoldenCase
+from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value
 from compiler.linear import set_input_const
 from compiler.pass_manager import PassContext

@@ -3,7 +3,7 @@ import numpy as np
 import onnx.parser
 
 from compiler.encoding import fake_quantize, weight_encoding
-from compiler.golden import GOLDEN_ROOT, GoldenCase
+from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value, from_onnx, infer_shapes, load
 from compiler.linear import linear_layer, set_input_const
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from compiler.encoding import fake_quantize
-from compiler.golden import GOLDEN_ROOT, GoldenCase
+from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value, fix_input_shapes, from_onnx, infer_shapes, parse_input_shape
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.quantize import compile_model

@@ -4,7 +4,7 @@ import onnx.parser
 import pytest
 
 from compiler.ir import const_value, from_onnx, infer_shapes, load
-from compiler.golden import GOLDEN_ROOT, GoldenCase
+from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.pass_manager import PassContext, PassKind, PassManager, load_passes, parse_pipeline, verify_outputs
 from compiler.runtime import run_model, sample_inputs
 from passes.cle import CrossLayerEqualization, _input_ranges, _output_ranges

@@ -4,7 +4,7 @@ import onnx.parser
 import onnxruntime as ort
 
 from compiler.encoding import Encoding, activation_encoding, encoding_from_qdq, fake_quantize
-from compiler.golden import cosine
+from tests.golden_cases import cosine
 from compiler.ir import const_value, from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import run_model, sample_inputs

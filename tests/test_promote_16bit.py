@@ -5,7 +5,7 @@ import onnx
 import onnx.parser
 import pytest
 
-from compiler.golden import GOLDEN_ROOT
+from tests.golden_cases import GOLDEN_ROOT
 from compiler.ir import QccError, from_onnx, infer_shapes
 from compiler.layer_analysis import ErrorStats, Reference
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline

@@ -1,7 +1,7 @@
 """tools/update_golden.py: reports differing dumps with a diff, writes only with --write, scaffolds cases."""
 import pytest
 
-from compiler import golden
+from tests import golden_cases as golden
 from tools import update_golden
 
 

@@ -21,10 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compiler.golden import GOLDEN_ROOT, GoldenCase, discover, run_case  # noqa: E402
+from tests.golden_cases import GOLDEN_ROOT, GoldenCase, discover, run_case  # noqa: E402
 from compiler.ir import QccError  # noqa: E402
 
-INPUT_TEMPLATE = """<ir_version: 8, opset_import: ["" : 13]>
+INPUT_TEMPLATE = """# TODO: one line saying what this case checks (the rewrite, or why the pass declines).
+<ir_version: 8, opset_import: ["" : 13]>
 g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
   y = Relu(x)
 }

@@ -1,7 +1,8 @@
 """Golden cases: ``golden/<pass>/<case>/{input.onnxtxt, pipeline.txt, expected.txt}``.
 
-A case's input is ONNX text syntax (onnx.parser). Running a case compiles the
-pipeline, prints the module (compiler.printer) and checks the float result.
+A case's input is ONNX text syntax (onnx.parser) whose first line is a ``#`` comment saying what the
+case checks. Running a case compiles the pipeline and prints the module (compiler.printer) followed by
+the remarks the passes made, so a case where a pass declines records why.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def run_case(case: GoldenCase):
     module = original.clone()
     pipeline = parse_pipeline(case.pipeline_text())
     manager = PassManager(pipeline, quiet=True)
-    manager.run(module, golden_context(original))
-    return original, module, print_module(module), manager
+    ctx = golden_context(original)
+    manager.run(module, ctx)
+    return original, module, print_module(module) + "".join(f"{remark}\n" for remark in ctx.remarks), manager
 
 
 def all_float_preserving(manager: PassManager) -> bool:
