@@ -17,21 +17,28 @@ anyway, and odd widths force re-layouts between layers. Padding is float-exact:
 Which tensors must share a padded layout is a connected-component question (networkx): the
 channel-wise ops below tie their channel operands to their output, so a residual ``Add(a, b)``
 ties a and b, and the SE-block ``Mul(x, gate)`` ties x with its (N, C, 1, 1) gate. A component is
-padded when every tensor in it comes from a padded producer or a channel-wise op; one produced by
-anything else (a graph input, Reshape, Transpose, a grouped conv, an unknown op, ...) keeps its
+padded when every tensor in it comes from a padded producer (a linear layer, a channel Split) or a
+channel-wise op; one produced by anything else (a graph input, a Reshape or Transpose that moves
+channels, a grouped conv, an unknown op, ...) keeps its
 width, and the convs that read or write it are remarked. Graph inputs and outputs keep their
 names and shapes: the stem conv's input channels (3 for an RGB image) are NOT padded (that would
 need a Pad of the image and multiply the stem's MACs); a padded graph output gets a Slice.
 
-Channel-wise ops carried through (a tensor's padded channels stay 0 through each of them):
-  Relu, LeakyRelu, HardSwish, MaxPool, AveragePool, GlobalAveragePool, Resize (channel scale 1;
-  explicit ``sizes`` rewritten), Clip, HardSigmoid, Sigmoid,
-  BatchNormalization (padded with scale 1, bias 0, mean 0, var 1),
-  Add/Sub/Mul/Div with a constant: per-channel constants padded with 0 (a Div divisor with 1);
-  a constant that broadcasts over channels is expanded to per-channel and padded with 0 where it
-  would otherwise move 0 (Add 3 -> Add [3, .., 3, 0, .., 0]; Mul by a scalar keeps it as is),
-  Add/Sub/Mul/Div of two tensors of the same channel count (tied; a tensor divisor declines: its
-  padded 0 would give NaN), Mul by a tensor with one channel (N, 1, H, W),
+Channel-wise ops carried through (output channel c depends on input channel c only):
+  unary ops finite for every finite input (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh, Elu,
+  Softplus, Erf, Abs, Neg, Identity, Cast, Dropout, ...; not Log/Sqrt/Reciprocal/Exp, which could
+  turn a padded channel into Inf or NaN), pools, PRelu (per-channel slope padded with 0),
+  BatchNormalization (padded with scale 1, bias 0, mean 0, var 1), InstanceNormalization (scale 1,
+  bias 0), Resize (channel scale 1; explicit ``sizes`` rewritten),
+  ops along other axes: Softmax/LogSoftmax/Hardmax and LayerNormalization with axis >= 2,
+  reductions whose axes leave axis 1 in place, Transpose with perm[:2] == [0, 1], Slice and Pad of
+  other axes (a Slice of axis 1 from 0 to its end or past it gets the padded width as its end),
+  Concat and Split along other axes (constant Concat inputs padded with zero channels),
+  Add/Sub/Mul/Div/Max/Min/Sum/Mean with a constant: per-channel constants padded with 0 (a Div
+  divisor with 1); a constant that broadcasts over channels is expanded to per-channel and padded
+  with 0 where it would otherwise move 0 (Add 3 -> Add [3, .., 3, 0, .., 0]; Mul by a scalar keeps
+  it as is), the same ops on tensors of the same channel count (tied; a tensor divisor declines:
+  its padded 0 would give NaN), Mul by a tensor with one channel (N, 1, H, W),
   Reshape/Flatten/Squeeze/Unsqueeze that keep axes 0 and 1 (e.g. (N, C, 1, 1) <-> (N, C), as in
   an SE block rewritten to Gemm); a Reshape target that spells C becomes the padded width,
   Concat along channels, option ``concat``: ``interleave`` concatenates the padded inputs as they
@@ -39,21 +46,28 @@ Channel-wise ops carried through (a tensor's padded channels stay 0 through each
   its consumers get zero weights at the gaps (no data moves, but consumers read sum(W_i)
   channels); ``compact`` slices each input to its real channels, concatenates them and zero-pads
   the result with a Pad up to the multiple; ``auto`` (default) compacts when that makes the
-  output narrower (det: 4 x 24 -> 96 channels instead of 128) and interleaves otherwise.
-Any other consumer (Transpose, Softmax, Split, a tensor-divisor Div, a Reshape that moves
-channels, unknown ops, graph outputs) reads a Slice (or, after a Concat, a Gather) back to the
-real channels.
+  output narrower (det: 4 x 24 -> 96 channels instead of 128) or when the interleaved width is
+  off the multiple (an unpadded input such as the image) and a consumer reads it padded,
+  Split along channels: each part gets its own padded width; when the input's layout is the parts'
+  layouts side by side it is split in place (new sizes), otherwise its real channels are split and
+  each part zero-padded by a Pad (only if a consumer reads that part padded).
+Any other consumer (a Transpose or Reshape that moves channels, Softmax/reduction/normalisation
+over channels, GroupNormalization, a tensor-divisor Div, a Slice or Pad of channels, unknown ops,
+graph outputs) reads a Slice (or, after a Concat, a Gather) back to the real channels.
 
 Quantization: padded weights and biases are exact zeros, and the rules above map a padded 0 to 0,
 so padded activations stay exactly 0 (zero is always representable in qcc's encodings) -- except
-after HardSigmoid/Sigmoid (0 -> 0.5) and a Clip whose range excludes 0. Those values are finite
-and every consumer multiplies them by zero weights (the SE gate multiplies a padded 0), so the
-float and the quantized results are unchanged; only that tensor's padded channels are non-zero.
+after an op with f(0) != 0 (HardSigmoid/Sigmoid 0 -> 0.5, Softplus, Cos, a Clip whose range
+excludes 0, a normalisation along other axes, a Softmax, a Pad with a non-zero constant). Those
+values are finite and only zero weights, a Slice or a Mul with a padded 0 read them (the SE gate),
+so the float and the quantized results are unchanged; only those tensors' padded channels are
+non-zero.
 
-Stats: ``convs-padded`` (Conv/ConvTranspose/Gemm/MatMul whose weights changed), ``channels-added``
+Stats: ``convs-padded`` (Conv/ConvTranspose/Gemm/MatMul whose weights changed), ``convs-declined``
+(linear layers left off the multiple on a side other than a graph input, each with a remark), ``channels-added``
 (output channels added over those layers), ``extra-macs-pct`` (MACs of all such layers after vs
 before, in percent), ``slices-inserted`` (Slice/Gather back to the real channels),
-``pads-inserted`` (Pad after a compacted Concat).
+``pads-inserted`` (Pad after a compacted Concat or Split).
 """
 from __future__ import annotations
 
@@ -424,7 +438,8 @@ class Component:
     fixed_reason: str | None = None
     concats: list = field(default_factory=list)
     layout: Layout | None = None
-    read_padded: bool = False  # some consumer of a member reads padded channels (not via a Slice)
+    read_padded: bool = False  # a consumer of a member reads the padded channels as they are
+    written_padded: bool = False  # a linear layer writes a member (its padded channels cost no extra node)
 
     def why_unaligned(self, multiple: int) -> str:
         if self.fixed_reason:
@@ -653,7 +668,10 @@ class _Rewriter:
         else:
             node.attrs.pop("num_outputs", None)
             split = make_const(self.graph, f"{x.name}_split", np.array(sizes, np.int64))
-            node.inputs[1:] = [split]
+            if len(node.inputs) > 1:
+                node.inputs[1] = split
+            else:
+                node.inputs.append(split)
 
     def _rewrite_tie(self, node, role: Role) -> None:
         layout = self.layout(node.outputs[0])
@@ -723,6 +741,7 @@ def plan_components(graph: gs.Graph, roles: dict, multiple: int, concat: str) ->
             elif kind == "concat":
                 comp.concats.append(producer(by_name[name]))
             comp.read_padded |= any(roles[id(user)].kind != "opaque" for user in by_name[name].outputs)
+            comp.written_padded |= kind == "free" and producer(by_name[name]).op in LINEAR_OPS
             component_of[name] = comp
         components.append(comp)
 
@@ -756,7 +775,9 @@ def plan_components(graph: gs.Graph, roles: dict, multiple: int, concat: str) ->
                     comp.layout = layout
                 # else the prefix layout below: inputs sliced, Concat, then a Pad up to the multiple
         if comp.layout is None and comp.channels is not None:
-            width = comp.channels if comp.fixed_reason else _round_up(comp.channels, multiple)
+            # A Split's part is padded by a Pad node: worth it only if a consumer reads it padded.
+            useful = comp.written_padded or comp.read_padded
+            width = _round_up(comp.channels, multiple) if useful and not comp.fixed_reason else comp.channels
             comp.layout = Layout(tuple(range(comp.channels)), width)
         for name in comp.members:
             layouts[name] = comp.layout or Layout.identity(int(by_name[name].shape[1]))
