@@ -17,21 +17,28 @@ anyway, and odd widths force re-layouts between layers. Padding is float-exact:
 Which tensors must share a padded layout is a connected-component question (networkx): the
 channel-wise ops below tie their channel operands to their output, so a residual ``Add(a, b)``
 ties a and b, and the SE-block ``Mul(x, gate)`` ties x with its (N, C, 1, 1) gate. A component is
-padded when every tensor in it comes from a padded producer or a channel-wise op; one produced by
-anything else (a graph input, Reshape, Transpose, a grouped conv, an unknown op, ...) keeps its
+padded when every tensor in it comes from a padded producer (a linear layer, a channel Split) or a
+channel-wise op; one produced by anything else (a graph input, a Reshape or Transpose that moves
+channels, a grouped conv, an unknown op, ...) keeps its
 width, and the convs that read or write it are remarked. Graph inputs and outputs keep their
 names and shapes: the stem conv's input channels (3 for an RGB image) are NOT padded (that would
 need a Pad of the image and multiply the stem's MACs); a padded graph output gets a Slice.
 
-Channel-wise ops carried through (a tensor's padded channels stay 0 through each of them):
-  Relu, LeakyRelu, HardSwish, MaxPool, AveragePool, GlobalAveragePool, Resize (channel scale 1;
-  explicit ``sizes`` rewritten), Clip, HardSigmoid, Sigmoid,
-  BatchNormalization (padded with scale 1, bias 0, mean 0, var 1),
-  Add/Sub/Mul/Div with a constant: per-channel constants padded with 0 (a Div divisor with 1);
-  a constant that broadcasts over channels is expanded to per-channel and padded with 0 where it
-  would otherwise move 0 (Add 3 -> Add [3, .., 3, 0, .., 0]; Mul by a scalar keeps it as is),
-  Add/Sub/Mul/Div of two tensors of the same channel count (tied; a tensor divisor declines: its
-  padded 0 would give NaN), Mul by a tensor with one channel (N, 1, H, W),
+Channel-wise ops carried through (output channel c depends on input channel c only):
+  unary ops finite for every finite input (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Tanh, Elu,
+  Softplus, Erf, Abs, Neg, Identity, Cast, Dropout, ...; not Log/Sqrt/Reciprocal/Exp, which could
+  turn a padded channel into Inf or NaN), pools, PRelu (per-channel slope padded with 0),
+  BatchNormalization (padded with scale 1, bias 0, mean 0, var 1), InstanceNormalization (scale 1,
+  bias 0), Resize (channel scale 1; explicit ``sizes`` rewritten),
+  ops along other axes: Softmax/LogSoftmax/Hardmax and LayerNormalization with axis >= 2,
+  reductions whose axes leave axis 1 in place, Transpose with perm[:2] == [0, 1], Slice and Pad of
+  other axes (a Slice of axis 1 from 0 to its end or past it gets the padded width as its end),
+  Concat and Split along other axes (constant Concat inputs padded with zero channels),
+  Add/Sub/Mul/Div/Max/Min/Sum/Mean with a constant: per-channel constants padded with 0 (a Div
+  divisor with 1); a constant that broadcasts over channels is expanded to per-channel and padded
+  with 0 where it would otherwise move 0 (Add 3 -> Add [3, .., 3, 0, .., 0]; Mul by a scalar keeps
+  it as is), the same ops on tensors of the same channel count (tied; a tensor divisor declines:
+  its padded 0 would give NaN), Mul by a tensor with one channel (N, 1, H, W),
   Reshape/Flatten/Squeeze/Unsqueeze that keep axes 0 and 1 (e.g. (N, C, 1, 1) <-> (N, C), as in
   an SE block rewritten to Gemm); a Reshape target that spells C becomes the padded width,
   Concat along channels, option ``concat``: ``interleave`` concatenates the padded inputs as they
@@ -39,21 +46,28 @@ Channel-wise ops carried through (a tensor's padded channels stay 0 through each
   its consumers get zero weights at the gaps (no data moves, but consumers read sum(W_i)
   channels); ``compact`` slices each input to its real channels, concatenates them and zero-pads
   the result with a Pad up to the multiple; ``auto`` (default) compacts when that makes the
-  output narrower (det: 4 x 24 -> 96 channels instead of 128) and interleaves otherwise.
-Any other consumer (Transpose, Softmax, Split, a tensor-divisor Div, a Reshape that moves
-channels, unknown ops, graph outputs) reads a Slice (or, after a Concat, a Gather) back to the
-real channels.
+  output narrower (det: 4 x 24 -> 96 channels instead of 128) or when the interleaved width is
+  off the multiple (an unpadded input such as the image) and a consumer reads it padded,
+  Split along channels: each part gets its own padded width; when the input's layout is the parts'
+  layouts side by side it is split in place (new sizes), otherwise its real channels are split and
+  each part zero-padded by a Pad (only if a consumer reads that part padded).
+Any other consumer (a Transpose or Reshape that moves channels, Softmax/reduction/normalisation
+over channels, GroupNormalization, a tensor-divisor Div, a Slice or Pad of channels, unknown ops,
+graph outputs) reads a Slice (or, after a Concat, a Gather) back to the real channels.
 
 Quantization: padded weights and biases are exact zeros, and the rules above map a padded 0 to 0,
 so padded activations stay exactly 0 (zero is always representable in qcc's encodings) -- except
-after HardSigmoid/Sigmoid (0 -> 0.5) and a Clip whose range excludes 0. Those values are finite
-and every consumer multiplies them by zero weights (the SE gate multiplies a padded 0), so the
-float and the quantized results are unchanged; only that tensor's padded channels are non-zero.
+after an op with f(0) != 0 (HardSigmoid/Sigmoid 0 -> 0.5, Softplus, Cos, a Clip whose range
+excludes 0, a normalisation along other axes, a Softmax, a Pad with a non-zero constant). Those
+values are finite and only zero weights, a Slice or a Mul with a padded 0 read them (the SE gate),
+so the float and the quantized results are unchanged; only those tensors' padded channels are
+non-zero.
 
-Stats: ``convs-padded`` (Conv/ConvTranspose/Gemm/MatMul whose weights changed), ``channels-added``
+Stats: ``convs-padded`` (Conv/ConvTranspose/Gemm/MatMul whose weights changed), ``convs-declined``
+(linear layers left off the multiple on a side other than a graph input, each with a remark), ``channels-added``
 (output channels added over those layers), ``extra-macs-pct`` (MACs of all such layers after vs
 before, in percent), ``slices-inserted`` (Slice/Gather back to the real channels),
-``pads-inserted`` (Pad after a compacted Concat).
+``pads-inserted`` (Pad after a compacted Concat or Split).
 """
 from __future__ import annotations
 
@@ -68,11 +82,20 @@ from compiler.linear import LINEAR_OPS
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choices, register
 from compiler.patterns import const_input, producer
 
-UNARY_CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Clip",
-                                "MaxPool", "AveragePool", "GlobalAveragePool"})
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
+# One output channel from the same input channel, finite for every finite input (so no Log, Sqrt,
+# Reciprocal, Exp: a padded channel must never become Inf or NaN).
+UNARY_CHANNEL_WISE = frozenset({
+    "Identity", "Cast", "Dropout", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "HardSwish",
+    "HardSigmoid", "Sigmoid", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Abs", "Neg", "Sign",
+    "Floor", "Ceil", "Round", "Sin", "Cos", "Clip", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"})
+SOFTMAX_LIKE = frozenset({"Softmax", "LogSoftmax", "Hardmax"})
+REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                        "ReduceSumSquare", "ReduceLogSumExp"})
 CHANNEL_KEEPING_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 BATCH_NORM_FILLS = {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0}  # scale, bias, mean, var of a padded channel
+INSTANCE_NORM_FILLS = {1: 1.0, 2: 0.0}  # scale, bias: a padded all-zero channel normalises to 0
 
 
 @dataclass(frozen=True)
@@ -111,9 +134,9 @@ class ConstPad:
 @dataclass
 class Role:
     """How a node treats the channel axis of its tensors."""
-    kind: str  # linear | depthwise | tie | concat | opaque
+    kind: str  # linear | depthwise | tie | concat | split | opaque
     reason: str = ""  # opaque: why the node cannot carry padded channels
-    tied: tuple = ()  # tie/depthwise: inputs that share output 0's layout
+    tied: tuple = ()  # tie/depthwise: inputs that share the layout of every output
     const_pads: tuple = ()  # ConstPad of tied / depthwise / linear (bias) constants
     weight_axes: tuple = (None, None)  # linear: (input-channel axis, output-channel axis) of the weight
     takes_padded_input: bool = True  # linear: input 0 may be padded (zero weights absorb it)
@@ -269,39 +292,137 @@ def _classify_reshape(node, channels: int) -> Role:
     return role
 
 
+def _axes(node, index: int, rank: int) -> list | str | None:
+    """A node's normalised ``axes``, from its attribute or its input ``index`` (None: absent)."""
+    if "axes" in node.attrs:
+        return [int(a) % rank for a in node.attrs["axes"]]
+    present, values = _optional_const(node, index)
+    if present and values is None:
+        return "its axes are not constant"
+    return [int(a) % rank for a in values] if present else None
+
+
+def _classify_slice(node, opset: int, channels: int, rank: int) -> Role:
+    """A Slice that keeps every channel: axis 1 not sliced, or sliced from 0 to (at least) the end."""
+    if opset < 10:
+        axes = [a % rank for a in node.attrs.get("axes", range(len(node.attrs.get("starts", []))))]
+        return opaque("it slices the channel axis") if 1 in axes else Role("tie", tied=(0,))
+    bounds = [const_input(node, i) for i in (1, 2)]
+    axes = _axes(node, 3, rank)
+    present, steps = _optional_const(node, 4)
+    if any(b is None for b in bounds) or isinstance(axes, str) or (present and steps is None):
+        return opaque("its starts, ends, axes or steps are not constant")
+    axes = list(range(len(bounds[0]))) if axes is None else axes
+    if 1 not in axes:
+        return Role("tie", tied=(0,))
+    entry = axes.index(1)
+    if bounds[0][entry] != 0 or (present and steps[entry] != 1) or bounds[1][entry] < channels:
+        return opaque("it slices the channel axis")
+    return Role("tie", tied=(0,), size_entry=(2, entry))
+
+
+def _classify_pad(node, opset: int, rank: int) -> Role:
+    pads = node.attrs.get("pads") if opset < 11 else const_input(node, 1)
+    axes = _axes(node, 3, rank) if opset >= 18 else None
+    if pads is None or isinstance(axes, str):
+        return opaque("its pads or axes are not constant")
+    axes = list(range(rank)) if axes is None else axes
+    if 1 in axes and (pads[axes.index(1)] or pads[axes.index(1) + len(axes)]):
+        return opaque("it pads the channel axis")
+    return Role("tie", tied=(0,))
+
+
+def _classify_along_axis(node, opset: int, rank: int) -> Role | None:
+    """Ops that work along other axes than channels (None: not one of them)."""
+    if node.op in SOFTMAX_LIKE or node.op == "LayerNormalization":
+        # Softmax before opset 13 and LayerNormalization work on the flattened axes [axis, rank).
+        default = -1 if node.op == "LayerNormalization" or opset >= 13 else 1
+        axis = int(node.attrs.get("axis", default)) % rank
+        return Role("tie", tied=(0,)) if axis >= 2 else opaque(f"it normalises along the channel axis (axis {axis})")
+    if node.op in REDUCTIONS:
+        axes = _axes(node, 1, rank)
+        if isinstance(axes, str):
+            return opaque(axes)
+        if not axes and node.attrs.get("noop_with_empty_axes", 0):
+            return Role("tie", tied=(0,))
+        kept = (1,) if node.attrs.get("keepdims", 1) else (0, 1)
+        return opaque("it reduces over the channel axis") if axes is None or set(kept) & set(axes) else Role("tie", tied=(0,))
+    if node.op == "Transpose":
+        perm = list(node.attrs.get("perm", range(rank - 1, -1, -1)))
+        return Role("tie", tied=(0,)) if perm[:2] == [0, 1] else opaque("it moves the channel axis")
+    return None
+
+
+def _classify_concat(node, channels: int, rank: int) -> Role:
+    axis = int(node.attrs.get("axis", 0)) % rank
+    if axis == 1:
+        widths = [channels_of(t) for t in node.inputs]
+        if any(w is None or len(t.shape) != rank for w, t in zip(widths, node.inputs)) or sum(widths) != channels:
+            return opaque("an input is a constant or has an unknown channel count")
+        return Role("concat")
+    tied, pads = [], []
+    for index, tensor in enumerate(node.inputs):
+        values = const_value(tensor)
+        if values is not None and values.ndim == rank and values.shape[1] == channels:
+            pads.append(ConstPad(index, 1, 0.0))
+        elif values is None and channels_of(tensor) == channels and len(tensor.shape) == rank:
+            tied.append(index)
+        else:
+            return opaque(f"its input {index} has another channel count")
+    return Role("tie", tied=tuple(tied), const_pads=tuple(pads))
+
+
+def _classify_split(node, rank: int) -> Role:
+    x = node.inputs[0]
+    widths = [channels_of(t) for t in node.outputs]
+    if channels_of(x) is None or any(w is None for w in widths) or len(x.shape) != rank:
+        return opaque("its channel counts are unknown")
+    if int(node.attrs.get("axis", 0)) % rank != 1:
+        return Role("tie", tied=(0,)) if set(widths) == {channels_of(x)} else opaque("its parts differ in channels")
+    return Role("split") if sum(widths) == channels_of(x) else opaque("its parts do not add up to its input")
+
+
 def classify(node, opset: int) -> Role:
     if node.domain not in (None, "", "ai.onnx"):
         return opaque(f"it is in domain '{node.domain}'")
     if node.op in LINEAR_OPS:
         return _classify_linear(node)
-    used_outputs = [t for t in node.outputs if t.name]
-    if len(used_outputs) != 1:
-        return opaque("it has several outputs")
-    out = node.outputs[0]
+    out = node.outputs[0] if node.outputs else None
     channels = channels_of(out)
     if channels is None:
         return opaque("its output shape is unknown")
     rank = len(out.shape)
+    if node.op == "Split":
+        return _classify_split(node, rank)
+    if len([t for t in node.outputs if t.name]) != 1:
+        return opaque("it has several outputs")
     if node.op == "Concat":
-        axis = int(node.attrs.get("axis", 0)) % rank
-        widths = [channels_of(t) for t in node.inputs]
-        if axis != 1:
-            return opaque(f"it concatenates along axis {axis}")
-        if any(w is None or len(t.shape) != rank for w, t in zip(widths, node.inputs)) or sum(widths) != channels:
-            return opaque("an input is a constant or has an unknown channel count")
-        return Role("concat")
+        return _classify_concat(node, channels, rank)
     if node.op in ELEMENTWISE:
         return _classify_elementwise(node, channels, rank)
     x = node.inputs[0] if node.inputs else None
-    if x is None or channels_of(x) != channels or (len(x.shape) != rank and node.op not in CHANNEL_KEEPING_RESHAPES):
+    along_axis = _classify_along_axis(node, opset, len(x.shape)) if channels_of(x) else None
+    if along_axis is not None:
+        return along_axis
+    if channels_of(x) != channels:
         return opaque("its input and output channel counts differ")
+    if len(x.shape) != rank and node.op not in CHANNEL_KEEPING_RESHAPES:
+        return opaque("its input and output ranks differ")
     if node.op in UNARY_CHANNEL_WISE:
         return Role("tie", tied=(0,))
-    if node.op == "BatchNormalization":
-        params = [const_input(node, i) for i in range(1, 5)]
-        if any(p is None or p.shape != (channels,) for p in params):
+    if node.op == "PRelu":
+        slope = const_input(node, 1)
+        pad = "its slope is not a constant" if slope is None else _broadcast_const(slope, 1, rank, channels, 0.0, True)
+        return opaque(pad) if isinstance(pad, str) else Role("tie", tied=(0,), const_pads=(pad,) if pad else ())
+    if node.op in ("BatchNormalization", "InstanceNormalization"):
+        fills = BATCH_NORM_FILLS if node.op == "BatchNormalization" else INSTANCE_NORM_FILLS
+        if any(const_input(node, i) is None or const_input(node, i).shape != (channels,) for i in fills):
             return opaque("its parameters are not per-channel constants")
-        return Role("tie", tied=(0,), const_pads=tuple(ConstPad(i, 0, fill) for i, fill in BATCH_NORM_FILLS.items()))
+        return Role("tie", tied=(0,), const_pads=tuple(ConstPad(i, 0, fill) for i, fill in fills.items()))
+    if node.op == "Slice":
+        return _classify_slice(node, opset, channels, rank)
+    if node.op == "Pad":
+        return _classify_pad(node, opset, rank)
     if node.op == "Resize":
         return _classify_resize(node, opset)
     if node.op in CHANNEL_KEEPING_RESHAPES:
@@ -317,6 +438,8 @@ class Component:
     fixed_reason: str | None = None
     concats: list = field(default_factory=list)
     layout: Layout | None = None
+    read_padded: bool = False  # a consumer of a member reads the padded channels as they are
+    written_padded: bool = False  # a linear layer writes a member (its padded channels cost no extra node)
 
     def why_unaligned(self, multiple: int) -> str:
         if self.fixed_reason:
@@ -466,19 +589,21 @@ class _Rewriter:
             self._rewrite_tie(node, role)
         elif role.kind == "concat":
             layout = self.layout(node.outputs[0])
-            if layout != concat_layout(node, self.layouts):  # compact: concatenate the real channels
+            if layout != concat_layout(node.inputs, self.layouts):  # compact: concatenate the real channels
                 self._unpad_inputs(node)
                 if not layout.is_identity:
-                    self._pad_after(node, layout)
+                    self._pad_after(node, 0, layout)
+        elif role.kind == "split":
+            self._rewrite_split(node)
         else:
             self._unpad_inputs(node)
 
-    def _pad_after(self, node, layout: Layout) -> None:
-        """Zero-pad the channels of ``node``'s output up to ``layout.width`` with a Pad node."""
-        out = node.outputs[0]
+    def _pad_after(self, node, index: int, layout: Layout) -> None:
+        """Zero-pad the channels of ``node``'s output ``index`` up to ``layout.width`` with a Pad node."""
+        out = node.outputs[index]
         real = gs.Variable(unique_name(self.graph, f"{out.name}_real"), dtype=out.dtype,
                            shape=[out.shape[0], layout.channels, *out.shape[2:]])
-        node.outputs[0] = real
+        node.outputs[index] = real
         rank = len(out.shape)
         pads = [0] * (2 * rank)
         pads[rank + 1] = layout.width - layout.channels
@@ -523,6 +648,31 @@ class _Rewriter:
         self.stats["convs-padded"] += 1
         self.stats["channels-added"] += layout.width - layout.channels
 
+    def _rewrite_split(self, node) -> None:
+        """Split the padded input as it is when its layout is the parts' layouts side by side; otherwise
+        split its real channels and zero-pad each padded part with a Pad."""
+        x, parts = node.inputs[0], node.outputs
+        layouts = [self.layout(t) for t in parts]
+        if not self.padded(x) and all(layout.is_identity for layout in layouts):
+            return
+        if self.layout(x) == concat_layout(parts, self.layouts):
+            sizes = [layout.width for layout in layouts]
+        else:
+            self._unpad_inputs(node)
+            for index, layout in enumerate(layouts):
+                if not layout.is_identity:
+                    self._pad_after(node, index, layout)
+            sizes = [layout.channels for layout in layouts]
+        if self.opset < 13:
+            node.attrs["split"] = sizes
+        else:
+            node.attrs.pop("num_outputs", None)
+            split = make_const(self.graph, f"{x.name}_split", np.array(sizes, np.int64))
+            if len(node.inputs) > 1:
+                node.inputs[1] = split
+            else:
+                node.inputs.append(split)
+
     def _rewrite_tie(self, node, role: Role) -> None:
         layout = self.layout(node.outputs[0])
         if layout is None or layout.is_identity:
@@ -536,10 +686,10 @@ class _Rewriter:
             self._const(node, index, values, ("size", entry, layout.width))
 
 
-def concat_layout(node, layouts: dict) -> Layout:
-    """The layout of a Concat of padded inputs: each input's real channels at its offset."""
+def concat_layout(tensors, layouts: dict) -> Layout:
+    """The layout of a channel Concat of padded ``tensors``: each one's real channels at its offset."""
     positions, offset = [], 0
-    for tensor in node.inputs:
+    for tensor in tensors:
         layout = layouts[tensor.name]
         positions.extend(offset + p for p in layout.positions)
         offset += layout.width
@@ -554,7 +704,7 @@ def _source_kind(tensor, graph, roles) -> tuple[str, str | None]:
     if src is None:
         return "fixed", f"tensor '{tensor.name}' has no producer"
     role = roles[id(src)]
-    if role.kind == "linear":
+    if role.kind in ("linear", "split"):
         return "free", None
     if role.kind in ("tie", "depthwise"):
         return "tied", None
@@ -576,7 +726,7 @@ def plan_components(graph: gs.Graph, roles: dict, multiple: int, concat: str) ->
     for node in graph.nodes:
         role = roles[id(node)]
         if role.kind in ("tie", "depthwise"):
-            ties.add_edges_from((node.inputs[i].name, node.outputs[0].name) for i in role.tied)
+            ties.add_edges_from((node.inputs[i].name, out.name) for i in role.tied for out in node.outputs if out.name)
     components, component_of = [], {}
     for names in sorted(nx.connected_components(ties), key=lambda c: min(order[n] for n in c)):
         members = sorted(names, key=order.__getitem__)
@@ -590,6 +740,8 @@ def plan_components(graph: gs.Graph, roles: dict, multiple: int, concat: str) ->
                 comp.fixed_reason = why
             elif kind == "concat":
                 comp.concats.append(producer(by_name[name]))
+            comp.read_padded |= any(roles[id(user)].kind != "opaque" for user in by_name[name].outputs)
+            comp.written_padded |= kind == "free" and producer(by_name[name]).op in LINEAR_OPS
             component_of[name] = comp
         components.append(comp)
 
@@ -611,17 +763,21 @@ def plan_components(graph: gs.Graph, roles: dict, multiple: int, concat: str) ->
     for i in ordered:
         comp = components[i]
         if comp.fixed_reason is None and comp.concats:
-            derived = {concat_layout(node, layouts) for node in comp.concats}
+            derived = {concat_layout(node.inputs, layouts) for node in comp.concats}
             if len(derived) != 1:
                 comp.fixed_reason = "Concats with different padded layouts meet in it"
             else:
                 layout = derived.pop()
-                compact = concat == "compact" or (concat == "auto" and _round_up(comp.channels, multiple) < layout.width)
+                # A width off the multiple is worth a Pad only if a consumer reads the padded channels.
+                compact = concat == "compact" or (concat == "auto" and (
+                    _round_up(comp.channels, multiple) < layout.width or (layout.width % multiple and comp.read_padded)))
                 if not compact:
                     comp.layout = layout
                 # else the prefix layout below: inputs sliced, Concat, then a Pad up to the multiple
         if comp.layout is None and comp.channels is not None:
-            width = comp.channels if comp.fixed_reason else _round_up(comp.channels, multiple)
+            # A Split's part is padded by a Pad node: worth it only if a consumer reads it padded.
+            useful = comp.written_padded or comp.read_padded
+            width = _round_up(comp.channels, multiple) if useful and not comp.fixed_reason else comp.channels
             comp.layout = Layout(tuple(range(comp.channels)), width)
         for name in comp.members:
             layouts[name] = comp.layout or Layout.identity(int(by_name[name].shape[1]))
@@ -649,7 +805,7 @@ class PadChannels(Pass):
         component_of, layouts = plan_components(graph, roles, multiple, self.options.concat)
         macs_before = [_macs(n) for n in nodes if n.op in LINEAR_OPS]
 
-        self._remark_unaligned(nodes, roles, component_of, layouts, ctx)
+        declined = self._remark_unaligned(graph, nodes, roles, component_of, layouts, ctx)
         rewriter = _Rewriter(module, dict(layouts))
         rewriter.split_graph_outputs()
         rewriter.resize_tensors()
@@ -662,31 +818,39 @@ class PadChannels(Pass):
         macs_after = [_macs(n) for n in nodes if n.op in LINEAR_OPS]
         known = [(b, a) for b, a in zip(macs_before, macs_after) if b is not None and a is not None]
         total = sum(b for b, _ in known)
-        stats = dict(rewriter.stats)
+        stats = dict(rewriter.stats, **{"convs-declined": declined})
         stats["extra-macs-pct"] = 100.0 * (sum(a for _, a in known) - total) / total if total else 0.0
         return PassResult(modified, stats)
 
-    def _remark_unaligned(self, nodes, roles, component_of, layouts, ctx) -> None:
-        """Say why each linear layer that stays off the tile size was not (fully) padded."""
-        multiple = self.options.multiple
+    def _remark_unaligned(self, graph, nodes, roles, component_of, layouts, ctx) -> int:
+        """Say why each linear layer that stays off the tile size was not (fully) padded; return how many
+        were declined, not counting a layer whose only unpadded side is a graph input (the stem)."""
+        declined = 0
+        graph_inputs = {t.name for t in graph.inputs}
         for node in nodes:
-            if node.op not in LINEAR_OPS:
-                continue
-            role, counts = roles[id(node)], _linear_channels(node)
-            if role.kind == "opaque":
-                if counts is None or counts[0] % multiple or counts[1] % multiple:
-                    ctx.remark(node, f"left alone: {role.reason}")
-                continue
-            x, y = node.inputs[0], node.outputs[0]
-            if layouts[y.name].width % multiple:
-                ctx.remark(node, f"output channels ({counts[1]}) not padded: {component_of[y.name].why_unaligned(multiple)}")
-            if role.kind == "depthwise":
-                continue
-            if not role.takes_padded_input:
-                if counts[0] % multiple:
-                    ctx.remark(node, f"input channels ({counts[0]}) not padded: Gemm with transA reads its input transposed")
-            elif x.name not in layouts:
-                if counts[0] % multiple:
-                    ctx.remark(node, f"input channels ({counts[0]}) not padded: the input's shape is unknown")
-            elif layouts[x.name].width % multiple:
-                ctx.remark(node, f"input channels ({counts[0]}) not padded: {component_of[x.name].why_unaligned(multiple)}")
+            if node.op in LINEAR_OPS:
+                reasons = self._unaligned(node, roles[id(node)], component_of, layouts)
+                for reason in reasons:
+                    ctx.remark(node, reason)
+                stem = len(reasons) == 1 and reasons[0].startswith("input") and node.inputs[0].name in graph_inputs
+                declined += bool(reasons) and not stem
+        return declined
+
+    def _unaligned(self, node, role: Role, component_of, layouts) -> list[str]:
+        multiple = self.options.multiple
+        counts = _linear_channels(node)
+        if role.kind == "opaque":
+            return [f"left alone: {role.reason}"] if counts is None or counts[0] % multiple or counts[1] % multiple else []
+        x, y = node.inputs[0], node.outputs[0]
+        reasons = []
+        if layouts[y.name].width % multiple:
+            reasons.append(f"output channels ({counts[1]}) not padded: {component_of[y.name].why_unaligned(multiple)}")
+        if role.kind == "depthwise" or not counts[0] % multiple:
+            return reasons
+        if not role.takes_padded_input:
+            reasons.append(f"input channels ({counts[0]}) not padded: Gemm with transA reads its input transposed")
+        elif x.name not in layouts:
+            reasons.append(f"input channels ({counts[0]}) not padded: the input's shape is unknown")
+        elif layouts[x.name].width % multiple:
+            reasons.append(f"input channels ({counts[0]}) not padded: {component_of[x.name].why_unaligned(multiple)}")
+        return reasons
