@@ -56,7 +56,8 @@ class PassContext:
     reference: object = None
 
     def remark(self, where, message: str) -> None:
-        label = getattr(where, "name", None) or str(where)
+        outputs = getattr(where, "outputs", None)
+        label = getattr(where, "name", None) or (outputs[0].name if outputs else str(where))  # unnamed: its output
         op = getattr(where, "op", None)
         self.remarks.append(Remark(self.current_pass, f"{label} ({op})" if op else label, message))
 
