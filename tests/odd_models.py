@@ -299,6 +299,7 @@ g (float[1,64] x) => (float[1,64] y) {
   y = Add(m, b)
 }""", {"w": (64, 64), "b": (64,)})
     convert_model_to_external_data(model, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    (folder / location).parent.mkdir(exist_ok=True)
     path = folder / "ext.onnx"
     onnx.save_model(model, path)
     if not keep_data:
@@ -793,6 +794,125 @@ def large_chain(_, count: int = 2500):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
+# --- more shapes of real exports ------------------------------------------------------------------------------
+
+def conv_weight_as_input(_):
+    # The weight arrives at run time: nothing to fold, equalize or quantize per channel ahead of time.
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,3,8,8] x, float[4,3,3,3] w) => (float[1,4,8,8] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w)
+  y = Relu(c)
+}""")
+
+
+def weight_first_matmul_transa_gemm(_):
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[8,2] x) => (float[2,4] y) {
+  m = MatMul(w, x)
+  y = Gemm <transA = 1> (m, w2)
+}""", {"w": (8, 8), "w2": (8, 4)})
+
+
+def conv_affine_chain(_):
+    # Per-channel Mul and Add after a grouped Conv, then Div and Sub by scalars (fold-affine's shapes).
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+  c = Conv <group = 2, pads = [1, 1, 1, 1]> (x, w)
+  m = Mul(c, s)
+  a = Add(m, b)
+  d = Div(a, k)
+  e = Sub(k, d)
+  y = PRelu(e, slope)
+}""", {"w": (4, 2, 3, 3), "s": np.array([1.0, -2.0, 0.5, 3.0], np.float32).reshape(1, 4, 1, 1),
+       "b": np.array([0.1, 0.2, -0.3, 0.0], np.float32).reshape(1, 4, 1, 1), "k": np.array(2.0, np.float32),
+       "slope": np.full((4, 1, 1), 0.25, np.float32)})
+
+
+def norms(_):
+    return text_model("""
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w)
+  i = InstanceNormalization(c, gamma, beta)
+  r = Relu(i)
+  y = GroupNormalization <num_groups = 2> (r, gamma, beta)
+}""", {"w": (4, 4, 3, 3), "gamma": np.full(4, 1.5, np.float32), "beta": np.full(4, 0.1, np.float32)})
+
+
+def lstm(_):
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[5,1,4] x) => (float[5,1,1,8] y, float[1,1,8] h) {
+  y, h = LSTM <hidden_size = 8> (x, w, r)
+}""", {"w": (1, 32, 4), "r": (1, 32, 8)})
+
+
+def squeeze_unsqueeze_opset11(_):
+    return text_model("""
+<ir_version: 6, opset_import: ["" : 11]>
+g (float[1,3,8,8] x) => (float[1,4] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w)
+  p = GlobalAveragePool(c)
+  q = Squeeze <axes = [2, 3]> (p)
+  u = Unsqueeze <axes = [2]> (q)
+  y = ReduceMax <axes = [2], keepdims = 0> (u)
+}""", {"w": (4, 3, 3, 3)})
+
+
+def concat_self_and_input(_):
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,3,8,8] x) => (float[1,26,8,8] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w)
+  y = Concat <axis = 1> (c, c, x, x, x, x, x, x)
+}""", {"w": (4, 3, 3, 3)})
+
+
+def tiny_spatial(_):
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,3,1,1] x) => (float[1,4,1,1] y) {
+  c = Conv(x, w, b)
+  n = BatchNormalization(c, gamma, beta, mean, var)
+  y = Sigmoid(n)
+}""", {"w": (4, 3, 1, 1), "b": (4,), "gamma": np.ones(4, np.float32), "beta": np.zeros(4, np.float32),
+       "mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)})
+
+
+def constant_node_values(_):
+    return text_model("""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,8] x) => (float[1,8] y) {
+  k = Constant <value_float = 0.5> ()
+  sh = Constant <value_ints = [1, 8]> ()
+  m = MatMul(x, w)
+  r = Reshape(m, sh)
+  y = Mul(r, k)
+}""", {"w": (8, 8)})
+
+
+def external_data_subfolder(folder):
+    return _external(folder, keep_data=True, location="data/weights.bin")
+
+
+def external_data_escapes(folder):
+    # A location outside the model's folder: onnx refuses to read it, and so must qcc, naming the file.
+    (folder / "inner").mkdir()
+    path = _external(folder, keep_data=True, location="weights.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    inner = folder / "inner" / "ext.onnx"
+    onnx.save_model(model, inner)
+    path.unlink()
+    return inner
+
+
 def _token_ids(rng):
     return {"ids": rng.integers(0, 10, (1, 6)).astype(np.int64)}
 
@@ -892,5 +1012,17 @@ CASES = {
     "pad_reflect_and_clip": Case(pad_reflect_and_clip, all_ok()),
     "reshape_expand_tile": Case(reshape_expand_tile, all_ok()),
     "batch_two_topk": Case(batch_two_topk, all_ok()),
+    # more shapes of real exports
+    "conv_weight_as_input": Case(conv_weight_as_input, all_ok()),
+    "weight_first_matmul_transa_gemm": Case(weight_first_matmul_transa_gemm, all_ok()),
+    "conv_affine_chain": Case(conv_affine_chain, all_ok()),
+    "norms": Case(norms, all_ok()),
+    "lstm": Case(lstm, all_ok()),
+    "squeeze_unsqueeze_opset11": Case(squeeze_unsqueeze_opset11, all_ok()),
+    "concat_self_and_input": Case(concat_self_and_input, all_ok()),
+    "tiny_spatial": Case(tiny_spatial, all_ok()),
+    "constant_node_values": Case(constant_node_values, all_ok()),
+    "external_data_subfolder": Case(external_data_subfolder, all_ok()),
+    "external_data_escapes": Case(external_data_escapes, all_refused(r"weights\.bin")),
     "large_chain_5000_nodes": Case(large_chain, all_ok(), slow=True),
 }
