@@ -1024,5 +1024,7 @@ CASES = {
     "constant_node_values": Case(constant_node_values, all_ok()),
     "external_data_subfolder": Case(external_data_subfolder, all_ok()),
     "external_data_escapes": Case(external_data_escapes, all_refused(r"weights\.bin")),
+    **{f"conv_relu_opset{opset}_ir{ir}": Case(lambda _, opset=opset, ir=ir: conv_relu(opset=opset, ir=ir), all_ok())
+       for opset, ir in ((12, 7), (14, 7), (15, 8), (16, 8), (20, 9), (22, 10))},
     "large_chain_5000_nodes": Case(large_chain, all_ok(), slow=True),
 }
