@@ -3,7 +3,8 @@
 Written from the QDQ model itself, so the file describes exactly what the model quantizes and its
 numbers are those of the QuantizeLinear/DequantizeLinear nodes: activations are the inputs of the
 Q nodes (a graph output is named by its DQ, which keeps the output's name), parameters the
-constants insert-qdq stored quantized (model metadata ``qcc.qdq-constants``). Offsets follow
+constants insert-qdq stored quantized (model metadata ``qcc.qdq-constants``; a constant the input model
+already stored quantized is named by its DQ's output). Offsets follow
 QNN/AIMET: x = (q + offset) * scale, so offset = -zero_point for unsigned storage.
 
 1.0.0 (default, AIMET 2 ``sim.export``)::
@@ -54,8 +55,9 @@ def qdq_encodings(module: Module) -> tuple[dict, dict]:
     stored = json.loads(module.metadata.get("qcc.qdq-constants", "{}"))
     by_stored = {v: k for k, v in stored.items()}
     for node in graph.nodes:
-        if node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant) and node.inputs[0].name in by_stored:
-            name = by_stored[node.inputs[0].name]
+        if node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant):
+            # A constant quantized before qcc saw the model stands for the float tensor its DQ outputs.
+            name = by_stored.get(node.inputs[0].name, node.outputs[0].name)
             params[name] = _node_encoding(module, node, name)
     return activations, params
 

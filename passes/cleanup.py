@@ -1,4 +1,5 @@
-"""Remove dead nodes and pass-through ops (Identity, inference-mode Dropout, no-op Cast).
+"""Remove dead nodes and pass-through ops (Identity, inference-mode Dropout, no-op Cast); rename nodes that
+share a name (ONNX allows it, onnxruntime refuses such a model).
 
 Pass-through nodes cost a requantization boundary on HTP and hide patterns from
 later passes (Conv -> Identity -> BatchNormalization does not match fold-bn).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compiler.ir import Module
+from compiler.ir import Module, unique_name
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import bypass
 
@@ -48,4 +49,18 @@ class Cleanup(Pass):
         before = len(graph.nodes)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         dead = before - len(graph.nodes) - bypassed
-        return PassResult(bypassed + dead > 0, {"pass-through-removed": bypassed, "dead-removed": max(dead, 0)})
+        renamed = _rename_duplicates(graph)
+        return PassResult(bypassed + dead + renamed > 0, {"pass-through-removed": bypassed, "dead-removed": max(dead, 0),
+                                                          "duplicate-names-renamed": renamed})
+
+
+def _rename_duplicates(graph) -> int:
+    """Give every named node after the first of its name a fresh name; unnamed nodes stay unnamed."""
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    seen, renamed = set(), 0
+    for node in graph.nodes:
+        if node.name and node.name in seen:
+            node.name = unique_name(graph, node.name, taken)
+            renamed += 1
+        seen.add(node.name)
+    return renamed

@@ -460,7 +460,7 @@ def rebuild(module: Module, block: Block, fc: bool, fold: bool) -> None:
         scale, shift = 1.0, 0.0
     folded = scale != 1.0 or shift != 0.0
     if folded:
-        w2, b2 = scale * w2, scale * (b2 if b2 is not None else 0.0) + shift
+        w2, b2 = scale * w2, scale * (b2 if b2 is not None else np.zeros(channels)) + shift
     layout = "_fc" if to_fc else ""  # tensors change shape: new names
 
     def layer(inp, spec: Layer, weight, bias, out, hint: str) -> None:

@@ -2,7 +2,8 @@
 
 Per-channel QuantizeLinear/DequantizeLinear needs opset >= 13, HardSwish >= 14,
 and 16-bit QDQ >= 21; older exports are lifted first. A model already at or above
-``version`` is left unchanged (never downgraded).
+``version`` is left unchanged (never downgraded). Model-local functions are kept as
+they are, at the opsets their bodies import.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class UpgradeOpset(Pass):
         except Exception as exc:
             first = next((l for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
             raise QccError(f"upgrade-opset: cannot convert opset {old} to {self.options.version}: {first}") from None
+        if not converted.functions:
+            # The converter drops model-local functions; their bodies keep their own opset imports.
+            converted.functions.extend(proto.functions)
         upgraded = from_onnx(infer_shapes(converted))
         module.graph = upgraded.graph
         return PassResult(True, {"opset-from": old, "opset-to": self.options.version})
