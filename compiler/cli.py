@@ -58,6 +58,7 @@ def cmd_compile(args) -> int:
     sample's names, shapes and dtypes); every output is staged and committed together at the end, so a
     failure anywhere leaves nothing of the run behind."""
     from compiler import quantize
+    from compiler.encoding import has_qdq
     from compiler.ir import load
     from compiler.pass_manager import PassManager, parse_pipeline
     from compiler.targets import get_target
@@ -70,6 +71,9 @@ def cmd_compile(args) -> int:
     with quantize.plan_outputs(model_path, output, pipeline, args) as outputs:
         outputs.check()
         module = load(model_path, _input_shapes(args.input_shape))
+        if "encodings" not in outputs.paths and has_qdq(module.graph):  # quantized before qcc saw it
+            quantize.plan_quantized_outputs(outputs)
+            outputs.check()
         ctx = build_context(args)
         original = quantize.prepare_context(module, ctx, args, pipeline)
         dump_dir = outputs.folder("dumps") if args.dump_after else None

@@ -209,17 +209,23 @@ def report(manager: PassManager, ctx: PassContext, seconds: float, metrics: dict
 
 def plan_outputs(model_path: Path, output: Path, pipeline, args) -> OutputSet:
     """The files ``qcc compile`` may write: OUT, OUT.encodings and OUT.float.onnx (when the pipeline
-    quantizes), OUT.report.json and the --dump-after folder; the model and the data folders are inputs
-    none of them may replace."""
+    quantizes; ``plan_quantized_outputs`` adds them for a model quantized before qcc saw it),
+    OUT.report.json and the --dump-after folder; the model and the data folders are inputs none of them
+    may replace."""
     outputs = OutputSet(force=args.force, inputs=(model_path, args.calib_data, args.eval_data))
     outputs.add("compiled model", output)
     if any(p.name == "insert-qdq" for p in pipeline):
-        outputs.add("encodings", output.with_suffix(".encodings"))
-        outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
+        plan_quantized_outputs(outputs)
     outputs.add("report", output.with_name(output.stem + ".report.json"))
     if args.dump_after:
         outputs.add("dumps", args.dump_dir or output.with_name(output.stem + ".dumps"), folder=True)
     return outputs
+
+
+def plan_quantized_outputs(outputs: OutputSet) -> None:
+    output = outputs.paths["compiled model"]
+    outputs.add("encodings", output.with_suffix(".encodings"))
+    outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
 
 
 def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, outputs: OutputSet,

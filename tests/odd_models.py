@@ -926,18 +926,15 @@ NAN_ACCEPTED = {c: "NaN: exit 0, the non-finite tensor is compiled silently" for
 CASES = {
     # the list
     "contrib_gelu": Case(contrib_gelu, all_ok()),
-    "custom_domain_op": Case(custom_domain_op, compiles_refused(r"Frobnicate"), xfail={
-        "cpu": "CLI output handling: exit 0 with a model onnxruntime cannot load (unknown op org.example.Frobnicate)"}),
+    "custom_domain_op": Case(custom_domain_op, compiles_refused(r"Frobnicate")),
     # cpu passes the (valid, empty) Conv through; there is nothing to quantize in an empty weight
     "conv_zero_size_weight": Case(conv_zero_size_weight, compiles_refused(named("w"), cpu=OK), xfail={
         "htp": "zero-size: ValueError 'cannot reshape array of size 0' in insert-qdq (traceback)"}),
     # onnxruntime's CPU kernels have no bfloat16 Conv: no target can run or calibrate it as it is
     "bfloat16_model": Case(bfloat16_model, compiles_refused(r"bfloat16"), xfail={
         "print": "bf16: TypeError 'Cannot interpret 16 as a data type' (traceback)",
-        "cpu": "bf16: exit 0 with a model onnxruntime cannot run",
         "htp": "bf16: TypeError 'Cannot interpret 16 as a data type' (traceback)"}),
-    "conv_int32_weight": Case(conv_int32_weight, compiles_refused(named("w")), xfail={
-        "cpu": "int32-weight: exit 0 with a model onnxruntime refuses (INVALID_GRAPH)"}),
+    "conv_int32_weight": Case(conv_int32_weight, compiles_refused(named("w"))),
     "graph_input_with_initializer": Case(graph_input_with_initializer, all_ok()),
     "float16_model": Case(float16_model, all_ok(), xfail={
         "htp": "fp16: QuantizeLinear on a float16 tensor at opset 14; onnxruntime refuses the written model"}),
