@@ -9,12 +9,12 @@ import math
 import sys
 from pathlib import Path
 
-from compiler.ir import QccError, load, parse_input_shape
+from compiler.arguments import add_image_arguments, add_input_shape, image_options, input_shapes, parse_gate
+from compiler.ir import QccError, load
 from compiler.outputs import write_file
 from compiler.layer_analysis import Analysis, analyze
 
 EXIT_GATE_FAILED = 1
-GATE_METRICS = ("cos", "sqnr")
 # Layer columns shown in the HTML table, in order, with their JSON key and number format.
 COLUMNS = [
     ("index", "depth", "d"), ("name", "tensor", "s"), ("op", "op", "s"), ("then", "compared after", "s"),
@@ -33,10 +33,8 @@ def add_command(sub) -> None:
     p.add_argument("quant_model", metavar="QUANT.onnx")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of samples (.npy, .npz or images)")
     p.add_argument("--count", type=int, default=8, help="number of samples to use (default 8)")
-    p.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
-    p.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
-    p.add_argument("--image-std", metavar="R,G,B")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
+    add_image_arguments(p)
+    add_input_shape(p)
     p.add_argument("--top", type=int, default=10, help="rows in the table of worst layers (default 10)")
     p.add_argument("--json", metavar="OUT.json", help="write every layer's numbers as JSON")
     p.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
@@ -44,21 +42,6 @@ def add_command(sub) -> None:
                    help="exit 1 when a final output's mean cosine or SQNR (dB) is below the bar (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no table, only the gate result")
     p.set_defaults(func=cmd_analyze)
-
-
-def parse_gate(values) -> dict:
-    """``["cos=0.999", "sqnr=30"]`` (or comma-separated) -> {"cos": 0.999, "sqnr": 30.0}."""
-    gate = {}
-    for value in values or []:
-        for item in value.split(","):
-            key, eq, number = item.strip().partition("=")
-            if not eq or key not in GATE_METRICS:
-                raise QccError(f"--fail-under '{item}': expected cos=NUMBER or sqnr=NUMBER (e.g. cos=0.999)")
-            try:
-                gate[key] = float(number)
-            except ValueError:
-                raise QccError(f"--fail-under '{item}': '{number}' is not a number") from None
-    return gate
 
 
 def gate_failures(analysis: Analysis, gate: dict) -> list[str]:
@@ -72,30 +55,8 @@ def gate_failures(analysis: Analysis, gate: dict) -> list[str]:
     return failures
 
 
-def _floats(flag: str, text: str | None, count: int) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != count:
-        raise QccError(f"{flag} '{text}': expected {count} comma-separated numbers")
-    return values
-
-
-def image_options(args):
-    from compiler.data import ImageOptions
-    size = _floats("--image-size", args.image_size, 2)
-    std = _floats("--image-std", args.image_std, 3) or (1.0, 1.0, 1.0)
-    if any(v == 0 for v in std):
-        raise QccError(f"--image-std '{args.image_std}': values must be non-zero")
-    return ImageOptions(mean=_floats("--image-mean", args.image_mean, 3) or (0.0, 0.0, 0.0), std=std,
-                        size=tuple(int(v) for v in size) if size else None)
-
-
 def _load_models(args):
-    shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
+    shapes = input_shapes(args.input_shape)
     float_module = load(args.float_model, shapes)
     quant_module = load(args.quant_model, shapes)
     return float_module, quant_module

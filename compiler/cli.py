@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from compiler.errors import PassFailure, QccError
@@ -18,19 +17,30 @@ class _Parser(argparse.ArgumentParser):
         raise QccError(f"{self.prog}: {message}")
 
 
-def _input_shapes(values) -> dict:
-    from compiler.ir import parse_input_shape
-    shapes = {}
-    for text in values or []:
-        name, shape = parse_input_shape(text)
-        if name in shapes and shapes[name] != shape:
-            raise QccError(f"--input-shape: input '{name}' given twice, as {shapes[name]} and {shape}")
-        shapes[name] = shape
-    return shapes
+def _add_quantization(parser) -> None:
+    """The quantization flags of ``qcc compile``."""
+    from compiler.arguments import add_image_arguments
+    from compiler.calibration import METHODS
+    from compiler.export import FORMATS
+    group = parser.add_argument_group("quantization (targets htp, dsp, hta)")
+    group.add_argument("--calib-data", metavar="DIR", help="folder of calibration samples (.npy, .npz or images)")
+    group.add_argument("--calib-count", type=int, metavar="N", help="use at most N calibration samples")
+    group.add_argument("--eval-data", metavar="DIR", help="held-out samples: report each output's cosine and SQNR vs FP32")
+    add_image_arguments(group)
+    group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
+    group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
+    group.add_argument("--calib-method", choices=METHODS + ("auto",), help="activation range method (target default: mse at 8-bit activations, minmax at 16)")
+    group.add_argument("--target-cos", type=float, metavar="COS",
+                       help="mixed precision: move the activations that cost the most accuracy to 16 bits until the "
+                            "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
+    group.add_argument("--max-16bit-share", type=float, metavar="SHARE",
+                       help="with --target-cos: at most this share of the activations at 16 bits (default 0.25)")
+    group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
+                       help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
 
 
 def _add_compile(sub) -> None:
-    from compiler import quantize
+    from compiler.arguments import add_input_shape
     from compiler.targets import TARGETS
     p = sub.add_parser("compile", help="run a target's pipeline (or --passes) on a model")
     p.add_argument("model")
@@ -38,50 +48,26 @@ def _add_compile(sub) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--target", choices=sorted(TARGETS), default=None)
     group.add_argument("--passes", help="pipeline text, e.g. 'fold-constants,cleanup,fold-bn'")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
+    add_input_shape(p)
     p.add_argument("--verify", action="store_true", help="check float-preserving passes against onnxruntime")
     p.add_argument("--dump-after", metavar="PASS|all", help="write the printer dump after PASS (or every pass)")
     p.add_argument("--dump-dir", default=None, help="folder for --dump-after (default: OUTPUT's stem + '.dumps')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true")
-    quantize.add_arguments(p)
+    _add_quantization(p)
     p.set_defaults(func=cmd_compile)
 
 
-def build_context(args):
-    from compiler.pass_manager import PassContext
-    return PassContext(verbose=not args.quiet)
-
-
 def cmd_compile(args) -> int:
-    """Everything that can be checked is checked before the first pass (pipeline, output paths, every
-    sample's names, shapes and dtypes); every output is staged and committed together at the end, so a
-    failure anywhere leaves nothing of the run behind."""
-    from compiler import quantize
-    from compiler.encoding import has_qdq
-    from compiler.ir import load
-    from compiler.pass_manager import PassManager, parse_pipeline
-    from compiler.targets import get_target
-    model_path = Path(args.model)
-    output = Path(args.output)
-    target = get_target(args.target or "cpu")
-    pipeline = parse_pipeline(quantize.pipeline_text(target, args))
-    if args.dump_after and args.dump_after != "all" and args.dump_after not in {p.name for p in pipeline}:
-        raise QccError(f"--dump-after: pass '{args.dump_after}' is not in the pipeline ({pipeline})")
-    with quantize.plan_outputs(model_path, output, pipeline, args) as outputs:
-        outputs.check()
-        module = load(model_path, _input_shapes(args.input_shape))
-        if "encodings" not in outputs.paths and has_qdq(module.graph):  # quantized before qcc saw it
-            quantize.plan_quantized_outputs(outputs)
-            outputs.check()
-        ctx = build_context(args)
-        original = quantize.prepare_context(module, ctx, args, pipeline)
-        dump_dir = outputs.folder("dumps") if args.dump_after else None
-        manager = PassManager(pipeline, verify=args.verify, dump_after=args.dump_after, dump_dir=dump_dir, quiet=args.quiet)
-        start = time.perf_counter()
-        manager.run(module, ctx)
-        seconds = time.perf_counter() - start
-        quantize.finish(original, module, manager, ctx, args, outputs, seconds)
+    from compiler.arguments import image_options, input_shapes
+    from compiler.quantize import CompileRequest, compile_file
+    request = CompileRequest(
+        target=args.target or "cpu", passes=args.passes, act_bits=args.act_bits, weight_bits=args.weight_bits,
+        calib_method=args.calib_method, target_cos=args.target_cos, max_16bit_share=args.max_16bit_share,
+        calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
+        image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
+        dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet)
+    compile_file(Path(args.model), Path(args.output), request, force=args.force)
     return 0
 
 
@@ -103,16 +89,18 @@ def cmd_passes(args) -> int:
 
 
 def _add_print(sub) -> None:
+    from compiler.arguments import add_input_shape
     p = sub.add_parser("print", help="print a model in qcc's deterministic text form")
     p.add_argument("model")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...")
+    add_input_shape(p)
     p.set_defaults(func=cmd_print)
 
 
 def cmd_print(args) -> int:
+    from compiler.arguments import input_shapes
     from compiler.ir import load
     from compiler.printer import print_module
-    sys.stdout.write(print_module(load(args.model, _input_shapes(args.input_shape))))
+    sys.stdout.write(print_module(load(args.model, input_shapes(args.input_shape))))
     return 0
 
 

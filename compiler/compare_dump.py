@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compiler.analyze_cmd import parse_gate
-from compiler.ir import QccError, load, parse_input_shape
+from compiler.arguments import add_input_shape, input_shapes, parse_gate
+from compiler.ir import QccError, load
 from compiler.outputs import write_file
 from compiler.layer_analysis import ErrorStats, Reference, GraphIndex, dq_params, is_dq, is_q
 from compiler.runtime import make_session
@@ -193,7 +193,7 @@ def add_command(sub) -> None:
     p.add_argument("quant_model", metavar="QUANT.onnx")
     p.add_argument("dump_dir", metavar="DUMPDIR", help="one .raw (float32) or .npy file per tensor, sanitised names")
     p.add_argument("--data", metavar="FILE", help="the input the device ran (.npy, or .npz keyed by input name)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape")
+    add_input_shape(p)
     p.add_argument("--threshold", action="append", metavar="cos=0.99|sqnr=20",
                    help="agreement a tensor needs (default cos=0.99; repeatable)")
     p.add_argument("--json", metavar="OUT.json", help="write every comparison as JSON")
@@ -203,8 +203,8 @@ def add_command(sub) -> None:
 
 def cmd_compare_dump(args) -> int:
     from compiler.data import Dataset, specs_of
-    threshold = parse_gate(args.threshold) if args.threshold else dict(DEFAULT_THRESHOLD)
-    shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
+    threshold = parse_gate(args.threshold, "--threshold") if args.threshold else dict(DEFAULT_THRESHOLD)
+    shapes = input_shapes(args.input_shape)
     module = load(args.quant_model, shapes)
     sample = None
     if args.data:

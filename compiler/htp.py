@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compiler.ir import QccError, fix_input_shapes, load, parse_input_shape
+from compiler.arguments import add_image_arguments, add_input_shape, image_options, input_shapes
+from compiler.ir import QccError, fix_input_shapes, load
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
 from compiler.runtime import run_model
 
@@ -278,10 +279,8 @@ def add_command(sub) -> None:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--data", required=True, metavar="DIR", help="folder of samples (.npy, .npz or images)")
     p.add_argument("--count", type=int, default=3, help="samples to run (default 3; HTP takes ~1 s per small image)")
-    p.add_argument("--input-shape", action="append", metavar="NAME:D1,D2,...", help="fix a dynamic input shape (repeatable)")
-    p.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
-    p.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
-    p.add_argument("--image-std", metavar="R,G,B")
+    add_input_shape(p)
+    add_image_arguments(p)
     p.add_argument("--htp-arch", metavar="N", help="HTP architecture to simulate, e.g. 73 (default: the backend's, v68; "
                    "v73 and later compute 16-bit convolutions exactly, v68 to ~20 steps)")
     p.add_argument("--json", metavar="OUT.json", help="write the comparison as JSON")
@@ -291,7 +290,6 @@ def add_command(sub) -> None:
 def cmd_run_htp(args) -> int:
     import json
 
-    from compiler.analyze_cmd import image_options
     from compiler.data import Dataset, specs_of
     from compiler.outputs import write_file
     qnn_module()
@@ -299,7 +297,7 @@ def cmd_run_htp(args) -> int:
         raise QccError(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise QccError(f"{args.json}: output folder '{Path(args.json).parent}' does not exist")
-    shapes = dict(parse_input_shape(v) for v in args.input_shape or [])
+    shapes = input_shapes(args.input_shape)
     module = load(args.model, shapes)
     samples = list(Dataset(args.data, specs_of(module), count=args.count, image=image_options(args)))
     model = onnx.load(args.model)

@@ -7,6 +7,8 @@ OUT.encodings (AIMET/QNN JSON) and OUT.report.json (per-pass stats and timings, 
     result = compile_model(load("m.onnx"), "htp", calib_data=folder, image=ImageOptions(...))
     result.module, result.metrics, result.seconds
 
+``compile_file`` is ``qcc compile``: the same run, with the outputs checked before and written after it.
+
 Evaluation metrics per output: cosine per sample (mean, min) and SQNR in dB over all samples
 (compiler.layer_analysis.ErrorStats). A sample whose FP32 output is all ~0 (|x| < 1e-3: a detector
 on an image without text) has no meaningful direction, so it is left out of the cosine and
@@ -32,46 +34,24 @@ from compiler.targets import QUANT_TUNING, get_target
 NEAR_ZERO = 1e-3
 
 
-def add_arguments(parser) -> None:
-    """The quantization flags of ``qcc compile``."""
-    from compiler.calibration import METHODS
-    from compiler.export import FORMATS
-    group = parser.add_argument_group("quantization (targets htp, dsp, hta)")
-    group.add_argument("--calib-data", metavar="DIR", help="folder of calibration samples (.npy, .npz or images)")
-    group.add_argument("--calib-count", type=int, metavar="N", help="use at most N calibration samples")
-    group.add_argument("--eval-data", metavar="DIR", help="held-out samples: report each output's cosine and SQNR vs FP32")
-    group.add_argument("--image-mean", metavar="R,G,B", help="image normalisation (x - mean) / std on [0, 1] pixels")
-    group.add_argument("--image-std", metavar="R,G,B")
-    group.add_argument("--image-size", metavar="H,W", help="resize image samples to H,W (default: the input's H, W)")
-    group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
-    group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
-    group.add_argument("--calib-method", choices=METHODS + ("auto",), help="activation range method (target default: mse at 8-bit activations, minmax at 16)")
-    group.add_argument("--target-cos", type=float, metavar="COS",
-                       help="mixed precision: move the activations that cost the most accuracy to 16 bits until the "
-                            "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
-    group.add_argument("--max-16bit-share", type=float, metavar="SHARE",
-                       help="with --target-cos: at most this share of the activations at 16 bits (default 0.25)")
-    group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
-                       help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
-
-
-def pipeline_text(target, args) -> str:
+def pipeline_text(request: "CompileRequest") -> str:
     """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method and
     --target-cos/--max-16bit-share applied."""
-    if args.passes is not None:
-        given = [flag for flag, value in (("--act-bits", args.act_bits), ("--weight-bits", args.weight_bits),
-                                          ("--calib-method", args.calib_method), ("--target-cos", args.target_cos),
-                                          ("--max-16bit-share", args.max_16bit_share)) if value is not None]
+    if request.passes is not None:
+        given = [flag for flag, value in (("--act-bits", request.act_bits), ("--weight-bits", request.weight_bits),
+                                          ("--calib-method", request.calib_method), ("--target-cos", request.target_cos),
+                                          ("--max-16bit-share", request.max_16bit_share)) if value is not None]
         if given:
             raise QccError(f"{', '.join(given)} set a target's defaults; with --passes, give the options in the "
                            f"pipeline (e.g. calibrate{{act-bits=16}},insert-qdq{{act-bits=16}})")
-        return args.passes
-    if args.max_16bit_share is not None and args.target_cos is None:
+        return request.passes
+    if request.max_16bit_share is not None and request.target_cos is None:
         raise QccError("--max-16bit-share needs --target-cos (the accuracy mixed precision aims for)")
-    text = target.pipeline_text(act_bits=args.act_bits, weight_bits=args.weight_bits, calib_method=args.calib_method)
-    if args.target_cos is None:
+    text = get_target(request.target).pipeline_text(act_bits=request.act_bits, weight_bits=request.weight_bits,
+                                                    calib_method=request.calib_method)
+    if request.target_cos is None:
         return text
-    return with_mixed_precision(text, args.target_cos, args.max_16bit_share)
+    return with_mixed_precision(text, request.target_cos, request.max_16bit_share)
 
 
 def with_mixed_precision(text: str, target_cos: float, max_16bit_share: float | None = None) -> str:
@@ -106,28 +86,33 @@ def with_mixed_precision(text: str, target_cos: float, max_16bit_share: float | 
     return str(pipeline)
 
 
-def image_options(args) -> ImageOptions:
-    from compiler.analyze_cmd import image_options as parse
-    return parse(args)
+@dataclass(frozen=True)
+class CompileRequest:
+    """Everything ``qcc compile`` takes besides the model and the output path, as Python values. Data
+    is a folder path or a Dataset (or any iterable of input dicts, from Python)."""
+    target: str = "cpu"
+    passes: str | None = None
+    act_bits: int | None = None
+    weight_bits: int | None = None
+    calib_method: str | None = None
+    target_cos: float | None = None
+    max_16bit_share: float | None = None
+    calib_data: object = None
+    calib_count: int | None = None
+    eval_data: object = None
+    image: ImageOptions = ImageOptions()
+    input_shapes: dict = field(default_factory=dict)
+    verify: bool = False
+    dump_after: str | None = None
+    dump_dir: Path | None = None
+    encodings_format: str = "1.0.0"
+    quiet: bool = True
 
-
-def prepare_context(module: Module, ctx: PassContext, args, pipeline) -> Module | None:
-    """Attach --calib-data / --eval-data to ``ctx`` (a pipeline that calibrates needs calibration
-    data); returns a copy of the float module to evaluate against when there is --eval-data."""
-    image = image_options(args)
-    if args.calib_data:
-        ctx.calib_data = Dataset(args.calib_data, specs_of(module), count=args.calib_count, image=image)
-    elif args.calib_count is not None:
-        raise QccError("--calib-count needs --calib-data")
-    if args.eval_data:
-        ctx.eval_data = Dataset(args.eval_data, specs_of(module), image=image)
-    for data in (ctx.calib_data, ctx.eval_data):
-        if data is not None:
-            data.check()
-    if ctx.calib_data is None and any(p.name == "calibrate" for p in pipeline):
-        raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
-                       "(.npy, .npz or images)")
-    return module.clone() if ctx.eval_data is not None else None
+    def pipeline(self):
+        pipeline = parse_pipeline(pipeline_text(self))
+        if self.dump_after and self.dump_after != "all" and self.dump_after not in {p.name for p in pipeline}:
+            raise QccError(f"--dump-after: pass '{self.dump_after}' is not in the pipeline ({pipeline})")
+        return pipeline
 
 
 @dataclass
@@ -137,31 +122,75 @@ class CompileResult:
     context: PassContext
     seconds: float
     metrics: dict = field(default_factory=dict)
+    # The module before the first pass that changes float outputs: what OUT.float.onnx holds.
+    reference: Module | None = None
 
 
-def compile_model(module: Module, target: str = "htp", *, calib_data=None, eval_data=None, passes: str | None = None,
-                  act_bits: int | None = None, weight_bits: int | None = None, calib_method: str | None = None,
-                  target_cos: float | None = None, max_16bit_share: float | None = None,
-                  verify: bool = False, quiet: bool = True, log=None) -> CompileResult:
-    """Run a target's pipeline (or ``passes``) on ``module`` in place; evaluate on ``eval_data`` if given.
-    ``target_cos`` adds mixed precision (``with_mixed_precision``) to the target's pipeline."""
-    if passes and target_cos is not None:
+def _dataset(data, module: Module, request: CompileRequest, count: int | None = None):
+    """A folder (path) becomes a Dataset checked against the module's inputs, every sample's header read
+    now so that a bad one is reported before any pass; other data (a Dataset, a list of dicts) is used as is."""
+    if not isinstance(data, (str, Path)):
+        return data if count is None else list(data)[:count]
+    dataset = Dataset(data, specs_of(module), count=count, image=request.image)
+    dataset.check()
+    return dataset
+
+
+def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Path | None = None,
+                  request: CompileRequest | None = None, **options) -> CompileResult:
+    """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
+    ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
+    Writes nothing but ``dump_dir`` (the --dump-after dumps). ``qcc compile`` and the Python API both run this."""
+    request = request or CompileRequest(target=target, **options)
+    if request.passes is not None and request.target_cos is not None:
         raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
                        "and insert-converts in the pipeline")
-    text = passes or get_target(target).pipeline_text(act_bits=act_bits, weight_bits=weight_bits, calib_method=calib_method)
-    if target_cos is not None:
-        text = with_mixed_precision(text, target_cos, max_16bit_share)
-    pipeline = parse_pipeline(text)
-    ctx = PassContext(calib_data=calib_data, eval_data=eval_data)
+    pipeline = request.pipeline()
+    ctx = PassContext(verbose=not request.quiet)
     if log is not None:
         ctx.log = log
-    original = module.clone() if eval_data is not None else None
-    manager = PassManager(pipeline, verify=verify, quiet=quiet)
+    if request.calib_data is not None:
+        ctx.calib_data = _dataset(request.calib_data, module, request, request.calib_count)
+    elif request.calib_count is not None:
+        raise QccError("--calib-count needs --calib-data")
+    if request.eval_data is not None:
+        ctx.eval_data = _dataset(request.eval_data, module, request)
+    if ctx.calib_data is None and any(p.name == "calibrate" for p in pipeline):
+        raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
+                       "(.npy, .npz or images)")
+    original = module.clone() if ctx.eval_data is not None else None
+    manager = PassManager(pipeline, verify=request.verify, dump_after=request.dump_after, dump_dir=dump_dir,
+                          quiet=request.quiet)
     start = time.perf_counter()
     manager.run(module, ctx)
     seconds = time.perf_counter() - start
-    metrics = evaluate(original, module, eval_data) if eval_data is not None else {}
-    return CompileResult(module, manager, ctx, seconds, metrics)
+    metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
+    return CompileResult(module, manager, ctx, seconds, metrics, ctx.reference)
+
+
+def compile_file(model_path: Path, output: Path, request: CompileRequest, *, force: bool = False) -> CompileResult:
+    """``qcc compile``: every check that can run before the first pass runs there (pipeline, output paths,
+    every sample's names, shapes and dtypes); the outputs are staged and committed together at the end, so
+    a failure anywhere leaves nothing of the run behind."""
+    from compiler.encoding import has_qdq
+    from compiler.ir import load
+    pipeline = request.pipeline()
+    with plan_outputs(model_path, output, pipeline, request, force) as outputs:
+        outputs.check()
+        module = load(model_path, request.input_shapes)
+        if "encodings" not in outputs.paths and has_qdq(module.graph):  # quantized before qcc saw it
+            plan_quantized_outputs(outputs)
+            outputs.check()
+        dump_dir = outputs.folder("dumps") if request.dump_after else None
+        result = compile_model(module, request=request, dump_dir=dump_dir)
+        written = write_outputs(result, request, outputs)
+    if not request.quiet:
+        for line in summary_lines(result.metrics):
+            print(line, file=sys.stderr)
+        timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in result.manager.records)
+        print(f"compiled in {result.seconds:.2f}s ({timings})", file=sys.stderr)
+        print(f"wrote {', '.join(path.name for path in written)}", file=sys.stderr)
+    return result
 
 
 def evaluate(reference: Module, candidate: Module, data) -> dict:
@@ -207,18 +236,19 @@ def report(manager: PassManager, ctx: PassContext, seconds: float, metrics: dict
     }
 
 
-def plan_outputs(model_path: Path, output: Path, pipeline, args) -> OutputSet:
+def plan_outputs(model_path: Path, output: Path, pipeline, request: CompileRequest, force: bool) -> OutputSet:
     """The files ``qcc compile`` may write: OUT, OUT.encodings and OUT.float.onnx (when the pipeline
     quantizes; ``plan_quantized_outputs`` adds them for a model quantized before qcc saw it),
     OUT.report.json and the --dump-after folder; the model and the data folders are inputs none of them
     may replace."""
-    outputs = OutputSet(force=args.force, inputs=(model_path, args.calib_data, args.eval_data))
+    data_folders = [d for d in (request.calib_data, request.eval_data) if isinstance(d, (str, Path))]
+    outputs = OutputSet(force=force, inputs=(model_path, *data_folders))
     outputs.add("compiled model", output)
     if any(p.name == "insert-qdq" for p in pipeline):
         plan_quantized_outputs(outputs)
     outputs.add("report", output.with_name(output.stem + ".report.json"))
-    if args.dump_after:
-        outputs.add("dumps", args.dump_dir or output.with_name(output.stem + ".dumps"), folder=True)
+    if request.dump_after:
+        outputs.add("dumps", request.dump_dir or output.with_name(output.stem + ".dumps"), folder=True)
     return outputs
 
 
@@ -228,31 +258,24 @@ def plan_quantized_outputs(outputs: OutputSet) -> None:
     outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
 
 
-def finish(original: Module, module: Module, manager: PassManager, ctx: PassContext, args, outputs: OutputSet,
-           seconds: float) -> None:
+def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet) -> list[Path]:
     """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer started
     from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx OUT.onnx``
     compares like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json;
-    commit them together and print the summary. Each model is checked to load in onnxruntime first."""
+    commit them together. Each model is checked to load in onnxruntime first."""
     from compiler.encoding import has_qdq
     from compiler.export import encodings_json
     from compiler.runtime import loadable_bytes
+    module = result.module
     names = {"model": outputs.write("compiled model", loadable_bytes(module.to_onnx(), outputs.paths["compiled model"])).name}
     if has_qdq(module.graph):
-        names["encodings"] = outputs.write("encodings", encodings_json(module, args.encodings_format)).name
-        if ctx.reference is not None:
-            data = loadable_bytes(ctx.reference.to_onnx(), outputs.paths["float model"])
+        names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
+        if result.reference is not None:
+            data = loadable_bytes(result.reference.to_onnx(), outputs.paths["float model"])
             names["float_model"] = outputs.write("float model", data).name
-    metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
-    document = report(manager, ctx, seconds, metrics, names)
-    report_path = outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
-    written = outputs.commit()
-    if not args.quiet:
-        for line in summary_lines(metrics):
-            print(line, file=sys.stderr)
-        timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in manager.records)
-        print(f"compiled in {seconds:.2f}s ({timings})", file=sys.stderr)
-        print(f"wrote {', '.join(path.name for path in written)}", file=sys.stderr)
+    document = report(result.manager, result.context, result.seconds, result.metrics, names)
+    outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
+    return outputs.commit()
 
 
 def _json(value):
