@@ -71,6 +71,10 @@ class Pass:
     kind: ClassVar[PassKind]
     # An optional extra's module the pass needs (brecq: "torch"); without it the pass declines with a remark.
     optional_module: ClassVar[str | None] = None
+    # Contracts the pipeline parser checks: passes that must run earlier (``requires``), and passes that, when
+    # the pipeline has them, must run earlier (``after``).
+    requires: ClassVar[tuple[str, ...]] = ()
+    after: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def available(cls) -> bool:
@@ -197,8 +201,7 @@ def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
 
 
 def parse_pipeline(text: str) -> Pipeline:
-    """The passes of ``text``, refusing an empty pipeline and an annotating or lowering pass named twice (a
-    second calibrate would replace the first's encodings, a second insert-qdq quantize the QDQ nodes)."""
+    """The passes of ``text``; an empty pipeline or one that breaks a contract (``check_contracts``) is refused."""
     if not text.strip():
         raise QccError("pipeline: no passes given (e.g. 'fold-constants,cleanup,fold-bn')")
     pipeline = Pipeline()
@@ -217,11 +220,34 @@ def parse_pipeline(text: str) -> Pipeline:
                     raise QccError(f"pipeline: option '{item}' of pass '{name.strip()}' must be key=value")
                 options[key] = value
         pipeline.append(make_pass(name.strip(), options))
-    names = [p.name for p in pipeline if p.kind is not PassKind.FLOAT_PRESERVING]
-    twice = next((name for name in names if names.count(name) > 1), None)
-    if twice:
-        raise QccError(f"pipeline: pass '{twice}' appears more than once; an annotating or lowering pass runs once")
+    check_contracts(pipeline)
     return pipeline
+
+
+KIND_ORDER = (PassKind.FLOAT_PRESERVING, PassKind.ANNOTATING, PassKind.LOWERING)
+
+
+def check_contracts(pipeline: list) -> None:
+    """Refuse, naming both passes, an order that breaks a contract: float rewrites before annotating passes
+    before lowering ones (a rewrite after calibrate changes the tensors it measured; an encoding after
+    insert-qdq is never materialised), each pass's ``requires`` and ``after``, and an annotating or
+    lowering pass named twice (a second calibrate would replace the first's encodings, a second
+    insert-qdq quantize the QDQ nodes)."""
+    names = [p.name for p in pipeline]
+    for index, p in enumerate(pipeline):
+        earlier = pipeline[:index]
+        if p.kind is not PassKind.FLOAT_PRESERVING and p.name in names[:index]:
+            raise QccError(f"pipeline: pass '{p.name}' appears more than once; an annotating or lowering pass runs once")
+        later_kind = next((q for q in earlier if KIND_ORDER.index(q.kind) > KIND_ORDER.index(p.kind)), None)
+        if later_kind is not None:
+            raise QccError(f"pipeline: '{p.name}' ({p.kind.value}) cannot run after '{later_kind.name}' "
+                           f"({later_kind.kind.value}): float-preserving passes run first, annotating ones next, lowering ones last")
+        missing = next((name for name in p.requires if name not in names[:index]), None)
+        if missing is not None:
+            raise QccError(f"pipeline: '{p.name}' needs '{missing}' before it")
+        late = next((name for name in p.after if name in names[index + 1:]), None)
+        if late is not None:
+            raise QccError(f"pipeline: '{p.name}' must run after '{late}', not before it")
 
 
 VERIFY_ATOL = 1e-6

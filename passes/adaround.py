@@ -122,6 +122,7 @@ def learn_rounding(matrix: np.ndarray, scale: np.ndarray, gram: np.ndarray, bits
 class AdaRound(Pass):
     name = "adaround"
     kind = PassKind.ANNOTATING
+    after = ("calibrate",)
 
     @dataclass(frozen=True)
     class Options:

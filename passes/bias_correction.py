@@ -97,6 +97,7 @@ MARK = "bias_corrected"
 class BiasCorrection(Pass):
     name = "bias-correction"
     kind = PassKind.ANNOTATING
+    after = ("calibrate", "adaround", "brecq")
 
     @dataclass(frozen=True)
     class Options:

@@ -76,6 +76,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, regis
 class Brecq(Pass):
     name = "brecq"
     kind = PassKind.ANNOTATING
+    after = ("calibrate", "adaround")
     optional_module = "torch"
 
     @dataclass(frozen=True)

@@ -131,6 +131,7 @@ def output_width(node: gs.Node) -> int | None:
 class InsertConverts(Pass):
     name = "insert-converts"
     kind = PassKind.LOWERING
+    requires = ("insert-qdq",)
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         graph = module.graph

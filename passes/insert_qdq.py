@@ -86,6 +86,7 @@ def _fits(enc: Encoding, weight: np.ndarray, axis: int | None) -> bool:
 class InsertQdq(Pass):
     name = "insert-qdq"
     kind = PassKind.LOWERING
+    after = ("calibrate", "propagate-encodings", "bias-correction", "adaround", "brecq", "promote-16bit")
 
     @dataclass(frozen=True)
     class Options:

@@ -378,6 +378,7 @@ class QdqSimulation:
 class Promote16Bit(Pass):
     name = "promote-16bit"
     kind = PassKind.ANNOTATING
+    after = ("calibrate", "bias-correction", "propagate-encodings", "adaround", "brecq")
 
     @dataclass(frozen=True)
     class Options:

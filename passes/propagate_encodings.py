@@ -86,6 +86,7 @@ def _components(links: list[list[str]]) -> list[list[str]]:
 class PropagateEncodings(Pass):
     name = "propagate-encodings"
     kind = PassKind.ANNOTATING
+    after = ("calibrate", "bias-correction", "adaround", "brecq")
 
     @dataclass(frozen=True)
     class Options:

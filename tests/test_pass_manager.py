@@ -1,5 +1,6 @@
 """The pipeline parser, typed options, registry errors and the manager's verify/dump."""
 import dataclasses
+import re
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -146,3 +147,26 @@ def _registered_test_pass():
     register(_ScaleOutputs)
     yield
     REGISTRY.pop(_ScaleOutputs.name, None)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("insert-qdq,calibrate", "'insert-qdq' must run after 'calibrate', not before it"),
+    ("calibrate,insert-qdq,propagate-encodings", "'insert-qdq' must run after 'propagate-encodings'"),
+    ("calibrate,bias-correction,adaround", "'bias-correction' must run after 'adaround'"),
+    ("calibrate,cle", "'cle' (float-preserving) cannot run after 'calibrate' (annotating)"),
+    ("insert-qdq,fold-bn", "'fold-bn' (float-preserving) cannot run after 'insert-qdq' (lowering)"),
+    ("calibrate,insert-converts", "'insert-converts' needs 'insert-qdq' before it"),
+])
+def test_pipeline_contracts_are_checked_when_parsed(text, message):
+    with pytest.raises(QccError, match=re.escape(message)):
+        parse_pipeline(text)
+
+
+def test_every_target_pipeline_keeps_the_contracts():
+    from compiler.quantize import with_mixed_precision
+    from compiler.targets import TARGETS
+    for name, target in TARGETS.items():
+        for act_bits in (8, 16):
+            text = target.pipeline_text(act_bits=act_bits) if name in ("htp", "dsp", "hta") else target.pipeline_text()
+            parse_pipeline(text)
+    parse_pipeline(with_mixed_precision(TARGETS["htp"].pipeline_text(), 0.999))
