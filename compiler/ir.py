@@ -62,7 +62,7 @@ class Module:
         self.graph = from_onnx(infer_shapes(self.to_onnx())).graph
 
     def to_onnx(self) -> onnx.ModelProto:
-        self.graph.cleanup().toposort()
+        remove_dead_nodes(self.graph).toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)
         # Initializers are written apart from the graph inputs, which IR version 3 does not allow (old exports
         # list every weight as an input too); from 4 on it does, with any supported opset.
@@ -241,6 +241,29 @@ def const_value(tensor) -> np.ndarray | None:
         if isinstance(value, gs.Constant):
             return value.values
     return None
+
+
+def remove_dead_nodes(graph: gs.Graph) -> gs.Graph:
+    """``graph.cleanup()`` with its defaults (unused nodes removed, every graph input kept), in time linear in
+    the graph: graphsurgeon's looks each graph input up in a list of the used tensors, which took 42 s on a
+    simulation graph of 5,000 nodes with 2,000 inputs (bias correction's bias feeds)."""
+    for subgraph in graph.subgraphs():
+        subgraph.cleanup(recurse_functions=False)
+    for function in graph.functions:
+        function.cleanup(recurse_functions=False)
+    with graph.node_ids():
+        for tensor in graph.inputs:
+            tensor.inputs.clear()
+        used, _ = graph._get_used_node_ids()
+        kept = []
+        for node in graph.nodes:
+            if graph._get_node_id(node) in used:
+                kept.append(node)
+            else:
+                node.inputs.clear()
+                node.outputs.clear()
+        graph.nodes = kept
+    return graph
 
 
 def make_const(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:

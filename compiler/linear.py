@@ -219,8 +219,11 @@ def linear_layer(node: gs.Node) -> tuple[LinearLayer | None, str]:
 
 
 def uses(graph: gs.Graph, tensor) -> int:
-    """How many node inputs read ``tensor`` (a weight read twice cannot be rewritten for one reader)."""
-    return sum(1 for node in graph.nodes for t in node.inputs if t is tensor)
+    """How many node inputs read ``tensor`` (a weight read twice cannot be rewritten for one reader).
+
+    graphsurgeon lists a consumer once per input slot in ``tensor.outputs``, and nodes leave a graph only
+    disconnected (cleanup clears their inputs), so the count needs no scan of ``graph``'s nodes."""
+    return len(tensor.outputs)
 
 
 def set_input_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:

@@ -112,12 +112,21 @@ class CrossLayerEqualization(Pass):
             return PassResult(False, {"pairs-equalized": 0})
         ratios_before, precision_before = self._range_stats(links)
         equalized, sweeps = set(), 0
+        # link index -> its two weight arrays when it last found nothing to move: the scales are a function of
+        # the weights alone, so a link is re-examined only once a neighbour has replaced one of them.
+        settled: dict[int, tuple] = {}
         for sweeps in range(1, self.options.iterations + 1):
             moved = False
             for index, link in enumerate(links):
+                weights = (link.first.weight, link.second.weight)
+                if index in settled and all(old is new for old, new in zip(settled[index], weights)):
+                    continue
                 if self._equalize(graph, link):
                     equalized.add(index)
+                    settled.pop(index, None)
                     moved = True
+                else:
+                    settled[index] = weights
             if not moved:
                 break
         else:
