@@ -226,16 +226,18 @@ def uses(graph: gs.Graph, tensor) -> int:
     return len(tensor.outputs)
 
 
-def set_input_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
+def set_input_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray,
+                    tensor_names: set | None = None) -> None:
     """Give ``node`` input ``index`` the constant ``values``: in place when the tensor is an initializer
-    only this node reads (its name, and any encoding keyed by it, stays), else as a new initializer."""
+    only this node reads (its name, and any encoding keyed by it, stays), else as a new initializer
+    (named as ``compiler.ir.make_const`` names, with the same optional ``tensor_names``)."""
     tensor = node.inputs[index] if index < len(node.inputs) else None
     values = np.ascontiguousarray(values)
     if isinstance(tensor, gs.Constant) and uses(graph, tensor) == 1:
         tensor.values = values  # a new array: clones made before the pass keep the old one
         return
     hint = tensor.name if tensor is not None and tensor.name else f"{node.name or node.outputs[0].name}_bias"
-    new = make_const(graph, hint, values)
+    new = make_const(graph, hint, values, tensor_names)
     if tensor is None:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
@@ -259,8 +261,8 @@ class BiasSite:
             return np.zeros(self.channels, dtype=np.float32)
         return np.broadcast_to(value.reshape(-1), (self.channels,)).astype(np.float32)
 
-    def write(self, graph: gs.Graph, bias: np.ndarray) -> None:
-        set_input_const(graph, self.node, self.index, bias.astype(np.float32).reshape(self.shape))
+    def write(self, graph: gs.Graph, bias: np.ndarray, tensor_names: set | None = None) -> None:
+        set_input_const(graph, self.node, self.index, bias.astype(np.float32).reshape(self.shape), tensor_names)
 
     @property
     def output(self):
