@@ -59,7 +59,7 @@ class Module:
         self.graph = from_onnx(infer_shapes(self.to_onnx())).graph
 
     def to_onnx(self) -> onnx.ModelProto:
-        self.graph.cleanup().toposort()
+        remove_dead_nodes(self.graph).toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)
         # Initializers are written apart from the graph inputs, which IR version 3 does not allow (old exports
         # list every weight as an input too); from 4 on it does, with any supported opset.
@@ -215,13 +215,40 @@ def const_value(tensor) -> np.ndarray | None:
     return None
 
 
-def make_const(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
-    """A new initializer with a graph-unique name derived from ``hint``."""
-    existing = graph.tensors()
+def remove_dead_nodes(graph: gs.Graph) -> gs.Graph:
+    """``graph.cleanup()`` with its defaults (unused nodes removed, every graph input kept), in time linear in
+    the graph: graphsurgeon's looks each graph input up in a list of the used tensors, which took 42 s on a
+    simulation graph of 5,000 nodes with 2,000 inputs (bias correction's bias feeds)."""
+    for subgraph in graph.subgraphs():
+        subgraph.cleanup(recurse_functions=False)
+    for function in graph.functions:
+        function.cleanup(recurse_functions=False)
+    with graph.node_ids():
+        for tensor in graph.inputs:
+            tensor.inputs.clear()
+        used, _ = graph._get_used_node_ids()
+        kept = []
+        for node in graph.nodes:
+            if graph._get_node_id(node) in used:
+                kept.append(node)
+            else:
+                node.inputs.clear()
+                node.outputs.clear()
+        graph.nodes = kept
+    return graph
+
+
+def make_const(graph: gs.Graph, hint: str, values: np.ndarray, tensor_names: set | None = None) -> gs.Constant:
+    """A new initializer with a name derived from ``hint`` that no tensor of ``graph`` has. A caller making many
+    passes ``tensor_names`` (the graph's tensor names, kept up to date here and by the caller) so the graph is
+    not rescanned: graphsurgeon's ``tensors()`` takes about 0.1 s on 5,000 nodes."""
+    existing = graph.tensors() if tensor_names is None else tensor_names
     name, i = hint, 0
     while name in existing:
         i += 1
         name = f"{hint}_{i}"
+    if tensor_names is not None:
+        tensor_names.add(name)
     return gs.Constant(name, np.ascontiguousarray(values))
 
 

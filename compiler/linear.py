@@ -219,20 +219,25 @@ def linear_layer(node: gs.Node) -> tuple[LinearLayer | None, str]:
 
 
 def uses(graph: gs.Graph, tensor) -> int:
-    """How many node inputs read ``tensor`` (a weight read twice cannot be rewritten for one reader)."""
-    return sum(1 for node in graph.nodes for t in node.inputs if t is tensor)
+    """How many node inputs read ``tensor`` (a weight read twice cannot be rewritten for one reader).
+
+    graphsurgeon lists a consumer once per input slot in ``tensor.outputs``, and nodes leave a graph only
+    disconnected (cleanup clears their inputs), so the count needs no scan of ``graph``'s nodes."""
+    return len(tensor.outputs)
 
 
-def set_input_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
+def set_input_const(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray,
+                    tensor_names: set | None = None) -> None:
     """Give ``node`` input ``index`` the constant ``values``: in place when the tensor is an initializer
-    only this node reads (its name, and any encoding keyed by it, stays), else as a new initializer."""
+    only this node reads (its name, and any encoding keyed by it, stays), else as a new initializer
+    (named as ``compiler.ir.make_const`` names, with the same optional ``tensor_names``)."""
     tensor = node.inputs[index] if index < len(node.inputs) else None
     values = np.ascontiguousarray(values)
     if isinstance(tensor, gs.Constant) and uses(graph, tensor) == 1:
         tensor.values = values  # a new array: clones made before the pass keep the old one
         return
     hint = tensor.name if tensor is not None and tensor.name else f"{node.name or node.outputs[0].name}_bias"
-    new = make_const(graph, hint, values)
+    new = make_const(graph, hint, values, tensor_names)
     if tensor is None:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
@@ -256,8 +261,8 @@ class BiasSite:
             return np.zeros(self.channels, dtype=np.float32)
         return np.broadcast_to(value.reshape(-1), (self.channels,)).astype(np.float32)
 
-    def write(self, graph: gs.Graph, bias: np.ndarray) -> None:
-        set_input_const(graph, self.node, self.index, bias.astype(np.float32).reshape(self.shape))
+    def write(self, graph: gs.Graph, bias: np.ndarray, tensor_names: set | None = None) -> None:
+        set_input_const(graph, self.node, self.index, bias.astype(np.float32).reshape(self.shape), tensor_names)
 
     @property
     def output(self):

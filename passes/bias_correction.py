@@ -124,9 +124,9 @@ class BiasCorrection(Pass):
             corrections = self._analytic(module, layers, ctx)
         if corrections is None:
             return PassResult(False, {"corrected": 0})
-        shifts = []
+        shifts, tensor_names = [], set(module.graph.tensors())
         for layer, (site, shift) in corrections.items():
-            site.write(module.graph, site.read() - shift)
+            site.write(module.graph, site.read() - shift, tensor_names)
             module.annotate(layer.node.outputs[0].name, **{MARK: opts.mode})
             shifts.append(np.abs(shift))
         stats = {"corrected": len(corrections), "declined": len(layers) - len(corrections)}
@@ -324,8 +324,8 @@ class _BetaSite:
     def read(self) -> np.ndarray:
         return const_value(self.bn.inputs[2]).astype(np.float32)
 
-    def write(self, graph, values: np.ndarray) -> None:
-        set_input_const(graph, self.bn, 2, values.astype(np.float32))
+    def write(self, graph, values: np.ndarray, tensor_names: set | None = None) -> None:
+        set_input_const(graph, self.bn, 2, values.astype(np.float32), tensor_names)
 
 
 def _bn_scale(bn) -> np.ndarray | None:

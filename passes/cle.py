@@ -112,12 +112,21 @@ class CrossLayerEqualization(Pass):
             return PassResult(False, {"pairs-equalized": 0})
         ratios_before, precision_before = self._range_stats(links)
         equalized, sweeps = set(), 0
+        # link index -> its two weight arrays when it last found nothing to move: the scales are a function of
+        # the weights alone, so a link is re-examined only once a neighbour has replaced one of them.
+        settled: dict[int, tuple] = {}
         for sweeps in range(1, self.options.iterations + 1):
             moved = False
             for index, link in enumerate(links):
+                weights = (link.first.weight, link.second.weight)
+                if index in settled and all(old is new for old, new in zip(settled[index], weights)):
+                    continue
                 if self._equalize(graph, link):
                     equalized.add(index)
+                    settled.pop(index, None)
                     moved = True
+                else:
+                    settled[index] = weights
             if not moved:
                 break
         else:
@@ -251,19 +260,19 @@ class CrossLayerEqualization(Pass):
             ctx.remark("graph", "bias absorption needs calibration data (per-channel pre-activation minima); skipped")
             return 0
         lows, spans = _channel_extremes(module, ctx.calib_data, [link.pre_activation.name for link in candidates])
-        absorbed = 0
+        absorbed, tensor_names = 0, set(graph.tensors())
         for link in candidates:
             low, span = lows[link.pre_activation.name], spans[link.pre_activation.name]
             shift = np.where(low > ABSORB_FRACTION * np.maximum(span, 1e-12), low, 0.0)
             if not shift.any():
                 continue
             first_site, second_site = bias_site(graph, link.first), bias_site(graph, link.second)
-            first_site.write(graph, first_site.read() - shift)
+            first_site.write(graph, first_site.read() - shift, tensor_names)
             second = link.second
             taps = second.input_channel_view(second.weight).shape[3]
             column = np.repeat(shift, taps).reshape(second.groups, -1)
             added = np.einsum("gok,gk->go", second.to_matrix(second.weight).astype(np.float64), column).reshape(-1)
-            second_site.write(graph, second_site.read() + added)
+            second_site.write(graph, second_site.read() + added, tensor_names)
             absorbed += int(np.count_nonzero(shift))
         return absorbed
 

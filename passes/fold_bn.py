@@ -204,6 +204,8 @@ class FoldBatchNorm(Pass):
         graph = module.graph
         graph.toposort()
         stats = {"bn-folded": 0, "bn-to-affine": 0, "weights-copied": 0}
+        # Tensors only join the graph until the cleanup below, so one scan names every new constant.
+        self.tensor_names = set(graph.tensors())
         for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
             affine, why = bn_affine(bn)
             if affine is None:
@@ -225,7 +227,8 @@ class FoldBatchNorm(Pass):
         if uses(graph, weight_tensor) > 1:
             ctx.remark(layer, f"weight @{weight_tensor.name} is shared with other nodes: folded into a copy")
             stats["weights-copied"] += 1
-        set_input_const(graph, layer, 1, scale_weight(layer, weight.astype(np.float64), s).astype(weight.dtype))
+        set_input_const(graph, layer, 1, scale_weight(layer, weight.astype(np.float64), s).astype(weight.dtype),
+                        self.tensor_names)
         dtype = weight.dtype
         # The layer's own bias is scaled too; the shift goes into the following bias Add if there is one.
         shift_in_layer = site.bias_add is None
@@ -234,22 +237,23 @@ class FoldBatchNorm(Pass):
             channels = len(s)
             shape = bias.shape if bias.size == channels else per_channel_shape(channels, output_rank(layer, weight))
             folded = channel_vector(bias, channels) * s + t
-            set_input_const(graph, site.bias_add, site.bias_index, folded.reshape(shape).astype(bias.dtype))
+            set_input_const(graph, site.bias_add, site.bias_index, folded.reshape(shape).astype(bias.dtype), self.tensor_names)
         has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
         if layer.op in ("Conv", "ConvTranspose") and (has_bias or shift_in_layer):
             bias = const_input_or_zero(layer, 2, len(s))
-            set_input_const(graph, layer, 2, (bias * s + (t if shift_in_layer else 0.0)).astype(dtype))
+            set_input_const(graph, layer, 2, (bias * s + (t if shift_in_layer else 0.0)).astype(dtype), self.tensor_names)
         elif layer.op == "Gemm":
             beta = float(layer.attrs.get("beta", 1.0))
             if has_bias and beta != 0.0:
                 c = np.asarray(const_value(layer.inputs[2]), np.float64)
-                set_input_const(graph, layer, 2, (c * s + (t / beta if shift_in_layer else 0.0)).astype(dtype))
+                set_input_const(graph, layer, 2, (c * s + (t / beta if shift_in_layer else 0.0)).astype(dtype),
+                                self.tensor_names)
             elif shift_in_layer:
                 layer.attrs["beta"] = 1.0
-                set_input_const(graph, layer, 2, t.astype(dtype))
+                set_input_const(graph, layer, 2, t.astype(dtype), self.tensor_names)
         elif layer.op == "MatMul" and shift_in_layer:  # no bias Add to take the shift: give it one
             add = gs.Node("Add", unique_name(graph, f"{bn.name or bn.outputs[0].name}_bias"),
-                          inputs=[bn.inputs[0], make_const(graph, f"{bn.outputs[0].name}_bias", t.astype(dtype))])
+                          inputs=[bn.inputs[0], make_const(graph, f"{bn.outputs[0].name}_bias", t.astype(dtype), self.tensor_names)])
             graph.nodes.append(add)
             replace_output(bn, add)
             return
@@ -271,9 +275,10 @@ class FoldBatchNorm(Pass):
         dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
         ctx.remark(bn, f"rewritten as Mul+Add: {why}")
         base = bn.name or y.name
-        scale = make_const(graph, f"{base}_scale", affine.scale.reshape(shape).astype(dtype))
-        shift = make_const(graph, f"{base}_shift", affine.shift.reshape(shape).astype(dtype))
+        scale = make_const(graph, f"{base}_scale", affine.scale.reshape(shape).astype(dtype), self.tensor_names)
+        shift = make_const(graph, f"{base}_shift", affine.shift.reshape(shape).astype(dtype), self.tensor_names)
         scaled = gs.Variable(unique_name(graph, f"{y.name}_scaled"), dtype=x.dtype, shape=x.shape)
+        self.tensor_names.add(scaled.name)
         mul = gs.Node("Mul", unique_name(graph, f"{base}_mul"), inputs=[x, scale], outputs=[scaled])
         add = gs.Node("Add", unique_name(graph, f"{base}_add"), inputs=[scaled, shift])
         graph.nodes.extend([mul, add])

@@ -8,6 +8,7 @@ from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.pass_manager import PassContext, PassKind, PassManager, load_passes, parse_pipeline, verify_outputs
 from compiler.runtime import run_model, sample_inputs
 from passes.cle import CrossLayerEqualization, _input_ranges, _output_ranges
+from tests.large_models import conv_relu_chain
 
 
 def parse(text: str):
@@ -173,3 +174,27 @@ g (float[2,3] x) => (float[2,2] y)
     link = _chain(module)[0]
     np.testing.assert_allclose(_output_ranges(link.first), _input_ranges(link.second), rtol=1e-5)
     verify_outputs(original, module, ctx.calib_data, 1e-5, "cle")
+
+
+class CountingNodes(list):
+    """A graph's node list that counts the nodes every full iteration visits."""
+    visits = 0
+
+    def __iter__(self):
+        self.visits += len(self)
+        return super().__iter__()
+
+
+def _node_visits(depth: int) -> int:
+    module = from_onnx(infer_shapes(conv_relu_chain(depth)))
+    module.graph.nodes = CountingNodes(module.graph.nodes)
+    result, _ = run_cle(module, PassContext(log=lambda m: None), iterations=3)
+    assert result.stats["pairs-equalized"] == depth - 1
+    return module.graph.nodes.visits
+
+
+def test_cle_is_linear_in_depth():
+    # Scans of the whole graph per pair (use counts, fresh names) made a 2,500-layer chain take minutes:
+    # doubling the depth may at most double the nodes cle's graph scans visit.
+    short, long = _node_visits(16), _node_visits(32)
+    assert long <= 2.2 * short, (short, long)
