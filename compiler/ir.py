@@ -307,25 +307,26 @@ def _check_types(path: Path, model: onnx.ModelProto) -> None:
 
 
 def _check_values(path: Path, model: onnx.ModelProto) -> None:
-    """Refuse constants no float computation survives: NaN or Inf in a float initializer (the quantized model
-    would give finite outputs where the float one gives NaN, and the encodings no valid JSON), a negative
-    BatchNormalization variance, and an empty weight of a Conv, Gemm or MatMul."""
+    """Refuse constants no float computation survives: NaN or Inf in a float initializer or Constant (the
+    quantized model would give finite outputs where the float one gives NaN, and the encodings no valid JSON),
+    a negative BatchNormalization variance, and an empty weight of a Conv, Gemm or MatMul."""
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    for tensor in graph.initializer:
+    constants = {t.name: ("initializer", t) for t in graph.initializer}
+    constants.update({node.output[0]: ("constant", a.t) for node in graph.node if node.op_type == "Constant"
+                      and node.domain in ("", "ai.onnx") for a in node.attribute if a.name == "value"})
+    for name, (kind, tensor) in constants.items():
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             values = numpy_helper.to_array(tensor)
             if not np.isfinite(values).all():
-                what = "NaN" if np.isnan(values).any() else "Inf"
-                raise _fail(path, f"initializer '{tensor.name}' holds {what}")
+                raise _fail(path, f"{kind} '{name}' holds {'NaN' if np.isnan(values).any() else 'Inf'}")
     for node in graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
-        if node.op_type == "BatchNormalization" and len(node.input) > 4 and node.input[4] in initializers:
-            if (numpy_helper.to_array(initializers[node.input[4]]) < 0).any():
+        if node.op_type == "BatchNormalization" and len(node.input) > 4 and node.input[4] in constants:
+            if (numpy_helper.to_array(constants[node.input[4]][1]) < 0).any():
                 raise _fail(path, f"{_node_label(node)}: variance '{node.input[4]}' has negative values")
-        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in initializers:
-            dims = list(initializers[node.input[1]].dims)
+        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in constants:
+            dims = list(constants[node.input[1]][1].dims)
             if 0 in dims:
                 raise _fail(path, f"{_node_label(node)}: weight '{node.input[1]}' is empty (shape {dims})")
 

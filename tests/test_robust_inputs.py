@@ -199,6 +199,18 @@ def test_non_finite_constants_are_refused(tmp_path, capsys, where, value, words,
                    "--calib-data", calib_folder(tmp_path, model), naming=words)
 
 
+def test_nan_in_a_constant_node_is_refused(tmp_path, capsys):
+    """paddle2onnx writes weights as Constant nodes, not initializers."""
+    source = save(tmp_path, parse("""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,2] x) => (float[1,2] y) {
+          k = Constant <value = float[2] {1, nan}> ()
+          y = Mul(x, k)
+        }"""))
+    assert_refused(capsys, "compile", source, "-o", tmp_path / "o.onnx", "--target", "cpu",
+                   naming=["constant 'k' holds NaN"])
+
+
 def test_int32_conv_weight_is_refused(tmp_path, capsys):
     model = layer_chain(np.float32)
     weight = next(t for t in model.graph.initializer if t.name == "w2")
