@@ -119,7 +119,10 @@ class HistogramObserver(MinMaxObserver):
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.exponent is None:
             span = max(hi, 0.0) - min(lo, 0.0)
-            self.exponent = math.ceil(math.log2(span / self.capacity)) if span > 0 else _FIRST_WIDTH_EXPONENT
+            # Bins finer than MIN_RANGE / capacity resolve nothing an encoding can (its range is at least MIN_RANGE),
+            # and for denormal data (1e-40) the bin scale 2^-exponent would overflow float32.
+            finest = math.floor(math.log2(MIN_RANGE / self.capacity))
+            self.exponent = max(math.ceil(math.log2(span / self.capacity)), finest) if span > 0 else _FIRST_WIDTH_EXPONENT
         self._cover(lo, hi)
         # Index = floor(x / w) - origin >= 0, so truncation is floor; w is a power of two, so x * (1 / w) is exact.
         # float32 holds every bin index exactly below 2^24; data far from zero needs float64.
@@ -372,9 +375,12 @@ def collect(module: Module, data, tensors: list[str], method: str = "minmax", bi
         for sample in data:
             for name in counted:
                 if name in inputs:
-                    if name not in sample:
+                    if name in sample:
+                        observers[name].update(sample[name])
+                    elif name in module.input_defaults:  # left out: the model's default feeds it
+                        observers[name].update(module.input_defaults[name])
+                    else:
                         raise QccError(f"calibration sample {count}: missing input '{name}'")
-                    observers[name].update(sample[name])
             for name, value in zip(outputs, session.run(outputs, sample)):
                 observers[name].update(value)
             count += 1

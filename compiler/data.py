@@ -39,11 +39,13 @@ class InputSpec:
     name: str
     shape: tuple  # None for a dynamic dimension
     dtype: np.dtype
+    has_default: bool = False  # an input with an initializer: samples may leave it out
 
 
 def specs_of(module) -> list[InputSpec]:
     from compiler.runtime import input_specs
-    return [InputSpec(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in input_specs(module)]
+    return [InputSpec(name, tuple(shape), np.dtype(dtype), name in module.input_defaults)
+            for name, shape, dtype in input_specs(module)]
 
 
 class Dataset:
@@ -52,6 +54,8 @@ class Dataset:
     def __init__(self, folder: str | Path | None, inputs: list[InputSpec], *, count: int | None = None,
                  image: ImageOptions | None = None, files: list[Path] | None = None):
         self.inputs = list(inputs)
+        # A sample file of one array (.npy, an image) feeds the one input without a default.
+        self.required = [spec for spec in self.inputs if not spec.has_default]
         self.image = image or ImageOptions()
         if files is None:
             files = _list_folder(Path(folder))
@@ -62,9 +66,9 @@ class Dataset:
         self.files = list(files)
         if not self.files:
             raise QccError(f"{folder}: no samples")
-        if any(f.suffix.lower() == ".npy" for f in self.files) and len(self.inputs) != 1:
+        if any(f.suffix.lower() == ".npy" for f in self.files) and len(self.required) != 1:
             raise QccError(f"{self.files[0].parent}: .npy samples need a single-input model; this one has inputs "
-                           f"{', '.join(s.name for s in self.inputs)} (use .npz keyed by input name)")
+                           f"{', '.join(s.name for s in self.required)} (use .npz keyed by input name)")
         if any(f.suffix.lower() in IMAGE_SUFFIXES for f in self.files):
             self._check_image_input()
 
@@ -105,7 +109,7 @@ class Dataset:
         for path in self.files:
             suffix = path.suffix.lower()
             if suffix == ".npy":
-                headers = {self.inputs[0].name: _read(path, _npy_header)}
+                headers = {self.required[0].name: _read(path, _npy_header)}
             elif suffix == ".npz":
                 headers = _read(path, _npz_headers)
             else:
@@ -113,21 +117,22 @@ class Dataset:
                 continue
             self._check_names(path, headers)
             for spec in self.inputs:
-                _check_header(path, spec, *headers[spec.name])
+                if spec.name in headers:
+                    _check_header(path, spec, *headers[spec.name])
 
     def load(self, path: Path) -> dict:
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            arrays = {self.inputs[0].name: _read(path, np.load)}
+            arrays = {self.required[0].name: _read(path, np.load)}
         elif suffix == ".npz":
             arrays = _read(path, lambda p: dict(np.load(p)))
         else:
-            arrays = {self.inputs[0].name: self._load_image(path)}
+            arrays = {self.required[0].name: self._load_image(path)}
         return self._validate(path, arrays)
 
     def _check_names(self, path: Path, arrays: dict) -> None:
         expected = {s.name for s in self.inputs}
-        missing = [name for name in (s.name for s in self.inputs) if name not in arrays]
+        missing = [s.name for s in self.required if s.name not in arrays]
         if missing:
             raise QccError(f"{path}: missing input '{missing[0]}' (file has: {', '.join(sorted(arrays)) or 'nothing'})")
         extra = sorted(set(arrays) - expected)
@@ -137,13 +142,13 @@ class Dataset:
     def _validate(self, path: Path, arrays: dict) -> dict:
         self._check_names(path, arrays)
         sample = {}
-        for spec in self.inputs:
+        for spec in (s for s in self.inputs if s.name in arrays):
             sample[spec.name] = _conform(path, spec, np.asarray(arrays[spec.name]))
         return sample
 
     def _check_image_input(self) -> None:
-        spec = self.inputs[0]
-        if len(self.inputs) != 1 or image_layout(spec.shape) is None:
+        spec = self.required[0] if self.required else self.inputs[0]
+        if len(self.required) != 1 or image_layout(spec.shape) is None:
             shapes = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
             raise QccError(f"image samples need one NCHW or NHWC input with 3 channels; the model has {shapes}")
         if not np.issubdtype(spec.dtype, np.floating):
@@ -154,7 +159,7 @@ class Dataset:
 
     def _load_image(self, path: Path) -> np.ndarray:
         from PIL import Image
-        spec = self.inputs[0]
+        spec = self.required[0]
         height, width = self.image.size or _height_width(spec.shape)
         try:
             with Image.open(path) as img:

@@ -29,6 +29,7 @@ insert-qdq reproduces the same QDQ model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,10 @@ def encodings_document(module: Module, fmt: str = "1.0.0") -> dict:
     activations, params = qdq_encodings(module)
     if not activations and not params:
         raise QccError("the model has no QuantizeLinear/DequantizeLinear nodes: nothing to export (run insert-qdq)")
+    for name, enc in [*activations.items(), *params.items()]:
+        problem = _scale_problem(enc)
+        if problem:
+            raise QccError(f"cannot export the encoding of '{name}': {problem}")
     entry = _entry_v1 if fmt == "1.0.0" else _entry_legacy
     if fmt == "1.0.0":
         body = {"activation_encodings": [entry(n, e) for n, e in sorted(activations.items())],
@@ -103,11 +108,17 @@ def _entry_legacy(name: str, enc: Encoding) -> list:
 
 
 def encodings_json(module: Module, fmt: str = "1.0.0") -> str:
-    return json.dumps(encodings_document(module, fmt), indent=1) + "\n"
+    return json.dumps(encodings_document(module, fmt), indent=1, allow_nan=False) + "\n"
 
 
 def write_encodings(module: Module, path: str | Path, fmt: str = "1.0.0") -> None:
     write_file(Path(path), encodings_json(module, fmt))
+
+
+def _scale_problem(enc: Encoding) -> str:
+    """Why ``enc``'s scales are not a quantization grid ('' if they are): NaN, Inf or not positive."""
+    bad = [s for s in enc.scale if not (math.isfinite(s) and s > 0)]
+    return f"scale {bad[0]} (scales must be finite and positive)" if bad else ""
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -121,10 +132,15 @@ def read_encodings(path: str | Path) -> tuple[dict, dict]:
     except (OSError, ValueError) as exc:
         raise QccError(f"{path}: cannot read encodings ({type(exc).__name__}: {exc})") from None
     try:
-        return (_parse_section(document.get("activation_encodings", {})),
-                _parse_section(document.get("param_encodings", {})))
+        sections = (_parse_section(document.get("activation_encodings", {})),
+                    _parse_section(document.get("param_encodings", {})))
     except (KeyError, TypeError, ValueError) as exc:
         raise QccError(f"{path}: malformed encodings ({type(exc).__name__}: {exc})") from None
+    for name, enc in [item for section in sections for item in section.items()]:
+        problem = _scale_problem(enc)
+        if problem:
+            raise QccError(f"{path}: the encoding of '{name}' has {problem}")
+    return sections
 
 
 def _parse_section(section) -> dict:

@@ -7,15 +7,19 @@ as a fixed range), never as graph attributes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import shape_inference
+from onnx import numpy_helper, shape_inference
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from compiler.errors import QccError  # noqa: F401  (re-exported: passes raise it from here)
@@ -26,6 +30,11 @@ MIN_OPSET = 7
 MAX_OPSET = 23
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan"})
 INITIALIZERS_APART_IR = 4  # the first IR version whose initializers need not be graph inputs
+# Element types numpy (and so every pass) has no dtype for.
+UNSUPPORTED_TYPES = frozenset(getattr(onnx.TensorProto, name) for name in (
+    "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "INT4", "UINT4",
+    "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, name))
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 @dataclass
@@ -38,6 +47,9 @@ class Module:
     cache: dict = field(default_factory=dict)
     ir_version: int = onnx.IR_VERSION
     producer: str = ""
+    # Graph inputs that also have an initializer (IR >= 4: a default the caller may override): name -> default.
+    # They stay graph inputs (so no pass folds them) and are written back with their default.
+    input_defaults: dict = field(default_factory=dict)
 
     @property
     def opset(self) -> int:
@@ -46,7 +58,8 @@ class Module:
     def clone(self) -> "Module":
         return Module(graph=self.graph.copy(), encodings=dict(self.encodings),
                       annotations=copy.deepcopy(self.annotations), metadata=dict(self.metadata),
-                      cache=dict(self.cache), ir_version=self.ir_version, producer=self.producer)
+                      cache=dict(self.cache), ir_version=self.ir_version, producer=self.producer,
+                      input_defaults=dict(self.input_defaults))
 
     def tensors(self) -> dict:
         return self.graph.tensors()
@@ -61,6 +74,9 @@ class Module:
     def to_onnx(self) -> onnx.ModelProto:
         remove_dead_nodes(self.graph).toposort()
         model = gs.export_onnx(self.graph, do_type_check=False)
+        inputs = {i.name for i in model.graph.input}
+        model.graph.initializer.extend(numpy_helper.from_array(value, name)
+                                       for name, value in self.input_defaults.items() if name in inputs)
         # Initializers are written apart from the graph inputs, which IR version 3 does not allow (old exports
         # list every weight as an input too); from 4 on it does, with any supported opset.
         model.ir_version = max(min(self.ir_version, onnx.IR_VERSION), INITIALIZERS_APART_IR)
@@ -76,9 +92,40 @@ class Module:
 
 def from_onnx(model: onnx.ModelProto) -> Module:
     graph = gs.import_onnx(model)
+    defaults = _keep_overridable_inputs(graph, model) if model.ir_version >= INITIALIZERS_APART_IR else {}
     metadata = {p.key: p.value for p in model.metadata_props}
     return Module(graph=graph, metadata=metadata, ir_version=model.ir_version,
-                  producer=model.producer_name)
+                  producer=model.producer_name, input_defaults=defaults)
+
+
+def _keep_overridable_inputs(graph: gs.Graph, model: onnx.ModelProto) -> dict:
+    """onnx-graphsurgeon imports a graph input that has an initializer as a constant and drops it from the
+    inputs; put it back (as a Variable, in its place) and return the defaults. From IR 4 on such an input is
+    part of the interface: the caller may feed it."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    if not any(vi.name in initializers for vi in model.graph.input):
+        return {}
+    tensors = graph.tensors()
+    imported = {t.name: t for t in graph.inputs}
+    inputs, defaults = [], {}
+    for vi in model.graph.input:
+        if vi.name not in initializers:
+            inputs.append(imported[vi.name])
+            continue
+        default = numpy_helper.to_array(initializers[vi.name])
+        dims = vi.type.tensor_type.shape.dim
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims] \
+            if vi.type.tensor_type.HasField("shape") else list(default.shape)
+        variable = gs.Variable(vi.name, dtype=default.dtype, shape=shape)
+        constant = tensors.get(vi.name)
+        for node in list(constant.outputs) if constant is not None else []:
+            for i, tensor in enumerate(node.inputs):
+                if tensor is constant:
+                    node.inputs[i] = variable
+        inputs.append(variable)
+        defaults[vi.name] = default
+    graph.inputs = inputs
+    return defaults
 
 
 def _fail(path: Path, message: str) -> QccError:
@@ -171,17 +218,118 @@ def _untyped_outputs(model: onnx.ModelProto) -> set:
 def _with_contrib_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """Types and shapes for the outputs of onnxruntime's contrib ops (com.microsoft Gelu, FastGelu, ...), which
     onnx's inference does not know; without a type a tensor is neither calibrated nor quantized. onnxruntime's
-    symbolic inference knows them; where it fails too, the model stays as onnx inferred it."""
+    symbolic inference knows them; where it fails too, or sympy (which it needs) is not installed, the model
+    stays as onnx inferred it."""
     untyped = _untyped_outputs(model)
     if not untyped:
         return model
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     try:
-        symbolic = SymbolicShapeInference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()), auto_merge=True)
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        ops = sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+                      for n in model.graph.node if any(o in untyped for o in n.output)})
+        _note(f"sympy is not installed: the outputs of {', '.join(ops)} stay untyped, so they are neither calibrated "
+              "nor quantized (pip install sympy to type them)")
+        return model
+    try:
+        with _in_scratch_dir():  # it saves its unfinished model, with external data, to the working directory
+            symbolic = SymbolicShapeInference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()),
+                                                           auto_merge=True)
     except Exception:  # an op neither knows: keep onnx's result
         return model
     model.graph.value_info.extend(v for v in symbolic.graph.value_info if v.name in untyped and v.type.tensor_type.elem_type)
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _note(message: str) -> None:
+    """Say ``message`` on stderr once per run."""
+    print(f"qcc: note: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _in_scratch_dir():
+    """Run the body in a temporary working directory, removed afterwards with whatever was written there."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="qcc-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"node '{node.name or node.output[0]}' ({node.op_type})"
+
+
+def _type_name(elem_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _check_types(path: Path, model: onnx.ModelProto, check_ops: bool = True) -> None:
+    """Refuse element types qcc cannot represent, and (``check_ops``) node inputs whose types the op's schema
+    does not allow (onnx's checker lets an int32 Conv weight beside a float input pass; onnxruntime then
+    refuses the model)."""
+    graph = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.output, *graph.value_info]
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    for name, elem_type in types.items():
+        if elem_type in UNSUPPORTED_TYPES:
+            raise _fail(path, f"tensor '{name}' is {_type_name(elem_type)}, which qcc does not support "
+                              "(convert the model to float32 or float16)")
+    if not check_ops:
+        return
+    opset = _default_opset(model)
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or not onnx.defs.has(node.op_type):
+            continue
+        schema = onnx.defs.get_schema(node.op_type, opset)
+        allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+        bound = {}
+        for i, name in enumerate(node.input):
+            if not name or name not in types or not schema.inputs:
+                continue
+            if i >= len(schema.inputs) and schema.inputs[-1].option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+                continue
+            formal = schema.inputs[min(i, len(schema.inputs) - 1)]
+            actual = f"tensor({_type_name(types[name])})"
+            expected = allowed.get(formal.type_str, {formal.type_str})
+            if actual not in expected:
+                names = sorted(t[len("tensor("):-1] for t in expected if t.startswith("tensor("))
+                raise _fail(path, f"{_node_label(node)}: input '{name}' is {_type_name(types[name])}, which "
+                                  f"{node.op_type} does not take there (it takes {', '.join(names)})")
+            if formal.type_str in allowed and formal.is_homogeneous:
+                first, first_type = bound.setdefault(formal.type_str, (name, actual))
+                if first_type != actual:
+                    raise _fail(path, f"{_node_label(node)}: input '{name}' is {_type_name(types[name])} but "
+                                      f"input '{first}' is {first_type[len('tensor('):-1]}; {node.op_type} needs both of one type")
+
+
+def _check_values(path: Path, model: onnx.ModelProto) -> None:
+    """Refuse constants no float computation survives: NaN or Inf in a float initializer or Constant (the
+    quantized model would give finite outputs where the float one gives NaN, and the encodings no valid JSON),
+    a negative BatchNormalization variance, and an empty weight of a Conv, Gemm or MatMul."""
+    graph = model.graph
+    constants = {t.name: ("initializer", t) for t in graph.initializer}
+    constants.update({node.output[0]: ("constant", a.t) for node in graph.node if node.op_type == "Constant"
+                      and node.domain in ("", "ai.onnx") for a in node.attribute if a.name == "value"})
+    for name, (kind, tensor) in constants.items():
+        if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            values = numpy_helper.to_array(tensor)
+            if not np.isfinite(values).all():
+                raise _fail(path, f"{kind} '{name}' holds {'NaN' if np.isnan(values).any() else 'Inf'}")
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "BatchNormalization" and len(node.input) > 4 and node.input[4] in constants:
+            if (numpy_helper.to_array(constants[node.input[4]][1]) < 0).any():
+                raise _fail(path, f"{_node_label(node)}: variance '{node.input[4]}' has negative values")
+        if node.op_type in LAYER_OPS and len(node.input) > 1 and node.input[1] in constants:
+            dims = list(constants[node.input[1]][1].dims)
+            if 0 in dims:
+                raise _fail(path, f"{_node_label(node)}: weight '{node.input[1]}' is empty (shape {dims})")
 
 
 def _sanitize_dims(model: onnx.ModelProto) -> None:
@@ -193,12 +341,19 @@ def _sanitize_dims(model: onnx.ModelProto) -> None:
                 dim.dim_param = f"{vi.name}_dim{i}"
 
 
-def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> Module:
+def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None, *,
+         check_contents: bool = True) -> Module:
+    """The model at ``path`` as a Module. Without ``check_contents`` (qcc print: a broken model must still be
+    printable), constants holding NaN, Inf or nothing and inputs of a type their op does not take are let
+    through; element types qcc cannot hold (bfloat16) are refused either way."""
     path = Path(path)
     model = _read_model(path)
     _validate(path, model)
     _sanitize_dims(model)
+    if check_contents:
+        _check_values(path, model)
     model = fix_input_shapes(model, input_shapes, path) if input_shapes else infer_shapes(model, path)
+    _check_types(path, model, check_ops=check_contents)
     module = from_onnx(model)
     module.metadata.setdefault("qcc.source", path.name)
     return module

@@ -255,14 +255,22 @@ class BiasSite:
     channels: int
 
     def read(self) -> np.ndarray:
+        """The bias, one value per channel, in float32 (float64 for a float64 model)."""
         tensor = self.node.inputs[self.index] if self.index < len(self.node.inputs) else None
         value = const_value(tensor) if tensor is not None and tensor.name else None
         if value is None:
-            return np.zeros(self.channels, dtype=np.float32)
-        return np.broadcast_to(value.reshape(-1), (self.channels,)).astype(np.float32)
+            return np.zeros(self.channels, dtype=np.result_type(self.dtype, np.float32))
+        return np.broadcast_to(value.reshape(-1), (self.channels,)).astype(np.result_type(value.dtype, np.float32))
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The model's float type here: the bias constant's, else the layer weight's (a Conv or Gemm without bias)."""
+        tensor = self.node.inputs[self.index] if self.index < len(self.node.inputs) else None
+        value = const_value(tensor) if tensor is not None and tensor.name else None
+        return (value if value is not None else const_value(self.node.inputs[1])).dtype
 
     def write(self, graph: gs.Graph, bias: np.ndarray, tensor_names: set | None = None) -> None:
-        set_input_const(graph, self.node, self.index, bias.astype(np.float32).reshape(self.shape), tensor_names)
+        set_input_const(graph, self.node, self.index, bias.astype(self.dtype).reshape(self.shape), tensor_names)
 
     @property
     def output(self):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+import numpy as np
+
 from compiler.errors import PassFailure
 from compiler.ir import Module, QccError
 
@@ -305,6 +307,7 @@ class PassManager:
     def run(self, module: Module, ctx: PassContext | None = None) -> Module:
         from compiler.printer import print_module
         ctx = ctx or PassContext()
+        check_quantizable(module, self.pipeline)
         samples = None
         if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline):
             from compiler.runtime import sample_inputs
@@ -341,6 +344,20 @@ class PassManager:
                 (self.dump_dir / f"{index + 1:02d}-{p.name}.txt").write_text(print_module(module))
         module.metadata["qcc.pipeline"] = str(self.pipeline)
         return module
+
+
+def check_quantizable(module: Module, pipeline: Pipeline) -> None:
+    """Refuse, before the first pass, to quantize a model that computes in another float type than float32:
+    the quantizing passes simulate and write float32 QuantizeLinear/DequantizeLinear around float32 tensors."""
+    quantizing = [p.name for p in pipeline if p.kind is not PassKind.FLOAT_PRESERVING]
+    if not quantizing:
+        return
+    for tensor in module.graph.inputs + [t for node in module.graph.nodes for t in node.outputs]:
+        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
+        if dtype is not None and dtype.kind == "f" and dtype != np.float32:
+            raise QccError(f"{module.metadata.get('qcc.source', 'model')}: tensor '{tensor.name}' is {dtype.name}; "
+                           f"{quantizing[0]} quantizes float32 models only (convert the model to float32, or compile "
+                           f"it for a float target: cpu, gpu)")
 
 
 REMARKS_SHOWN = 3  # a message on more nodes than this is logged once, with the count
