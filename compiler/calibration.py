@@ -7,21 +7,20 @@ bounded by one sample's activations whatever the number of samples.
 Counting every value is the largest part of a compile (det: 20 M values a sample), so:
 - values are binned ``CHUNK`` at a time, so the work arrays stay in cache instead of
   streaming a tensor-sized temporary through memory for each step, and counted with
-  ``np.add.at`` on intp indices, whose fast path beats ``np.bincount`` (det: about 52 -> 31 ms
-  a sample for the observers);
+  ``np.add.at`` on intp indices, whose fast path beats ``np.bincount``;
 - an activation that holds exactly another observed activation's values, each ``k``
   times, is not counted: its observer is that one's with the counts times ``k``
   (``derived_tensors``; table ``REPETITIONS``: Reshape, Flatten, Squeeze, Unsqueeze,
   Transpose, Identity, and nearest Resize by powers of two where every pixel is
-  repeated alike; det: 6 % of the values). Exact, not approximate: fed the same min
-  and max, both observers grow, coarsen and bin alike. Relu and Concat are not in the
-  table: their outputs' histograms start at another ``origin``, and the float32 bin
-  index ``x / w - origin`` rounds a value just below a bin edge into the next bin
-  depending on that origin (775 of det's 20 M values a sample), so a derived histogram
-  would differ from the counted one in those bins.
-- one thread updates the observers: splitting the tensors over two threads gained
-  nothing measurable, as ``np.add.at`` holds the GIL and onnxruntime's intra-op threads
-  spin on the other core between runs.
+  repeated alike). Exact, not approximate: fed the same min and max, both observers
+  grow, coarsen and bin alike. Relu and Concat are not in the table: their outputs'
+  histograms start at another ``origin``, and the float32 bin index ``x / w - origin``
+  rounds a value just below a bin edge into the next bin depending on that origin, so a
+  derived histogram would differ from the counted one in those bins.
+- one thread updates the observers: ``np.add.at`` holds the GIL and onnxruntime's
+  intra-op threads spin on the other core between runs, so a second thread gains nothing.
+
+Timings and what else was tried: docs/measurements.md.
 
 Observers
 - ``MinMaxObserver``: running min and max.
@@ -32,8 +31,8 @@ Observers
   width doubles, merging bin pairs exactly. So no first min-max pass is needed,
   the observed span always has between ``bins / 2`` and ``2 * bins`` bins, and two
   histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. Every value
-  goes into the histogram: a strided subsample (every k-th value) was tried and moved a 1 %
-  percentile by 12 bins and a histogram SQNR by 2.4 dB on 200 000 Gaussian values.
+  goes into the histogram: a strided subsample (every k-th value) moved the percentile and
+  the histogram SQNR too far (docs/measurements.md).
 
 Range searches (each returns ``(lo, hi)``, widened to contain 0 by the encoding):
 - percentile ``p``: lo = the (100 - p)-th percentile, hi = the p-th (each tail

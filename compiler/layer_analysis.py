@@ -32,8 +32,8 @@ Errors, per quantized activation ``t`` (rows in FLOAT's topological order), agai
   cause at least 2/3 of the noise energy, ``activations`` when they cause at most 1/3, else ``both``.
   Biases stay FLOAT's in both: bias correction moves them to offset the weights' and (mode=sequential)
   the activations' mean error together, so a corrected bias belongs to neither cause alone. The split
-  is each cause's raw error, which bias correction then reduces in QUANT (det W8A8: weights only
-  0.990, activations only 0.982, QUANT 0.990; with QUANT's sequential biases "weights only" read 0.988).
+  is each cause's raw error, which bias correction then reduces in QUANT (an example on det:
+  docs/measurements.md).
 Final outputs are also measured with only weights or only activations quantized (QNN's
 first triage step), which says whether per-channel weights or 16-bit activations will help.
 

@@ -152,7 +152,7 @@ class LinearLayer:
         if self.is_conv:
             # A tap's sum is a strided rectangle of the unpadded input (padding adds zeros): sum the columns
             # each kernel column reads once, then the rows each kernel row reads, instead of averaging a
-            # slice per tap (which took 1.8 of bias correction's 2.1 s on det as a window view).
+            # slice per tap or a sliding-window view, both slower (docs/measurements.md).
             kernel, strides, dilations, begin, end = self._conv_geometry(x.shape)
             ho, wo = [(size + b + e - (k - 1) * d - 1) // s + 1
                       for size, b, e, k, d, s in zip(x.shape[2:], begin, end, kernel, dilations, strides)]

@@ -71,8 +71,8 @@ def with_mixed_precision(text: str, target_cos: float, max_16bit_share: float | 
         raise QccError(f"--target-cos promotes 8-bit activations to 16 bits; with --act-bits {qdq.act_bits} "
                        "every activation already has 16 bits")
     # Sequentially corrected biases also offset the 8-bit activations' mean shifts, which are gone once an
-    # activation moves to 16 bits (det W8A8 with them: 0.989 at 77 % promoted, 0.9988 without). The
-    # float-input mode corrects the weights' rounding only, which the widths do not change.
+    # activation moves to 16 bits (docs/measurements.md). The float-input mode corrects the weights'
+    # rounding only, which the widths do not change.
     for i, p in enumerate(pipeline):
         if p.name == "bias-correction" and p.options.mode == "sequential":
             samples = int(dict(QUANT_TUNING)["bias-correction"]["samples"])

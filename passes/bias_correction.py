@@ -24,19 +24,12 @@ the same axis rule (per tensor for MatMul).
   (``_waves``: a wave follows every wave upstream of it) and the simulation runs wave by wave
   (compiler.runtime.StagedRun: every node once per sample; the corrected biases are graph inputs of
   the simulation). Correcting all layers from one run instead double-counts: each layer would also
-  undo the shift its upstream layers are correcting (det's output cosine fell to 0.5).
-  Measured at W8A8 (8 folds of 32 calibration and 192 held-out images, compiler/targets.py): det's
-  mean cosine 0.9852 -> 0.9887 with 4 samples, about 0.3 s more than empirical; cls within its noise.
-  Each channel's shift is the mean of its per-sample shifts (each sample's quantized input patch mean
-  against its own float one) shrunk toward zero by its standard error (``_shrunk_mean``, positive-part
-  James-Stein), so a shift the samples disagree on is not applied in full. Without it, four unlucky
-  calibration pages of RapidAI's orientation classifier gave shifts that wrecked other pages (held-out
-  cosine 0.923 on that fold, where empirical gives 0.996). Mean held-out cosine, 32 calibration images:
-
-      sequential, 4 samples      det (8 folds)  cls (8 folds)  orient (4 folds)  rec (2 folds, 64 held out)
-      plain mean                 0.98865        0.99708        0.97728           0.97478
-      shrunk mean                0.98922        0.99683        0.99360           0.97673
-      (empirical, 8 samples)     0.98516        -              0.99584           -
+  undo the shift its upstream layers are correcting. Each channel's shift is the mean of its per-sample
+  shifts (each sample's quantized input patch mean against its own float one) shrunk toward zero by its
+  standard error (``_shrunk_mean``, positive-part James-Stein), so a shift the samples disagree on is
+  not applied in full (a few unlucky calibration samples otherwise set shifts that hurt other inputs).
+  At W8A8 it raises det's mean held-out cosine from 0.9852 (empirical) to 0.9892 with 4 samples
+  (docs/measurements.md).
 - ``mode=analytic``: no data; E[x] per channel from the batch-norm statistics upstream (run
   before fold-bn). When the input is act(BatchNormalization(...)), the pre-activation of channel
   c is taken as N(beta_c, gamma_c^2) and E[x_c] is the mean of that Gaussian through identity,
@@ -48,21 +41,8 @@ the same axis rule (per tensor for MatMul).
 Output layers, those whose output reaches a graph output through no other Conv, ConvTranspose, Gemm or
 MatMul (a classifier's last MatMul, a detector's last conv before its activation), are left alone unless
 ``output-layers=true``. Correcting one moves every sample's output by the calibration samples' mean
-shift, which the samples a decision hangs on do not share. cls (two classes, softmax) shows it: on
-fold A's 42 held-out images whose float logit difference is within 2, the quantized model's logit
-difference is off by -0.54 on average with its final MatMul corrected (sequential, 4 samples), -0.24
-with it left alone (-0.05 without any bias correction). Mean held-out cosine over 8 folds of 32
-calibration and 192 held-out images (cls W8A8; rec 2 folds of 32 + 64), before the shrinkage above:
-
-    bias-correction                     cls W8A8   cls W8A16 (4 folds)  rec W8A8
-    sequential, 4 samples               0.99708               -         0.97478
-      with output-layers=true           0.99628               -         0.97498
-    sequential, 32 samples              0.99711               -            -
-      with output-layers=true           0.99681               -            -
-    empirical, 8 samples                   -               0.99972         -
-      with output-layers=true              -               0.99972         -
-
-det is unchanged: its output layer is a ConvTranspose, which the pass does not correct.
+shift, which the samples a decision hangs on do not share: on cls it moved the logits of the held-out
+images near the class boundary further from FP32's (docs/measurements.md).
 
 Kind: ANNOTATING, although it writes biases. It deliberately changes the float model (the FP32
 output moves by -E[dW x]) so that the quantized one matches the original, so --verify must not

@@ -13,7 +13,7 @@ fixes (Sigmoid, HardSigmoid, Softmax, Clip(0, 1) -> [0, 1]; Tanh -> [-1, 1]), en
 compiler.encoding.range_encoding. Other Clips (Relu6 = Clip(0, 6)) keep their calibrated range:
 it lies within the clip bounds already, and when the data never reaches 6 it is finer than [0, 6].
 
-The default method is MSE, the htp target's choice at 8 bits (measured in compiler/targets.py;
+The default method is MSE, the htp target's choice at 8 bits (measured: docs/measurements.md;
 at 16 bits that target uses min-max, which clips nothing).
 
 ``method=auto`` chooses per tensor among min-max, percentile and MSE: the one whose encoding

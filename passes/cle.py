@@ -28,7 +28,7 @@ the constant c_i moves into the next layer, shrinking the activation's range (it
     b1[i] -= c_i    b2[o] += sum_{i,k} W2[o, i, k] * c_i        c_i = min over the data of a[:, i]
 
 act(a - c) = act(a) - c wherever a >= c. That holds on every calibration sample, not on every
-input: on held-out text images the outputs moved by 3 % (cls) and 31 % (det) of their range, so
+input (on held-out det images the outputs moved by 31 % of their range, docs/measurements.md), so
 with absorb-bias the pass is not float-preserving (--verify does not check it; the paper's 3-sigma
 rule from batch-norm statistics is approximate the same way). Conv2 must have no padding (a padded
 border would see 0, not c). A BatchNormalization between the layers declines the pair (run fold-bn
@@ -36,8 +36,8 @@ first).
 
 Relu6 = Clip(0, 6) and HardSwish are not homogeneous: Clip(x / s, 0, 6) != Clip(x, 0, 6) / s
 once x > 6 / s. Such pairs are declined with a remark unless ``allow-clip=true``, which equalizes
-them anyway and thereby CHANGES the float result (not float-preserving either; on cls it wrecked
-the model: HardSwish(x / s) * s is far from HardSwish(x)).
+them anyway and thereby CHANGES the float result (not float-preserving either: HardSwish(x / s) * s
+is far from HardSwish(x); docs/measurements.md).
 
 Stats: ``pairs-equalized``, ``sweeps``, ``bias-absorbed`` (channels); before and after, the
 per-channel weight-range ratio max(r1_i, r2_i) / min(r1_i, r2_i) (mean and max over the live

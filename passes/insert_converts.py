@@ -25,8 +25,8 @@ Convert only from a DQ -> Q pair nothing else reads). Activation-like constants 
 tensor: Add/Mul/Div operands, which insert-qdq quantizes at the activation width) are stored again
 at the op's width, over the same range. Weights (signed) stay as they are (HTP runs A16W8); an
 int32 bias of an op whose input was converted is stored again with scale s_in * s_w for the new
-input scale (HTP reads it on that grid; measured: a bias left at the old scale broke an SE layer's
-Gemm on HTP, cosine 0.975 against the simulation). Ops without a quantized output, and
+input scale (HTP reads it on that grid: a bias left at the old scale broke an SE layer's Gemm on HTP,
+docs/measurements.md). Ops without a quantized output, and
 QuantizeLinear / DequantizeLinear themselves, are left alone; a second run finds nothing to do.
 """
 from __future__ import annotations

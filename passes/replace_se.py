@@ -28,8 +28,7 @@ annotated fixed_range=(0, 1) so the quantizer spends its 8 bits on [0, 1] exactl
 mode=fc+fold-gate (default): both. Without fold-gate, the gate is written as one HardSigmoid node
 (hand-written forms included) and annotated fixed_range=(0, 1) too. keep-16bit annotates the
 block's internal tensors (pool to gate) act_bits=16: they are (N, C) vectors, so 16 bits cost little;
-off by default, as it did not help the PP-OCR classifier in W8A8 simulation (the gate's error there
-comes mostly from upstream layers).
+off by default, as it did not help the PP-OCR classifier at W8A8 (docs/measurements.md).
 
 A block already in the wanted form is left alone (FC layers are never turned back into
 convolutions). Every GlobalAveragePool followed by a Conv is a candidate, and one not rewritten gets
