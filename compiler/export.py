@@ -171,7 +171,7 @@ def apply_encodings(module: Module, activations: dict, params: dict) -> dict:
     """Put loaded encodings on a float ``module`` for insert-qdq; returns counts. Activation
     bit-widths are pinned with ``act_bits``; a per-channel parameter takes the axis its consuming
     op uses; names the module lacks are skipped (insert-qdq recreates derived tensors itself)."""
-    from passes.insert_qdq import weight_axis
+    from compiler.qdq import weight_axis
     tensors = module.graph.tensors()
     applied = {"activations": 0, "params": 0, "skipped": 0}
     for name, enc in activations.items():

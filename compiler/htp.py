@@ -21,14 +21,12 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compiler.arguments import add_image_arguments, add_input_shape, image_options, input_shapes
-from compiler.ir import QccError, fix_input_shapes, load
+from compiler.ir import QccError
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
 from compiler.runtime import run_model
 
@@ -270,42 +268,3 @@ def render(rows: list[OutputAgreement], count: int, seconds: float) -> str:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-
-def add_command(sub) -> None:
-    p = sub.add_parser("run-htp", help="run a QDQ model on the QNN HTP backend (onnxruntime-qnn) and compare with CPU")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--data", required=True, metavar="DIR", help="folder of samples (.npy, .npz or images)")
-    p.add_argument("--count", type=int, default=3, help="samples to run (default 3; HTP takes ~1 s per small image)")
-    add_input_shape(p)
-    add_image_arguments(p)
-    p.add_argument("--htp-arch", metavar="N", help="HTP architecture to simulate, e.g. 73 (default: the backend's, v68; "
-                   "v73 and later compute 16-bit convolutions exactly, v68 to ~20 steps)")
-    p.add_argument("--json", metavar="OUT.json", help="write the comparison as JSON")
-    p.set_defaults(func=cmd_run_htp)
-
-
-def cmd_run_htp(args) -> int:
-    import json
-
-    from compiler.data import Dataset, specs_of
-    from compiler.outputs import write_file
-    qnn_module()
-    if args.htp_arch is not None and not args.htp_arch.isdigit():
-        raise QccError(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise QccError(f"{args.json}: output folder '{Path(args.json).parent}' does not exist")
-    shapes = input_shapes(args.input_shape)
-    module = load(args.model, shapes)
-    samples = list(Dataset(args.data, specs_of(module), count=args.count, image=image_options(args)))
-    model = onnx.load(args.model)
-    # QNN compiles for static shapes: pin every input to the samples' shapes.
-    model = fix_input_shapes(model, {name: list(value.shape) for name, value in samples[0].items()}, args.model)
-    rows, seconds = compare_with_cpu(model, samples, {"htp_arch": args.htp_arch} if args.htp_arch else None)
-    sys.stdout.write(render(rows, len(samples), seconds))
-    if args.json:
-        write_file(Path(args.json), json.dumps({"samples": len(samples), "htp_seconds_per_sample": seconds,
-                                                 "outputs": [r.to_dict() for r in rows]}, indent=1) + "\n")
-    return 0

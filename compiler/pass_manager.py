@@ -19,6 +19,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
+from compiler.config import CONFIG_NAME, QuantConfig
 from compiler.errors import PassFailure
 from compiler.ir import Module, QccError
 
@@ -55,6 +56,9 @@ class PassContext:
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
     remarks: list = field(default_factory=list)
     current_pass: str = ""
+    # The compile's quantization config and pipeline; PassManager.run sets both from its pipeline.
+    config: QuantConfig = QuantConfig()
+    pipeline: object = None
     # The module as it was before the first pass that may change its float outputs (annotating or lowering:
     # bias correction and AdaRound rewrite weights), i.e. the FP32 reference; PassManager.run sets it.
     reference: object = None
@@ -98,11 +102,7 @@ class Pass:
         return doc.splitlines()[0] if doc else ""
 
     def __str__(self) -> str:
-        fields = dataclasses.fields(self.options)
-        if not fields:
-            return self.name
-        body = " ".join(f"{_kebab(f.name)}={_format_value(getattr(self.options, f.name))}" for f in fields)
-        return f"{self.name}{{{body}}}"
+        return _element_text(self.name, self.options)
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -142,7 +142,7 @@ def choices(*allowed, default):
     return field(default=default, metadata={"choices": tuple(allowed)})
 
 
-def _convert(pass_name: str, fld: dataclasses.Field, text: str):
+def _convert(owner: str, fld: dataclasses.Field, text: str):
     kind = fld.type if isinstance(fld.type, type) else {"bool": bool, "int": int, "float": float, "str": str}.get(str(fld.type), str)
     key = _kebab(fld.name)
     try:
@@ -157,16 +157,40 @@ def _convert(pass_name: str, fld: dataclasses.Field, text: str):
         else:
             value = text
     except ValueError:
-        raise QccError(f"pass '{pass_name}': option '{key}' expects {kind.__name__}, got '{text}'") from None
+        raise QccError(f"{owner}: option '{key}' expects {kind.__name__}, got '{text}'") from None
     allowed = fld.metadata.get("choices")
     if allowed and value not in allowed:
-        raise QccError(f"pass '{pass_name}': option '{key}' must be one of {', '.join(allowed)}, got '{text}'")
+        raise QccError(f"{owner}: option '{key}' must be one of {', '.join(allowed)}, got '{text}'")
     return value
 
 
+def _element_text(name: str, options) -> str:
+    fields = dataclasses.fields(options)
+    if not fields:
+        return name
+    body = " ".join(f"{_kebab(f.name)}={_format_value(getattr(options, f.name))}" for f in fields)
+    return f"{name}{{{body}}}"
+
+
 class Pipeline(list):
+    """Passes in order, and the quantization config they read (printed first when the pipeline quantizes)."""
+
+    def __init__(self, passes=(), config: QuantConfig | None = None):
+        super().__init__(passes)
+        self.config = config or QuantConfig()
+        self.config_given = config is not None  # the text had a quant{...}, or the caller chose one
+
+    @property
+    def quantizes(self) -> bool:
+        return any(p.kind is not PassKind.FLOAT_PRESERVING for p in self)
+
+    def find(self, name: str):
+        """The pass named ``name`` in this pipeline, or None."""
+        return next((p for p in self if p.name == name), None)
+
     def __str__(self) -> str:
-        return ",".join(str(p) for p in self)
+        head = [_element_text(CONFIG_NAME, self.config)] if self.quantizes else []
+        return ",".join(head + [str(p) for p in self])
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -192,14 +216,19 @@ def make_pass(name: str, options: dict[str, str] | None = None) -> Pass:
     if name not in registry:
         raise QccError(f"pipeline: unknown pass '{name}'; valid passes: {', '.join(sorted(registry))}")
     cls = registry[name]
-    fields = {_kebab(f.name): f for f in dataclasses.fields(cls.Options)}
+    return cls(parse_options(f"pass '{name}'", cls.Options, options))
+
+
+def parse_options(owner: str, options_type, options: dict[str, str] | None):
+    """An ``options_type`` dataclass from kebab-case ``options`` text; unknown keys and bad values refused."""
+    fields = {_kebab(f.name): f for f in dataclasses.fields(options_type)}
     values = {}
     for key, text in (options or {}).items():
         if key not in fields:
             valid = ", ".join(fields) or "none"
-            raise QccError(f"pass '{name}': unknown option '{key}'; valid options: {valid}")
-        values[fields[key].name] = _convert(name, fields[key], text)
-    return cls(cls.Options(**values))
+            raise QccError(f"{owner}: unknown option '{key}'; valid options: {valid}")
+        values[fields[key].name] = _convert(owner, fields[key], text)
+    return options_type(**values)
 
 
 def parse_pipeline(text: str) -> Pipeline:
@@ -207,7 +236,7 @@ def parse_pipeline(text: str) -> Pipeline:
     if not text.strip():
         raise QccError("pipeline: no passes given (e.g. 'fold-constants,cleanup,fold-bn')")
     pipeline = Pipeline()
-    for part in _split_top_level(text.strip()):
+    for position, part in enumerate(_split_top_level(text.strip())):
         part = part.strip()
         if not part:
             raise QccError(f"pipeline: empty pass name in '{text}'")
@@ -221,7 +250,14 @@ def parse_pipeline(text: str) -> Pipeline:
                 if not eq or not key or not value:
                     raise QccError(f"pipeline: option '{item}' of pass '{name.strip()}' must be key=value")
                 options[key] = value
+        if name.strip() == CONFIG_NAME:
+            if position:
+                raise QccError(f"pipeline: '{CONFIG_NAME}{{...}}' (the quantization config) must come first, in '{text}'")
+            pipeline.config, pipeline.config_given = parse_options(CONFIG_NAME, QuantConfig, options), True
+            continue
         pipeline.append(make_pass(name.strip(), options))
+    if not pipeline:
+        raise QccError(f"pipeline: no passes given after the quantization config in '{text}'")
     check_contracts(pipeline)
     return pipeline
 
@@ -307,6 +343,8 @@ class PassManager:
     def run(self, module: Module, ctx: PassContext | None = None) -> Module:
         from compiler.printer import print_module
         ctx = ctx or PassContext()
+        ctx.config = getattr(self.pipeline, "config", ctx.config)
+        ctx.pipeline = self.pipeline
         check_quantizable(module, self.pipeline)
         samples = None
         if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline):

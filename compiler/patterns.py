@@ -6,6 +6,7 @@ else: the single-consumer condition that makes fusing the run safe.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -146,3 +147,45 @@ def bypass(graph: gs.Graph, node: gs.Node) -> bool:
     node.inputs.clear()
     node.outputs.clear()
     return True
+
+
+def close(value: float, target: float) -> bool:
+    return math.isclose(value, target, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def scalar(tensor, like) -> float | None:
+    """A one-element float constant that broadcasting against ``like`` cannot give a higher rank."""
+    value = const_value(tensor)
+    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
+        return None
+    rank = len(like.shape) if like.shape is not None else 1
+    return float(value.reshape(-1)[0]) if value.ndim <= rank else None
+
+
+def variable_and_scalar(node: gs.Node) -> tuple:
+    """(variable input, its index, scalar constant of the other input) of a binary node, else (None, ...)."""
+    if len(node.inputs) != 2:
+        return None, None, None
+    for index in (0, 1):
+        var, other = node.inputs[index], node.inputs[1 - index]
+        if const_value(var) is None:
+            c = scalar(other, var)
+            if c is not None:
+                return var, index, c
+    return None, None, None
+
+
+def affine_of(node: gs.Node) -> tuple | None:
+    """(v, p, q) with node output = p v + q for a scalar Add/Sub/Mul/Div of a variable v."""
+    var, index, c = variable_and_scalar(node)
+    if var is None:
+        return None
+    if node.op == "Add":
+        return var, 1.0, c
+    if node.op == "Sub":
+        return (var, 1.0, -c) if index == 0 else (var, -1.0, c)
+    if node.op == "Mul":
+        return var, c, 0.0
+    if node.op == "Div" and index == 0 and c != 0.0:
+        return var, 1.0 / c, 0.0
+    return None

@@ -28,62 +28,66 @@ import numpy as np
 from compiler.data import Dataset, ImageOptions, specs_of
 from compiler.ir import Module, QccError
 from compiler.outputs import OutputSet
-from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
+from compiler.pass_manager import PassContext, PassManager, Pipeline, check_contracts, make_pass, parse_pipeline
 from compiler.targets import QUANT_TUNING, get_target
 
 NEAR_ZERO = 1e-3
 
 
-def pipeline_text(request: "CompileRequest") -> str:
-    """--passes as given, else the target's pipeline with --act-bits/--weight-bits/--calib-method and
-    --target-cos/--max-16bit-share applied."""
+def build_pipeline(request: "CompileRequest") -> Pipeline:
+    """--passes as given (--act-bits/--weight-bits set its quantization config unless its text has one),
+    else the target's pipeline with --act-bits/--weight-bits/--calib-method and --target-cos /
+    --max-16bit-share applied."""
     if request.passes is not None:
-        given = [flag for flag, value in (("--act-bits", request.act_bits), ("--weight-bits", request.weight_bits),
-                                          ("--calib-method", request.calib_method), ("--target-cos", request.target_cos),
+        given = [flag for flag, value in (("--calib-method", request.calib_method), ("--target-cos", request.target_cos),
                                           ("--max-16bit-share", request.max_16bit_share)) if value is not None]
         if given:
             raise QccError(f"{', '.join(given)} set a target's defaults; with --passes, give the options in the "
-                           f"pipeline (e.g. calibrate{{act-bits=16}},insert-qdq{{act-bits=16}})")
-        return request.passes
+                           f"pipeline (e.g. calibrate{{method=minmax}},promote-16bit{{target-cos=0.999}})")
+        pipeline = parse_pipeline(request.passes)
+        bits = {key: value for key, value in (("act_bits", request.act_bits), ("weight_bits", request.weight_bits))
+                if value is not None}
+        if bits and pipeline.config_given:
+            raise QccError("--act-bits/--weight-bits and the pipeline's quant{...} both set the config; give it once")
+        pipeline.config = dataclasses.replace(pipeline.config, **bits)
+        return pipeline
     if request.max_16bit_share is not None and request.target_cos is None:
         raise QccError("--max-16bit-share needs --target-cos (the accuracy mixed precision aims for)")
-    text = get_target(request.target).pipeline_text(act_bits=request.act_bits, weight_bits=request.weight_bits,
-                                                    calib_method=request.calib_method)
+    pipeline = get_target(request.target).build(act_bits=request.act_bits, weight_bits=request.weight_bits,
+                                                calib_method=request.calib_method)
     if request.target_cos is None:
-        return text
-    return with_mixed_precision(text, request.target_cos, request.max_16bit_share)
+        return pipeline
+    return with_mixed_precision(pipeline, request.target_cos, request.max_16bit_share)
 
 
-def with_mixed_precision(text: str, target_cos: float, max_16bit_share: float | None = None) -> str:
-    """A quantizing pipeline with promote-16bit (same weight options as insert-qdq) right before
-    insert-qdq and insert-converts after it: HTP computes each op at one width, so the tensors that
-    cross between 8 and 16 bits get explicit converts. A sequential bias correction becomes the
-    float-input (empirical) one."""
-    pipeline = parse_pipeline(text)
+def with_mixed_precision(pipeline: Pipeline, target_cos: float, max_16bit_share: float | None = None) -> Pipeline:
+    """A quantizing pipeline with promote-16bit right before insert-qdq and insert-converts after it: HTP
+    computes each op at one width, so the tensors that cross between 8 and 16 bits get explicit converts.
+    A sequential bias correction becomes the float-input (empirical) one."""
     names = [p.name for p in pipeline]
     if "insert-qdq" not in names:
         raise QccError("--target-cos: the pipeline does not quantize (no insert-qdq); use a quantized target "
                        "(htp, dsp, hta)")
     if "promote-16bit" in names:
-        return text
-    qdq = pipeline[names.index("insert-qdq")].options
-    if qdq.act_bits != 8:
-        raise QccError(f"--target-cos promotes 8-bit activations to 16 bits; with --act-bits {qdq.act_bits} "
+        return pipeline
+    if pipeline.config.act_bits != 8:
+        raise QccError(f"--target-cos promotes 8-bit activations to 16 bits; with --act-bits {pipeline.config.act_bits} "
                        "every activation already has 16 bits")
+    result = Pipeline(pipeline, pipeline.config)
     # Sequentially corrected biases also offset the 8-bit activations' mean shifts, which are gone once an
     # activation moves to 16 bits (docs/measurements.md). The float-input mode corrects the weights'
     # rounding only, which the widths do not change.
-    for i, p in enumerate(pipeline):
+    for i, p in enumerate(result):
         if p.name == "bias-correction" and p.options.mode == "sequential":
             samples = int(dict(QUANT_TUNING)["bias-correction"]["samples"])
-            pipeline[i] = type(p)(dataclasses.replace(p.options, mode="empirical", samples=samples))
-    options = {"target-cos": str(target_cos), "weight-bits": str(qdq.weight_bits),
-               "per-channel": "true" if qdq.per_channel else "false"}
+            result[i] = type(p)(dataclasses.replace(p.options, mode="empirical", samples=samples))
+    options = {"target-cos": str(target_cos)}
     if max_16bit_share is not None:
         options["budget"] = str(max_16bit_share)
     index = names.index("insert-qdq")
-    pipeline[index:index + 1] = [make_pass("promote-16bit", options), pipeline[index], make_pass("insert-converts")]
-    return str(pipeline)
+    result[index:index + 1] = [make_pass("promote-16bit", options), result[index], make_pass("insert-converts")]
+    check_contracts(result)
+    return result
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,8 @@ class CompileRequest:
     encodings_format: str = "1.0.0"
     quiet: bool = True
 
-    def pipeline(self):
-        pipeline = parse_pipeline(pipeline_text(self))
+    def pipeline(self) -> Pipeline:
+        pipeline = build_pipeline(self)
         if self.dump_after and self.dump_after != "all" and self.dump_after not in {p.name for p in pipeline}:
             raise QccError(f"--dump-after: pass '{self.dump_after}' is not in the pipeline ({pipeline})")
         return pipeline

@@ -17,8 +17,8 @@ from compiler.linear import set_input_const, uses
 from compiler.pass_manager import PassContext, PassResult
 from compiler.progress import Progress
 from compiler.torch_graph import TorchGraph, UnsupportedOp, WeightRounding
-from passes.insert_qdq import QDQ_CONSTANTS_KEY
-from passes.propagate_encodings import quantized_simulation
+from compiler.qdq import QDQ_CONSTANTS_KEY
+from compiler.quantsim import QuantSim
 
 WEIGHTED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 WARMUP = 0.2
@@ -32,7 +32,8 @@ def reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) -> 
 
 
 def _reconstruct(module: Module, ctx: PassContext, samples: list[dict], opts) -> PassResult:
-    shared, sim = quantized_simulation(module, opts.weight_bits, opts.per_channel)
+    simulation = QuantSim.of_pipeline(module, ctx)
+    shared, sim = simulation.propagated, simulation.qdq
     try:
         model = TorchGraph(sim.graph)
     except UnsupportedOp as exc:

@@ -131,15 +131,11 @@ class AdaRound(Pass):
         reg: float = 0.01
         samples: int = 16
         positions: int = 512
-        weight_bits: int = 8
-        per_channel: bool = True
         act_noise: bool = True
         seed: int = 0
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
-        if opts.weight_bits not in (4, 8, 16):
-            raise QccError(f"adaround: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
         if opts.iterations < 1 or opts.samples < 1 or opts.positions < 1:
             raise QccError("adaround: iterations, samples and positions must be at least 1")
         layers = self._layers(module, ctx)
@@ -153,10 +149,10 @@ class AdaRound(Pass):
         ratios, flipped, kept, total = [], 0, 0, 0
         with Progress(len(layers), "adaround") as bar:
             for layer in layers:
-                encoding = weight_encoding(layer.weight, opts.weight_bits, layer.quant_axis(opts.per_channel))
+                encoding = weight_encoding(layer.weight, ctx.config.weight_bits, layer.quant_axis(ctx.config.per_channel))
                 matrix = layer.to_matrix(layer.weight.astype(np.float64))
                 scale = _scale_matrix(layer, encoding, matrix.shape)
-                rounding = learn_rounding(matrix, scale, grams[layer], opts.weight_bits, iterations=opts.iterations,
+                rounding = learn_rounding(matrix, scale, grams[layer], ctx.config.weight_bits, iterations=opts.iterations,
                                           lr=opts.lr, reg=opts.reg, noise=self._input_noise(module, layer))
                 values = (scale * rounding.codes).astype(np.float32)  # on the grid: s * n, exactly as DequantizeLinear
                 name = layer.weight_tensor.name

@@ -68,7 +68,7 @@ from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, choic
 from compiler.patterns import has_single_consumer, producer
 from compiler.progress import Progress
 from compiler.runtime import StagedRun, make_session
-from passes.propagate_encodings import quantized_simulation
+from compiler.quantsim import QuantSim
 
 MARK = "bias_corrected"
 
@@ -82,15 +82,12 @@ class BiasCorrection(Pass):
     @dataclass(frozen=True)
     class Options:
         mode: str = choices("empirical", "sequential", "analytic", default="empirical")
-        weight_bits: int = 8
-        per_channel: bool = True
         samples: int = 32
         output_layers: bool = False
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
-        if opts.weight_bits not in (4, 8, 16):
-            raise QccError(f"bias-correction: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
+        self.config = ctx.config
         if opts.samples < 1:
             raise QccError(f"bias-correction: samples must be at least 1, got {opts.samples}")
         layers = self._layers(module, ctx)
@@ -135,10 +132,10 @@ class BiasCorrection(Pass):
     def _weight_error(self, module: Module, layer: LinearLayer, weight: np.ndarray | None = None) -> np.ndarray:
         """dW = W_q - W as a [g, O/g, K] matrix, with the quantization insert-qdq will apply."""
         if weight is None:
-            encoding = layer.encoding(module, self.options.weight_bits, self.options.per_channel)
+            encoding = layer.encoding(module, self.config.weight_bits, self.config.per_channel)
             weight = layer.weight
         else:
-            encoding = weight_encoding(weight, self.options.weight_bits, layer.quant_axis(self.options.per_channel))
+            encoding = weight_encoding(weight, self.config.weight_bits, layer.quant_axis(self.config.per_channel))
         # In float32, as DequantizeLinear computes it: a weight already on its grid has zero error.
         weight = weight.astype(np.float32)
         error = fake_quantize(weight, encoding).astype(np.float64) - weight
@@ -205,7 +202,7 @@ class BiasCorrection(Pass):
         if not sites:
             return None
         float_means = self._float_means(module, list(sites), ctx)
-        sim, inputs, feed_names = self._simulation(module, sites)
+        sim, inputs, feed_names = self._simulation(module, sites, ctx)
         feeds = {feed_names[layer]: site.read().reshape(site.shape) for layer, site in sites.items()}
         waves = _waves(module, list(sites))
         staged = StagedRun(sim.to_onnx(), [[inputs[layer] for layer in wave] for wave in waves])
@@ -234,11 +231,11 @@ class BiasCorrection(Pass):
                 bar.advance()
         return corrections
 
-    def _simulation(self, module: Module, sites: dict) -> tuple[Module, dict, dict]:
+    def _simulation(self, module: Module, sites: dict, ctx: PassContext) -> tuple[Module, dict, dict]:
         """The QDQ model insert-qdq would write after propagate-encodings, with each corrected layer's bias
         a float graph input so it can change between runs; returns it, layer -> the simulated layer's input
         tensor, and layer -> its bias input's name."""
-        _, sim = quantized_simulation(module, self.options.weight_bits, self.options.per_channel)
+        sim = QuantSim.of_pipeline(module, ctx).qdq
         producers = {t.name: node for node in sim.graph.nodes for t in node.outputs}
 
         def simulated(node: gs.Node) -> gs.Node:

@@ -72,16 +72,12 @@ class Brecq(Pass):
         learn_scales: bool = False
         scale_lr: float = 0.001
         block_layers: int = 2
-        weight_bits: int = 8
-        per_channel: bool = True
         seed: int = 0
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
         if opts.iterations < 1 or opts.samples < 1 or opts.batch < 1 or opts.block_layers < 1:
             raise QccError("brecq: iterations, samples, batch and block-layers must be at least 1")
-        if opts.weight_bits not in (4, 8, 16):
-            raise QccError(f"brecq: weight-bits must be 4, 8 or 16, got {opts.weight_bits}")
         if not 0.0 <= opts.drop < 1.0:
             raise QccError(f"brecq: drop must be in [0, 1), got {opts.drop}")
         if not self.available():

@@ -6,7 +6,7 @@ recompute them) and fills ``module.encodings`` for every float activation — gr
 constants not — that has no encoding yet:
 
     encoding(t) = activation_encoding(lo, hi, bw)     (lo, hi) = the method's range of t's values
-    bw          = t's ``act_bits`` annotation, else ``act-bits``
+    bw          = t's ``act_bits`` annotation, else the config's ``act-bits``
 
 Fixed ranges win over statistics: a ``fixed_range`` annotation, else the range the producing op
 fixes (Sigmoid, HardSigmoid, Softmax, Clip(0, 1) -> [0, 1]; Tanh -> [-1, 1]), encoded with
@@ -47,14 +47,11 @@ class Calibrate(Pass):
         method: str = choices(*METHODS, AUTO, default="mse")
         percentile: float = 99.99
         bins: int = 2048
-        act_bits: int = 8
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
         if not 50.0 < opts.percentile <= 100.0:
             raise QccError(f"calibrate: percentile must be in (50, 100], got {opts.percentile}")
-        if opts.act_bits not in (8, 16):
-            raise QccError(f"calibrate: act-bits must be 8 or 16, got {opts.act_bits}")
         if opts.bins < 16:
             raise QccError(f"calibrate: bins must be at least 16, got {opts.bins}")
         if has_qdq(module.graph):
@@ -73,7 +70,7 @@ class Calibrate(Pass):
             stats = statistics(module, ctx.calib_data, measured, opts.method, opts.bins)
         choices_made = {}
         for name in todo:
-            bw = int(module.annotations.get(name, {}).get("act_bits", opts.act_bits))
+            bw = int(module.annotations.get(name, {}).get("act_bits", ctx.config.act_bits))
             if name in fixed:
                 module.encodings[name] = range_encoding(*fixed[name], bw)
             elif opts.method == AUTO:

@@ -39,7 +39,7 @@ from compiler.ir import Module, const_value
 from compiler.linear import LINEAR_OPS, LinearLayer, channel_constant, linear_layer, set_input_const
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import constant_operand, has_single_consumer, is_graph_output, producer
-from passes.fold_bn import channel_vector, layer_problem, out_channels, output_rank, scale_weight
+from compiler.linear import channel_vector, layer_problem, out_channels, output_rank, scale_weight
 
 
 def layer_bias(node: gs.Node, channels: int) -> np.ndarray | None:

@@ -38,7 +38,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value, make_const, unique_name
-from compiler.linear import LINEAR_OPS, channel_constant, set_input_const, uses
+from compiler.linear import (LINEAR_OPS, channel_constant, channel_vector, layer_problem, out_channels, output_rank,
+                             scale_weight, set_input_const, uses)
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, producer
 
@@ -83,10 +84,6 @@ def per_channel_shape(channels: int, rank: int) -> tuple:
     return (channels,) + (1,) * (rank - 2)
 
 
-def channel_vector(value: np.ndarray, channels: int) -> np.ndarray:
-    return np.broadcast_to(np.asarray(value, np.float64).reshape(-1), (channels,))
-
-
 @dataclass
 class FoldSite:
     """A layer that can absorb a BatchNormalization, and the Add holding its bias if paddle2onnx split it off."""
@@ -97,64 +94,6 @@ class FoldSite:
     @property
     def last(self) -> gs.Node:
         return self.bias_add or self.layer
-
-
-def out_channels(layer: gs.Node, weight: np.ndarray) -> int:
-    if layer.op == "Conv":
-        return weight.shape[0]
-    if layer.op == "ConvTranspose":
-        return weight.shape[1] * int(layer.attrs.get("group", 1))
-    if layer.op == "Gemm" and layer.attrs.get("transB", 0):
-        return weight.shape[0]
-    return weight.shape[1]
-
-
-def output_rank(layer: gs.Node, weight: np.ndarray) -> int:
-    return weight.ndim if layer.op in ("Conv", "ConvTranspose") else 2
-
-
-def scale_weight(layer: gs.Node, weight: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """The weight with output channel o multiplied by s[o]."""
-    if layer.op == "Conv":
-        return weight * s.reshape((-1,) + (1,) * (weight.ndim - 1))
-    if layer.op == "ConvTranspose":
-        groups = int(layer.attrs.get("group", 1))
-        c_in, per_group = weight.shape[:2]
-        grouped = weight.reshape((groups, c_in // groups, per_group) + weight.shape[2:])
-        factor = s.reshape((groups, 1, per_group) + (1,) * (weight.ndim - 2))
-        return (grouped * factor).reshape(weight.shape)
-    if layer.op == "Gemm" and layer.attrs.get("transB", 0):
-        return weight * s[:, None]
-    return weight * s[None, :]
-
-
-def layer_problem(layer: gs.Node) -> str:
-    """Why ``layer`` cannot absorb a per-channel scale on its output ('' if it can)."""
-    if layer.op not in LINEAR_OPS:
-        return f"its producer is a {layer.op}, not a Conv, ConvTranspose, Gemm or MatMul"
-    weight = const_value(layer.inputs[1]) if len(layer.inputs) > 1 else None
-    if weight is None:
-        return f"the {layer.op}'s weight is not a constant"
-    if not np.issubdtype(weight.dtype, np.floating):
-        return f"the {layer.op}'s weight has dtype {weight.dtype}"
-    if layer.op in ("Conv", "ConvTranspose"):
-        if weight.ndim < 3:
-            return f"the {layer.op}'s weight has rank {weight.ndim}"
-        if layer.op == "ConvTranspose" and weight.shape[0] % int(layer.attrs.get("group", 1)):
-            return "the ConvTranspose's input channels are not divisible by its group count"
-        if len(layer.inputs) > 2 and layer.inputs[2].name and const_value(layer.inputs[2]) is None:
-            return f"the {layer.op}'s bias is not a constant"
-        return ""
-    if weight.ndim != 2:
-        return f"the {layer.op}'s weight has rank {weight.ndim}"
-    if layer.op == "MatMul":
-        a = layer.inputs[0].shape
-        if a is None or len(a) != 2:
-            return "the MatMul's output is not of rank 2 (BatchNormalization would normalise another axis)"
-        return ""
-    if len(layer.inputs) > 2 and layer.inputs[2].name and const_value(layer.inputs[2]) is None:
-        return "the Gemm's C is not a constant"
-    return ""
 
 
 def find_site(graph: gs.Graph, bn: gs.Node, channels: int) -> tuple[FoldSite | None, str]:

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from compiler.ir import Module
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import has_single_consumer, producer
-from passes.fuse_hardswish import affine_of, close
+from compiler.patterns import affine_of, close
 
 GELU_OPSET = 20  # Gelu is an ONNX op from here
 CONTRIB_DOMAIN = "com.microsoft"

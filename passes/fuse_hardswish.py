@@ -28,7 +28,6 @@ Stats: ``hardswish-fused``, ``hardsigmoid-fused``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,52 +35,10 @@ import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value, unique_name
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.patterns import has_single_consumer, producer
+from compiler.patterns import affine_of, close, has_single_consumer, producer, scalar, variable_and_scalar
 
 HARDSWISH_OPSET = 14
 MAX_SCALES = 2  # scalar Mul/Div after the anchor
-
-
-def close(value: float, target: float) -> bool:
-    return math.isclose(value, target, rel_tol=1e-5, abs_tol=1e-6)
-
-
-def scalar(tensor, like) -> float | None:
-    """A one-element float constant that broadcasting against ``like`` cannot give a higher rank."""
-    value = const_value(tensor)
-    if value is None or value.size != 1 or not np.issubdtype(value.dtype, np.floating):
-        return None
-    rank = len(like.shape) if like.shape is not None else 1
-    return float(value.reshape(-1)[0]) if value.ndim <= rank else None
-
-
-def variable_and_scalar(node: gs.Node) -> tuple:
-    """(variable input, its index, scalar constant of the other input) of a binary node, else (None, ...)."""
-    if len(node.inputs) != 2:
-        return None, None, None
-    for index in (0, 1):
-        var, other = node.inputs[index], node.inputs[1 - index]
-        if const_value(var) is None:
-            c = scalar(other, var)
-            if c is not None:
-                return var, index, c
-    return None, None, None
-
-
-def affine_of(node: gs.Node) -> tuple | None:
-    """(v, p, q) with node output = p v + q for a scalar Add/Sub/Mul/Div of a variable v."""
-    var, index, c = variable_and_scalar(node)
-    if var is None:
-        return None
-    if node.op == "Add":
-        return var, 1.0, c
-    if node.op == "Sub":
-        return (var, 1.0, -c) if index == 0 else (var, -1.0, c)
-    if node.op == "Mul":
-        return var, c, 0.0
-    if node.op == "Div" and index == 0 and c != 0.0:
-        return var, 1.0 / c, 0.0
-    return None
 
 
 def clip_bounds(node: gs.Node) -> tuple | None:

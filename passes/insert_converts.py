@@ -35,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.encoding import (Encoding, activation_encoding, encoding_from_qdq, fixed_ranges, qdq_params,
-                               range_encoding, stored_values)
+from compiler.encoding import Encoding, encoding_from_qdq, fixed_ranges, qdq_params
 from compiler.ir import Module, const_value, unique_name
+from compiler.qdq import convert_encoding, rebiased, requantized_constant
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import is_graph_output
 
@@ -50,20 +50,6 @@ BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "BatchNormalization": 2}
 def _const(graph: gs.Graph, hint: str, values: np.ndarray) -> gs.Constant:
     # Not compiler.ir.make_const: np.ascontiguousarray turns a scalar scale into shape [1].
     return gs.Constant(unique_name(graph, hint), np.asarray(values))
-
-
-def rebit(enc: Encoding, bw: int, fixed: tuple | None = None) -> Encoding:
-    """``enc`` re-derived at ``bw`` bits over the same range (insert-qdq's rule: fixed ranges exactly)."""
-    return range_encoding(*fixed, bw) if fixed else activation_encoding(float(enc.min[0]), float(enc.max[0]), bw)
-
-
-def convert_encoding(enc: Encoding, bw: int, fixed: tuple | None = None, narrow: tuple | None = None) -> Encoding:
-    """The encoding a tensor of encoding ``enc`` is converted to for an op computing at ``bw`` bits: its
-    range re-derived, except that a tensor promote-16bit widened (``narrow``: its 8-bit range, calibrated
-    with clipping) goes down to that range, not to its 16-bit min-max range on 8 bits."""
-    if narrow is not None and bw < enc.bw and not fixed:
-        return activation_encoding(narrow[0], narrow[1], bw)
-    return rebit(enc, bw, fixed)
 
 
 def dq_encoding(dq: gs.Node) -> Encoding | None:
@@ -90,29 +76,6 @@ def constant_at_width(dq: gs.Node, width: int) -> tuple[np.ndarray, Encoding] | 
     if len(dq.inputs) < 3:
         return None
     return requantized_constant(const_value(dq.inputs[0]), const_value(dq.inputs[1]), const_value(dq.inputs[2]), width)
-
-
-def requantized_constant(stored, scale, zero_point, width: int) -> tuple[np.ndarray, Encoding] | None:
-    if stored is None or scale is None or zero_point is None or np.size(scale) != 1:
-        return None
-    if np.dtype(stored.dtype).kind != "u" or np.dtype(stored.dtype).itemsize * 8 == width:
-        return None
-    enc = encoding_from_qdq(np.asarray(scale), np.asarray(zero_point), None)
-    values = (stored.astype(np.float64) - np.asarray(zero_point, dtype=np.float64)) * float(scale)
-    target = rebit(enc, width)
-    return stored_values(values, target), target
-
-
-def rebiased(stored: np.ndarray, scale: np.ndarray, weight_scale: np.ndarray, input_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """An int32 bias (stored values, scale) re-derived for a new input scale: scale s_in * s_w in float32
-    as insert-qdq computes it, values the dequantized bias rounded on the new grid."""
-    new_scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
-    new_scale = np.broadcast_to(new_scale, np.shape(scale)).astype(np.float32)
-    per_channel = np.ndim(new_scale) == 1 and new_scale.size > 1
-    enc = Encoding(bw=32, scale=tuple(float(v) for v in np.ravel(new_scale)), offset=(-(2 ** 31),) * new_scale.size,
-                   symmetric=True, axis=stored.ndim - 1 if per_channel else None)
-    values = stored.astype(np.float64) * np.asarray(scale, dtype=np.float64)
-    return stored_values(values, enc), new_scale
 
 
 def output_width(node: gs.Node) -> int | None:

@@ -45,34 +45,24 @@ holds the same as data; a second run with the same options finds it and changes 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
-from compiler.calibration import activation_tensors
-from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, Encoding,
-                               activation_encoding, fixed_ranges, has_qdq, qdq_params)
+from compiler.calibration import activation_tensors, encoding_from_observer, statistics
+from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, activation_encoding,
+                               fixed_ranges, has_qdq, range_encoding)
 from compiler.ir import Module, QccError, const_value
-from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
-from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, make_pass, register
+from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.progress import Progress
-from compiler.runtime import make_session
-from passes.insert_converts import convert_encoding, rebiased, rebit, requantized_constant
-from passes.insert_qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS, qdq_simulation
+from compiler.propagation import propagate_encodings
+from compiler.qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
+from compiler.quantsim import MixedPrecisionSim, pipeline_propagation
 
 CACHE_KEY = "promote-16bit"
-MS_DOMAIN = "com.microsoft"
 # Op -> input indices whose activations HTP needs at one bit-width (MatMul of two activations: 8x8 or 16x16).
 BIT_WIDTH_TIES = {"MatMul": (0, 1)}
-# Run-time quantizer parameters of the simulation, one vector entry per quantizer: name and type.
-PARAMETERS = (("lo", onnx.TensorProto.FLOAT), ("hi", onnx.TensorProto.FLOAT), ("scale", onnx.TensorProto.FLOAT),
-              ("zero", onnx.TensorProto.UINT16))
-
-
 def tie_graph(module: Module, names: set[str]) -> nx.Graph:
     """Tensors (among ``names``) joined when they must share one bit-width."""
     ties = nx.Graph()
@@ -126,252 +116,23 @@ def constant_encodings(module: Module, wide: set[str]) -> dict:
     return encodings
 
 
-def sixteen_bit_encodings(module: Module, calib_data) -> dict:
+def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | None) -> dict:
     """Every activation's encoding as the 16-bit pipeline sets it: min-max ranges (at 16 bits clipping
-    only costs accuracy) then propagate-encodings' sharing, fusion and clamps. A promoted tensor takes
-    this one, not its 8-bit range re-derived at 16 bits: on det, 8-bit percentile ranges at 16 bits lost
-    more than min-max ones (docs/measurements.md)."""
+    only costs accuracy), fixed ranges exactly, then propagate-encodings' sharing, fusion and clamps
+    (with the pipeline's options). A promoted tensor takes this one, not its 8-bit range re-derived
+    (docs/measurements.md)."""
     probe = module.clone()
-    for name in activation_tensors(probe):
-        if probe.encodings.get(name) is not None and not probe.encodings[name].symmetric:
-            del probe.encodings[name]
-    quiet = PassContext(calib_data=calib_data, log=lambda message: None)
-    for name, options in (("calibrate", {"method": "minmax", "act-bits": "16"}), ("propagate-encodings", {})):
-        make_pass(name, options).run(probe, quiet)
+    names = [n for n in activation_tensors(probe) if not (n in probe.encodings and probe.encodings[n].symmetric)]
+    fixed = fixed_ranges(probe)
+    measured = [n for n in names if n not in fixed]
+    observers = statistics(probe, calib_data, measured, "minmax").observers if measured else {}
+    for name in names:
+        bw = int(probe.annotations.get(name, {}).get("act_bits", 16))
+        probe.encodings[name] = (range_encoding(*fixed[name], bw) if name in fixed else
+                                 encoding_from_observer(observers[name], "minmax", bw))
+    if fuse_activations is not None:
+        propagate_encodings(probe, fuse_activations)
     return {name: enc for name, enc in probe.encodings.items() if enc.bw >= 16 and not enc.symmetric}
-
-
-@dataclass
-class Measure:
-    cos: float    # mean over samples and outputs
-    error: float  # Σ ||q - f||² / Σ ||f||² over samples and outputs
-
-
-class QdqSimulation:
-    """The QDQ model of a module, its activation quantizers and converts parameterised at run time."""
-
-    def __init__(self, module: Module, weight_bits: int, per_channel: bool, samples: list[dict],
-                 reference: Module | None = None, sixteen_bit: dict | None = None):
-        """``reference``: the FP32 model to compare with (default: ``module``'s float graph);
-        ``sixteen_bit``: each activation's encoding when promoted (default: its range re-derived at 16 bits)."""
-        self.fixed = fixed_ranges(module)
-        self.base = dict(module.encodings)
-        self.wide = {name: enc if enc.bw >= 16 else (sixteen_bit or {}).get(name) or rebit(enc, 16, self.fixed.get(name))
-                     for name, enc in self.base.items() if enc.dtype == "int" and not enc.symmetric}
-        self.qdq_model = self._insert_qdq(module, weight_bits, per_channel)
-        # The same with every unsigned activation and activation-like constant at 16 bits: biases (scale
-        # s_in * s_w) follow their input, constants are quantized from their float values.
-        self.wide_model = self._insert_qdq(module, weight_bits, per_channel, self.wide)
-        self.float_model = (reference or module).clone().to_onnx()
-        g = GraphIndex(self.qdq_model)
-        # (tensor, its DequantizeLinear): insert-qdq's Q reads the tensor, or for a graph output its DQ writes it.
-        # Unsigned activations only: their 8- and 16-bit grids both fit the uint16 container.
-        self.pairs = []
-        for node in g.nodes:
-            source = g.producer.get(node.input[0]) if is_dq(node) else None
-            if source is None or not is_q(g.nodes[source]):
-                continue
-            name = node.output[0] if node.output[0] in g.outputs else g.nodes[source].input[0]
-            if name in module.encodings and not module.encodings[name].symmetric:
-                self.pairs.append((name, node.output[0]))
-        # (tensor, reading node, input index, tensor the node writes): the edges insert-converts may convert.
-        tensor_of_output = {g.nodes[g.producer[g.nodes[g.producer[dq]].input[0]]].input[0]: name for name, dq in self.pairs}
-        self.edges = []
-        for name, dq in self.pairs:
-            for user in g.consumers.get(dq, []):
-                node = g.nodes[user]
-                writes = tensor_of_output.get(node.output[0]) if node.output and not is_q(node) and not is_dq(node) else None
-                self.edges += [(name, user, i, writes) for i, x in enumerate(node.input) if x == dq and writes]
-        self.outputs = [o.name for o in self.qdq_model.graph.output]
-        self.samples = samples
-        self.session = make_session(self._parameterised())
-        reference = make_session(self.float_model)
-        self.reference = [[Reference(v) for v in reference.run(self.outputs, s)] for s in samples]
-
-    @staticmethod
-    def _insert_qdq(module: Module, weight_bits: int, per_channel: bool, wide: dict | None = None) -> onnx.ModelProto:
-        """The QDQ model as insert-qdq writes it; with ``wide``, every unsigned activation at its 16-bit encoding."""
-        return qdq_simulation(module, weight_bits, per_channel, wide).to_onnx()
-
-    def _parameterised(self) -> onnx.ModelProto:
-        model = onnx.ModelProto.FromString(self.qdq_model.SerializeToString())
-        default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
-        domain = "" if default.version >= 21 else MS_DOMAIN
-        if domain and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        g = GraphIndex(model)
-        replace: dict[int, list[onnx.NodeProto]] = {}
-        # Parameters come as one vector per kind, gathered per quantizer: onnxruntime validates every feed on
-        # every run, which for det's hundreds of scalars cost more than the run itself.
-        for group, count in (("act", len(self.pairs)), ("edge", len(self.edges))):
-            for key, dtype in PARAMETERS:
-                model.graph.input.append(helper.make_tensor_value_info(f"qcc_{group}_{key}", dtype, [count]))
-        model.graph.input.append(helper.make_tensor_value_info("qcc_act_wide", onnx.TensorProto.BOOL, [len(self.pairs)]))
-
-        def quantizer(group: str, i: int, x: str, y: str) -> list[onnx.NodeProto]:
-            tag = f"qcc_{group}{i}"
-            model.graph.initializer.append(numpy_helper.from_array(np.array(i, dtype=np.int64), f"{tag}_index"))
-            lo, hi, scale, zero = (f"{tag}_{key}" for key, _ in PARAMETERS)
-            return [helper.make_node("Gather", [f"qcc_{group}_{key}", f"{tag}_index"], [f"{tag}_{key}"])
-                    for key, _ in PARAMETERS] + [
-                helper.make_node("Clip", [x, lo, hi], [f"{tag}_clip"]),
-                helper.make_node("QuantizeLinear", [f"{tag}_clip", scale, zero], [f"{tag}_q"], domain=domain),
-                helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zero], [y], domain=domain)]
-
-        head = []  # the width flags, first: a node may depend on the width of its own output
-        for i, (_, dq_output) in enumerate(self.pairs):
-            dq_index = g.producer[dq_output]
-            q_index = g.producer[g.nodes[dq_index].input[0]]
-            head.append(helper.make_node("Gather", ["qcc_act_wide", f"qcc_act{i}_index"], [f"qcc_act{i}_wide"]))
-            replace[dq_index] = quantizer("act", i, g.nodes[q_index].input[0], dq_output)
-            replace[q_index] = []
-        self._switch_constants(model, g, replace, head)
-        for e, (_, user, index, _) in enumerate(self.edges):
-            node = g.nodes[user]
-            replace.setdefault(user, [node])[-1:-1] = quantizer("edge", e, node.input[index], f"qcc_edge{e}_out")
-            node.input[index] = f"qcc_edge{e}_out"
-        nodes = head + [n for i, node in enumerate(g.nodes) for n in replace.get(i, [node])]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        return model
-
-    def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict, head: list) -> None:
-        """Constants whose quantization follows a width are dequantized every way and picked with Where, so
-        any choice is bit-exact. An int32 bias follows its node's input, as insert-qdq derives it (from the
-        tensor's own width) and insert-converts re-derives it (for the node's width). An activation-like
-        constant is 16-bit (from its float value) when a node reading it computes at 16 bits
-        (``constant_encodings``), and insert-converts rounds it to 8 bits for a node that does not."""
-        wide = GraphIndex(self.wide_model)
-        pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
-        flag = {name: f"qcc_act{i}_wide" for i, (name, _) in enumerate(self.pairs)}
-        writes = {user: w for _, user, _, w in self.edges}
-        for node in g.nodes:
-            if not is_dq(node) or not g.is_constant(node.input[0]) or node.output[0] not in wide.producer:
-                continue
-            base = [g.constant(name) for name in node.input]
-            other = wide.nodes[wide.producer[node.output[0]]]
-            widened = [wide.constant(name) for name in other.input]
-            if all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
-                continue
-            users = g.consumers.get(node.output[0], [])
-            if base[0].dtype.kind == "u" and len(base) == 3:
-                self._constant(model, replace, g, node, other, widened, users, [flag[writes[u]] for u in users if u in writes],
-                               {u: flag[writes[u]] for u in users if u in writes}, head)
-                continue
-            for user in users:
-                consumer = g.nodes[user]
-                if consumer.input[0] not in pair_of:
-                    continue
-                index = list(consumer.input).index(node.output[0])
-                tensor = self.pairs[pair_of[consumer.input[0]]][0]
-                # An int32 bias; else a weight whose scale insert-qdq raised for its bias, kept by insert-converts.
-                self._bias(model, replace, g, wide, consumer, user, index, tensor, flag,
-                           writes.get(user) if base[0].dtype == np.int32 else None, node, other)
-
-    def _constant(self, model, replace, g, node, other, widened, users, reader_flags, flag_of, head) -> None:
-        """Where(any reader wide, Where(this reader wide, 16-bit constant, rounded to 8 bits), constant)."""
-        if not reader_flags:
-            return
-        tag = f"qcc_const_{node.output[0]}"
-        any_wide = reader_flags[0]
-        for k, other_flag in enumerate(reader_flags[1:]):
-            head.append(helper.make_node("Or", [any_wide, other_flag], [f"{tag}_any{k}"]))
-            any_wide = f"{tag}_any{k}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in other.attribute}
-        sixteen = self._dequantize(model, f"{tag}_16", widened, other.domain, attrs)
-        stored, enc = requantized_constant(*widened, 8)
-        eight = self._dequantize(model, f"{tag}_8", [stored, *qdq_params(enc)], "", attrs)
-        for user in users:
-            consumer = g.nodes[user]
-            index = list(consumer.input).index(node.output[0])
-            user_tag = f"{tag}_{user}_{index}"
-            if user in flag_of:
-                nodes = [helper.make_node("Where", [flag_of[user], sixteen.output[0], eight.output[0]], [f"{user_tag}_wide"])]
-                choice = [f"{user_tag}_wide", node.output[0]]
-            else:
-                nodes, choice = [], [sixteen.output[0], node.output[0]]
-            self._read(replace, consumer, user, index, nodes, any_wide, choice, user_tag)
-        head[:0] = [sixteen, eight]
-
-    def _bias(self, model, replace, g, wide, consumer, user, index, tensor, flag, writes, base_dq, wide_dq) -> None:
-        """Where(T wide, Where(node wide, wide bias, wide bias rebiased for 8 bits),
-                         Where(node wide, bias rebiased for 16 bits, bias))."""
-        tag = f"qcc_bias_{user}_{index}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in base_dq.attribute}
-        nodes = [self._dequantize(model, f"{tag}_base", [g.constant(n) for n in base_dq.input], base_dq.domain, attrs),
-                 self._dequantize(model, f"{tag}_wide", [wide.constant(n) for n in wide_dq.input], wide_dq.domain, attrs)]
-        if writes is None:  # not a bias, or no quantized output: insert-converts leaves it alone
-            self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
-            return
-        # The converts' encodings, as _feeds and insert-converts derive them: the 8-bit range up, the 16-bit one down.
-        base_enc, fixed = self.base[tensor], self.fixed.get(tensor)
-        up = base_enc if base_enc.bw >= 16 else rebit(base_enc, 16, fixed)
-        down = convert_encoding(self.wide[tensor], 8, fixed, self.narrow(tensor))
-        for key, source, dq, enc in (("up", g, base_dq, up), ("down", wide, wide_dq, down)):
-            stored, scale, zero = (source.constant(n) for n in dq.input)
-            weight = source.nodes[source.producer[consumer.input[1]]] if consumer.input[1] in source.producer else None
-            if weight is None or not is_dq(weight) or source.constant(weight.input[1]) is None:
-                return
-            values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
-            nodes.append(self._dequantize(model, f"{tag}_{key}", [values, new_scale, zero], dq.domain, attrs))
-        nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
-                  helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
-        self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
-
-    @staticmethod
-    def _dequantize(model: onnx.ModelProto, name: str, values: list, domain: str, attrs: dict) -> onnx.NodeProto:
-        inputs = [f"{name}_{k}" for k in range(len(values))]
-        model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), n) for v, n in zip(values, inputs))
-        return helper.make_node("DequantizeLinear", inputs, [name], domain=domain, **attrs)
-
-    @staticmethod
-    def _read(replace: dict, consumer, user: int, index: int, nodes: list, flag: str, choice: list, tag: str) -> None:
-        """``consumer`` reads Where(flag, *choice) at ``index``; ``nodes`` run just before it."""
-        replace.setdefault(user, [consumer])[-1:-1] = nodes + [helper.make_node("Where", [flag, *choice], [f"{tag}_pick"])]
-        consumer.input[index] = f"{tag}_pick"
-
-    def _feeds(self, encodings: dict) -> dict:
-        acts = [self._parameters(encodings[name]) for name, _ in self.pairs]
-        edges = []
-        for name, _, _, writes in self.edges:
-            enc, width = encodings[name], encodings[writes].bw
-            edges.append(self._parameters(enc if enc.bw == width else
-                                          self._convert(enc, width, self.fixed.get(name), self.narrow(name))))
-        feed = {"qcc_act_wide": np.array([encodings[name].bw >= 16 for name, _ in self.pairs], dtype=np.bool_)}
-        for group, rows in (("act", acts), ("edge", edges)):
-            for (key, dtype), column in zip(PARAMETERS, zip(*rows) if rows else [()] * len(PARAMETERS)):
-                feed[f"qcc_{group}_{key}"] = np.array(column, dtype=helper.tensor_dtype_to_np_dtype(dtype))
-        return feed
-
-    @staticmethod
-    @functools.lru_cache(maxsize=None)
-    def _convert(enc: Encoding, width: int, fixed: tuple | None, narrow: tuple | None) -> Encoding:
-        return convert_encoding(enc, width, fixed, narrow)
-
-    def narrow(self, name: str) -> tuple | None:
-        """The 8-bit range a promoted tensor converts down to (recorded as annotation ``narrow`` when applied)."""
-        base = self.base[name]
-        return (float(base.min[0]), float(base.max[0])) if base.bw < 16 else None
-
-    @staticmethod
-    @functools.lru_cache(maxsize=None)
-    def _parameters(enc: Encoding) -> tuple:
-        """(lo, hi, scale, zero point) of one encoding, in PARAMETERS order."""
-        scale, zero_point = qdq_params(enc)
-        return float(enc.min[0]), float(enc.max[0]), float(scale), int(zero_point)
-
-    def measure(self, encodings: dict, count: int | None = None) -> Measure:
-        params = self._feeds(encodings)
-        stats = ErrorStats()
-        for sample, references in list(zip(self.samples, self.reference))[:count]:
-            for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
-                stats.update(reference, got)
-        return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)
-
-    def converts(self, encodings: dict) -> int:
-        """The converts insert-converts will insert: distinct (tensor, width) pairs read at another width."""
-        return len({(name, encodings[writes].bw) for name, _, _, writes in self.edges
-                    if encodings[writes].bw != encodings[name].bw})
 
 
 @register
@@ -387,8 +148,6 @@ class Promote16Bit(Pass):
         samples: int = 16
         screen_samples: int = 2
         rounds: int = 3
-        weight_bits: int = 8
-        per_channel: bool = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -415,8 +174,8 @@ class Promote16Bit(Pass):
         samples = [s for _, s in zip(range(opts.samples), ctx.calib_data)]
 
         # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
-        sim = QdqSimulation(module, opts.weight_bits, opts.per_channel, samples, ctx.reference,
-                            sixteen_bit_encodings(module, ctx.calib_data))
+        sim = MixedPrecisionSim(module, ctx.config, samples, ctx.reference,
+                                sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline)))
         encodings = dict(module.encodings)
         wide = {n for n in activations if encodings[n].bw >= 16}
         total = len(activations)

@@ -1,6 +1,7 @@
 """AdaRound: beats round-to-nearest on the layer output, deterministic, leaves weights exactly on the grid."""
 import numpy as np
 
+from compiler.config import QuantConfig
 from compiler.encoding import fake_quantize, weight_encoding
 from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value
@@ -17,8 +18,8 @@ def small_conv():
 
 
 def run_adaround(module, samples, **options):
-    ctx = PassContext(calib_data=samples, log=lambda m: None)
-    return AdaRound(AdaRound.Options(weight_bits=BITS, **{"iterations": 300, **options})).run(module, ctx), ctx
+    ctx = PassContext(calib_data=samples, log=lambda m: None, config=QuantConfig(weight_bits=BITS))
+    return AdaRound(AdaRound.Options(**{"iterations": 300, **options})).run(module, ctx), ctx
 
 
 def conv_output_mse(module, reference, samples):
@@ -94,7 +95,7 @@ def test_insert_qdq_emits_exactly_the_learned_weights():
     run_adaround(module, samples, iterations=50)
     learned = {name: const_value(module.graph.tensors()[name]).copy() for name in ("w", "wm")}
     ctx = PassContext(calib_data=samples, log=lambda m: None)
-    PassManager(parse_pipeline(f"calibrate,insert-qdq{{weight-bits={BITS}}}"), quiet=True).run(module, ctx)
+    PassManager(parse_pipeline(f"quant{{weight-bits={BITS}}},calibrate,insert-qdq"), quiet=True).run(module, ctx)
     proto = module.to_onnx()
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     dequantized = {}

@@ -57,7 +57,7 @@ def ablation_rows(tools):
 @pytest.mark.parametrize("tool, bits", bench.QCC_TOOLS.items())
 @pytest.mark.parametrize("toggled", bench.ABLATED_PASSES)
 def test_ablation_toggles_exactly_one_pass(tool, bits, toggled):
-    default = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=bits))
+    default = passes_and_options(str(targets.TARGETS["htp"].build(act_bits=bits)))
     in_default = toggled in [name for name, _ in default]
     width = {8: "W8A8", 16: "W8A16"}[bits]
     (row,) = [v for v in ablation_rows([tool]) if v.config == f"htp {width} {'-' if in_default else '+'}{toggled}"]
@@ -70,16 +70,16 @@ def test_ablation_toggles_exactly_one_pass(tool, bits, toggled):
 
 @pytest.mark.parametrize("tool, bits", bench.QCC_TOOLS.items())
 def test_ablation_swaps_the_calibration_method_only(tool, bits):
-    default = targets.TARGETS["htp"].pipeline_text(act_bits=bits)
+    default = str(targets.TARGETS["htp"].build(act_bits=bits))
     default_method = targets.width_defaults(bits).calib_method
-    assert f"calibrate{{method={default_method} act-bits={bits}}}" in default
+    assert f"calibrate{{method={default_method} " in default and f"quant{{act-bits={bits} " in default
     calib_rows = {v.config.split("=")[1]: v.passes for v in ablation_rows([tool]) if "calib=" in v.config}
     assert list(calib_rows) == [m for m in ("minmax", "percentile", "mse", "auto") if m != default_method]
     for method, text in calib_rows.items():
         ablated, reference = passes_and_options(text), passes_and_options(default)
         assert [p for p in ablated if p[0] != "calibrate"] == [p for p in reference if p[0] != "calibrate"]
         (calibrate,) = [o for n, o in ablated if n == "calibrate"]
-        assert (calibrate.method, calibrate.act_bits) == (method, bits)
+        assert calibrate.method == method and bench.parse_pipeline(text).config.act_bits == bits
 
 
 def test_ablation_rows_follow_the_selected_qcc_tools():
@@ -92,8 +92,8 @@ def test_ablation_rows_follow_the_selected_qcc_tools():
 
 def test_a_pass_the_default_leaves_out_is_ablated_by_adding_it(monkeypatch):
     monkeypatch.setitem(targets.WIDTH_DEFAULTS, 8, targets.WidthDefaults("minmax", frozenset({"cle"})))
-    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(left_out=frozenset()))
-    assert "cle" not in [n for n, _ in passes_and_options(targets.TARGETS["htp"].pipeline_text())]
+    full = passes_and_options(str(targets.TARGETS["htp"].build(left_out=frozenset())))
+    assert "cle" not in [n for n, _ in passes_and_options(str(targets.TARGETS["htp"].build()))]
     (row,) = [v for v in ablation_rows(["qcc-w8a8"]) if "cle" in v.config]
     assert row.config == "htp W8A8 +cle"
     expected = [(n, o if n != "calibrate" else dataclasses.replace(o, method="minmax")) for n, o in full]
@@ -103,16 +103,16 @@ def test_a_pass_the_default_leaves_out_is_ablated_by_adding_it(monkeypatch):
 def test_a_variant_combines_changes(monkeypatch):
     monkeypatch.setitem(targets.WIDTH_DEFAULTS, 16, targets.WidthDefaults("minmax", frozenset({"adaround"})))
     row = bench.variant("W8A16 calib=mse -cle +adaround")
-    full = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=16, left_out=frozenset()))
+    full = passes_and_options(str(targets.TARGETS["htp"].build(act_bits=16, left_out=frozenset())))
     assert [n for n, _ in passes_and_options(row.passes)] == [n for n, _ in full if n != "cle"]
-    assert "calibrate{method=mse act-bits=16}" in row.passes
+    assert "calibrate{method=mse " in row.passes and row.passes.startswith("quant{act-bits=16 ")
     assert (row.tool, row.config, row.name) == ("qcc-w8a16", "htp W8A16 calib=mse -cle +adaround",
                                                 "qcc-w8a16-calib-mse-no-cle-with-adaround")
 
 
 def test_a_bias_variant_changes_only_bias_corrections_mode():
     for width, bits in (("W8A8", 8), ("W8A16", 16)):
-        default = passes_and_options(targets.TARGETS["htp"].pipeline_text(act_bits=bits))
+        default = passes_and_options(str(targets.TARGETS["htp"].build(act_bits=bits)))
         other = "empirical" if targets.width_defaults(bits).tuning.get("bias-correction") else "sequential"
         row = bench.variant(f"{width} bias={other}")
         samples = {"sequential": 4, "empirical": 8}[other]  # the sample count of the width that uses the mode

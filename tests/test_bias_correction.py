@@ -2,6 +2,7 @@
 import numpy as np
 import onnx.parser
 
+from compiler.config import QuantConfig
 from compiler.encoding import fake_quantize, weight_encoding
 from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value, from_onnx, infer_shapes, load
@@ -15,8 +16,10 @@ def golden(case):
     return GoldenCase(GOLDEN_ROOT / "bias-correction" / case).load_input()
 
 
-def correct(module, ctx, **options):
-    """The pass; these small graphs' layers are their output layers, which only output-layers=true corrects."""
+def correct(module, ctx, weight_bits=8, **options):
+    """The pass at ``weight_bits``; these small graphs' layers are their output layers, which only
+    output-layers=true corrects."""
+    ctx.config = QuantConfig(weight_bits=weight_bits)
     return BiasCorrection(BiasCorrection.Options(**{"output_layers": True, **options})).run(module, ctx)
 
 
@@ -146,7 +149,7 @@ def chain_module():
 def quantized_conv_means(module, samples):
     """Per-channel means of c1 and c2 in the QDQ model insert-qdq writes (conv outputs, before their quantizers)."""
     qdq = module.clone()
-    PassManager(parse_pipeline("propagate-encodings,insert-qdq{weight-bits=4}"), quiet=True).run(qdq, PassContext())
+    PassManager(parse_pipeline("quant{weight-bits=4},propagate-encodings,insert-qdq"), quiet=True).run(qdq, PassContext())
     return [channel_means(qdq, samples, name) for name in ("c1", "c2")]
 
 
@@ -178,7 +181,8 @@ def test_output_layers_are_left_alone_by_default():
     samples = sample_inputs(module, PassContext(seed=4), 4)
     ctx = PassContext(calib_data=samples, log=lambda m: None)
     b2 = const_value(module.graph.nodes[-2].inputs[2]).copy()
-    result = BiasCorrection(BiasCorrection.Options(weight_bits=4)).run(module, ctx)
+    ctx.config = QuantConfig(weight_bits=4)
+    result = BiasCorrection().run(module, ctx)
     # c2 reaches the output y through a Relu only: its mean shift is the output's, left as the float model's.
     assert result.stats["corrected"] == 1
     assert len(ctx.remarks) == 1 and "output-layers=true" in ctx.remarks[0].message

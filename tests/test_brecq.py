@@ -4,6 +4,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+from compiler.config import QuantConfig
 from compiler.encoding import fake_quantize
 from tests.golden_cases import GOLDEN_ROOT, GoldenCase
 from compiler.ir import const_value, fix_input_shapes, from_onnx, infer_shapes, parse_input_shape
@@ -41,7 +42,7 @@ def test_runs_in_the_htp_pipeline_on_every_zoo_model(zoo_model):
     proto = fix_input_shapes(zoo_model.model, dict(parse_input_shape(text) for text in zoo_model.input_shapes))
     module = from_onnx(infer_shapes(proto))
     samples = sample_inputs(module, PassContext(seed=1), 4)
-    passes = TARGETS["htp"].pipeline_text(act_bits=8).replace(",bias-correction", ",brecq{iterations=3 samples=4},bias-correction")
+    passes = str(TARGETS["htp"].build(act_bits=8)).replace(",bias-correction", ",brecq{iterations=3 samples=4},bias-correction")
     result = compile_model(module, "htp", calib_data=samples, passes=passes)
     (record,) = [r for r in result.manager.records if r.name == "brecq"]
     weighted = sum(n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear"
@@ -57,7 +58,7 @@ def conv_and_matmul():
 def quantized_error(module, samples, reference, bits=4) -> float:
     """Mean squared output error of the QDQ model insert-qdq writes from ``module``."""
     qdq = module.clone()
-    PassManager(parse_pipeline(f"propagate-encodings,insert-qdq{{weight-bits={bits}}}"), quiet=True).run(
+    PassManager(parse_pipeline(f"quant{{weight-bits={bits}}},propagate-encodings,insert-qdq"), quiet=True).run(
         qdq, PassContext(**QUIET))
     got = run_model(qdq, samples)
     return float(np.mean([np.mean((g["y"] - r["y"]) ** 2) for g, r in zip(got, reference)]))
@@ -70,8 +71,8 @@ def calibrated(samples):
 
 
 def run_brecq(module, samples, **options):
-    ctx = PassContext(calib_data=samples, **QUIET)
-    options = {"iterations": 200, "lr": 0.05, "weight-bits": 4, **options}
+    ctx = PassContext(calib_data=samples, config=QuantConfig(weight_bits=4), **QUIET)
+    options = {"iterations": 200, "lr": 0.05, **options}
     result = Brecq(Brecq.Options(**{k.replace("-", "_"): v for k, v in options.items()})).run(module, ctx)
     return result, ctx
 

@@ -87,7 +87,9 @@ def test_w8a16_and_legacy_encodings(model, data, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     ([], "needs --calib-data"),
     (["--act-bits", "16", "--calib-data", "CALIB", "--target", "cpu"], "target 'cpu' is not quantized"),
-    (["--passes", "calibrate,insert-qdq", "--act-bits", "16"], "with --passes, give the options in the pipeline"),
+    (["--passes", "calibrate,insert-qdq", "--calib-method", "mse"], "with --passes, give the options in the pipeline"),
+    (["--passes", "quant{act-bits=8},calibrate,insert-qdq", "--act-bits", "16", "--calib-data", "CALIB"],
+     "both set the config; give it once"),
     (["--calib-count", "3"], "--calib-count needs --calib-data"),
 ])
 def test_mistakes_are_one_line_errors(model, data, tmp_path, capsys, extra, message):
@@ -103,25 +105,32 @@ def test_bad_calibration_file_is_named(model, data, tmp_path, capsys):
     assert code == 2 and "zz_bad.npy" in err and "[1, 3, 4, 4]" in err
 
 
-def test_target_pipelines_come_from_registered_passes(monkeypatch):
-    htp = TARGETS["htp"].pipeline_text()
-    assert htp.startswith("fold-constants,cleanup,upgrade-opset{version=14}")
-    assert "insert-qdq{act-bits=8 weight-bits=8 per-channel=true}" in htp and "pad-channels" not in htp
-    assert "calibrate{method=mse act-bits=8}" in htp
-    assert "per-channel=false" in TARGETS["dsp"].pipeline_text() and "per-channel=false" in TARGETS["hta"].pipeline_text()
-    assert "calibrate{method=minmax act-bits=16}" in TARGETS["htp"].pipeline_text(act_bits=16)
-    # No AdaRound by default (measured in compiler/targets.py): bias correction at both widths, through the
-    # quantized model's layer inputs at 8 bits.
-    for text in (htp, TARGETS["htp"].pipeline_text(act_bits=16)):
-        assert "adaround" not in text
-    assert "bias-correction{samples=4 mode=sequential" in htp
-    assert "bias-correction{samples=8 weight-bits=8" in TARGETS["htp"].pipeline_text(act_bits=16)
-    assert "cle,calibrate{method=mse act-bits=8},adaround{iterations=200 samples=8" in \
-        TARGETS["htp"].pipeline_text(left_out=frozenset())
+def test_target_pipelines_are_pipeline_objects_with_one_config(monkeypatch):
+    htp = TARGETS["htp"].build()
+    text = str(htp)
+    assert text.startswith("quant{act-bits=8 weight-bits=8 bias-bits=32 per-channel=true},fold-constants")
+    assert [p.name for p in htp][-2:] == ["propagate-encodings", "insert-qdq"] and "pad-channels" not in text
+    assert htp.find("calibrate").options.method == "mse"
+    assert not TARGETS["dsp"].build().config.per_channel and not TARGETS["hta"].build().config.per_channel
+    wide = TARGETS["htp"].build(act_bits=16)
+    assert wide.config.act_bits == 16 and wide.find("calibrate").options.method == "minmax"
+    # No AdaRound by default (docs/measurements.md): bias correction at both widths, through the quantized
+    # model's layer inputs at 8 bits.
+    assert htp.find("adaround") is None and wide.find("adaround") is None
+    assert (htp.find("bias-correction").options.mode, htp.find("bias-correction").options.samples) == ("sequential", 4)
+    assert (wide.find("bias-correction").options.mode, wide.find("bias-correction").options.samples) == ("empirical", 8)
+    everything = TARGETS["htp"].build(left_out=frozenset())
+    names = [p.name for p in everything]
+    assert names[names.index("cle"):names.index("propagate-encodings")] == [
+        "cle", "calibrate", "adaround", "brecq", "bias-correction"]
+    adaround = everything.find("adaround").options
+    assert (adaround.iterations, adaround.samples) == (200, 8)
     with pytest.raises(QccError, match="cannot leave out fold-bn"):
-        TARGETS["htp"].pipeline_text(left_out=frozenset({"fold-bn"}))
-    custom = TARGETS["htp"].pipeline_text(act_bits=16, weight_bits=4, calib_method="mse")
-    assert "calibrate{method=mse act-bits=16}" in custom and "insert-qdq{act-bits=16 weight-bits=4" in custom
+        TARGETS["htp"].build(left_out=frozenset({"fold-bn"}))
+    custom = TARGETS["htp"].build(act_bits=16, weight_bits=4, calib_method="mse")
+    assert (custom.config.act_bits, custom.config.weight_bits, custom.find("calibrate").options.method) == (16, 4, "mse")
+    assert [p.name for p in TARGETS["cpu"].build()] == ["fold-constants", "cleanup", "upgrade-opset"]
+    # A name in a target's pipeline that is not a registered pass is an error, never dropped.
     monkeypatch.setattr(targets, "FLOAT_REWRITES", ("fold-bn", "no-such-pass"))
-    assert "no-such-pass" not in TARGETS["htp"].pipeline_text()
-    assert TARGETS["cpu"].pipeline_text() == TARGETS["cpu"].pipeline
+    with pytest.raises(QccError, match="unknown pass 'no-such-pass'"):
+        TARGETS["htp"].build()

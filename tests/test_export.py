@@ -93,13 +93,13 @@ def test_layouts_use_aimet_field_names(tmp_path):
 def test_loading_the_file_reproduces_the_qdq_model(tmp_path, fmt):
     module = _float()
     module.annotate("c", act_bits=16)
-    _compile(module, PIPELINE.replace("insert-qdq", "insert-qdq{weight-bits=4}"))
+    _compile(module, "quant{weight-bits=4}," + PIPELINE)
     path = tmp_path / "m.encodings"
     write_encodings(module, path, fmt)
     fresh = _float()
     applied = apply_encodings(fresh, *read_encodings(path))
     assert applied["activations"] == len([n for n in module.graph.nodes if n.op == "QuantizeLinear"])
-    PassManager(parse_pipeline("insert-qdq{weight-bits=4}"), quiet=True).run(fresh, PassContext(log=lambda m: None))
+    PassManager(parse_pipeline("quant{weight-bits=4},insert-qdq"), quiet=True).run(fresh, PassContext(log=lambda m: None))
     assert fresh.to_onnx().graph.SerializeToString() == module.to_onnx().graph.SerializeToString()
     assert qdq_encodings(fresh) == qdq_encodings(module)
 

@@ -111,13 +111,13 @@ def test_second_run_changes_nothing_and_graph_output_keeps_its_name():
 
 def test_16_bit_activations_use_the_contrib_domain_below_opset_21():
     module = _module(13)
-    _compile(module, "calibrate{method=minmax},insert-qdq{act-bits=16}")
+    _compile(module, "quant{act-bits=16},calibrate{method=minmax},insert-qdq")
     q = [n for n in module.graph.nodes if n.op == "QuantizeLinear"]
     assert q and all(n.domain == "com.microsoft" and n.outputs[0].dtype == np.uint16 for n in q)
     assert all(module.encodings[n.inputs[0].name].bw == 16 for n in q if n.inputs[0].name in module.encodings)
     ort.InferenceSession(module.to_onnx().SerializeToString(), providers=["CPUExecutionProvider"])
     modern = _module(21)
-    _compile(modern, "calibrate{method=minmax},insert-qdq{act-bits=16}")
+    _compile(modern, "quant{act-bits=16},calibrate{method=minmax},insert-qdq")
     assert all(n.domain == "" for n in modern.graph.nodes if n.op == "QuantizeLinear")
     run_model(modern, sample_inputs(modern, PassContext(seed=1), count=1))
 
@@ -132,7 +132,7 @@ def test_act_bits_annotation_mixes_bit_widths():
 
 def test_4_bit_weights_stored_as_int8_in_range():
     module = _module()
-    _compile(module, "calibrate{method=minmax},insert-qdq{weight-bits=4}")
+    _compile(module, "quant{weight-bits=4},calibrate{method=minmax},insert-qdq")
     assert module.encodings["w"].bw == 4 and module.encodings["w"].offset[0] == -8
     conv = next(n for n in module.graph.nodes if n.op == "Conv")
     stored = _dq_feeding(module, conv, 1)[1]
@@ -141,7 +141,7 @@ def test_4_bit_weights_stored_as_int8_in_range():
 
 def test_per_tensor_when_asked_or_below_opset_13():
     module = _module()
-    _compile(module, "calibrate{method=minmax},insert-qdq{per-channel=false}")
+    _compile(module, "quant{per-channel=false},calibrate{method=minmax},insert-qdq")
     assert all("axis" not in n.attrs for n in module.graph.nodes if n.op == "DequantizeLinear")
     old = _module(12)
     _, ctx, _ = _compile(old)

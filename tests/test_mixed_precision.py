@@ -11,33 +11,27 @@ from compiler.targets import TARGETS
 from tests.test_compile_quantized import data, model, run  # noqa: F401 (fixtures)
 
 
-def names(text: str) -> list[str]:
-    from compiler.pass_manager import parse_pipeline
-    return [p.name for p in parse_pipeline(text)]
-
-
-def test_promotion_sits_between_propagation_and_qdq_with_the_targets_weight_options():
-    text = with_mixed_precision(TARGETS["dsp"].pipeline_text(), 0.995, 0.4)
-    order = names(text)
+def test_promotion_sits_between_propagation_and_qdq_under_the_targets_config():
+    pipeline = with_mixed_precision(TARGETS["dsp"].build(), 0.995, 0.4)
+    order = [p.name for p in pipeline]
     at = order.index("promote-16bit")
     assert order[at - 1:at + 3] == ["propagate-encodings", "promote-16bit", "insert-qdq", "insert-converts"]
-    assert "promote-16bit{target-cos=0.995 budget=0.4" in text and "per-channel=false" in text.split("promote-16bit")[1]
-    assert with_mixed_precision(text, 0.995) == text  # already mixed: unchanged
+    assert "promote-16bit{target-cos=0.995 budget=0.4" in str(pipeline) and not pipeline.config.per_channel
+    assert with_mixed_precision(pipeline, 0.995) is pipeline  # already mixed: unchanged
 
 
 def test_mixed_precision_corrects_biases_for_the_weights_only():
-    from compiler.pass_manager import parse_pipeline
-    base = TARGETS["htp"].pipeline_text()
-    assert "bias-correction{samples=4 mode=sequential" in base
-    (bias,) = [p for p in parse_pipeline(with_mixed_precision(base, 0.999)) if p.name == "bias-correction"]
+    base = TARGETS["htp"].build()
+    assert base.find("bias-correction").options.mode == "sequential"
+    bias = with_mixed_precision(base, 0.999).find("bias-correction")
     assert (bias.options.mode, bias.options.samples) == ("empirical", 8)
 
 
 def test_sixteen_bit_activations_and_float_pipelines_are_refused():
     with pytest.raises(QccError, match="already has 16 bits"):
-        with_mixed_precision(TARGETS["htp"].pipeline_text(act_bits=16), 0.999)
+        with_mixed_precision(TARGETS["htp"].build(act_bits=16), 0.999)
     with pytest.raises(QccError, match="does not quantize"):
-        with_mixed_precision(TARGETS["cpu"].pipeline_text(), 0.999)
+        with_mixed_precision(TARGETS["cpu"].build(), 0.999)
 
 
 @pytest.mark.parametrize("extra, message", [

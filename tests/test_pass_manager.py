@@ -167,6 +167,7 @@ def test_every_target_pipeline_keeps_the_contracts():
     from compiler.targets import TARGETS
     for name, target in TARGETS.items():
         for act_bits in (8, 16):
-            text = target.pipeline_text(act_bits=act_bits) if name in ("htp", "dsp", "hta") else target.pipeline_text()
-            parse_pipeline(text)
-    parse_pipeline(with_mixed_precision(TARGETS["htp"].pipeline_text(), 0.999))
+            pipeline = target.build(act_bits=act_bits) if name in ("htp", "dsp", "hta") else target.build()
+            assert str(parse_pipeline(str(pipeline))) == str(pipeline)
+    mixed = with_mixed_precision(TARGETS["htp"].build(), 0.999)
+    assert str(parse_pipeline(str(mixed))) == str(mixed)

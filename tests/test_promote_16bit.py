@@ -10,9 +10,12 @@ from compiler.ir import QccError, from_onnx, infer_shapes
 from compiler.layer_analysis import ErrorStats, Reference
 from compiler.pass_manager import PassContext, PassManager, make_pass, parse_pipeline
 from compiler.runtime import make_session
-from passes.insert_converts import output_width, rebit
+from compiler.qdq import rebit
+from passes.insert_converts import output_width
 from compiler.encoding import activation_encoding
-from passes.promote_16bit import QdqSimulation, constant_encodings, promotion_units, sixteen_bit_encodings
+from compiler.config import QuantConfig
+from compiler.quantsim import MixedPrecisionSim
+from passes.promote_16bit import constant_encodings, promotion_units, sixteen_bit_encodings
 
 # Conv (bias) -> Relu -> Add(constant) -> Conv (bias) -> Mul(constant) -> Concat with x -> Conv: biases and
 # activation-like constants whose quantization follows a width, and a shared-encoding Concat.
@@ -75,7 +78,7 @@ def lowered(module, wide=(), constants=True, sixteen_bit=None):
 def test_simulation_is_the_lowered_model_bit_for_bit(overflowing_bias):
     module, _ = calibrated(model(overflowing_bias))
     data = samples(2, seed=5)
-    sim = QdqSimulation(module, 8, True, data)
+    sim = MixedPrecisionSim(module, QuantConfig(), data)
     reference = make_session(sim.float_model)
     names = set(module.encodings)
     for wide in ([], ["c1", "r1"], ["a", "c2"], ["m", "x", "cat"], sorted(names)):
@@ -93,7 +96,7 @@ def test_simulation_with_wider_16_bit_ranges_is_the_lowered_model_bit_for_bit():
     data = samples(2, seed=5)
     wider = {n: activation_encoding(float(e.min[0]) * 2, float(e.max[0]) * 2, 16)
              for n, e in module.encodings.items() if not e.symmetric}
-    sim = QdqSimulation(module, 8, True, data, sixteen_bit=wider)
+    sim = MixedPrecisionSim(module, QuantConfig(), data, sixteen_bit=wider)
     reference = make_session(sim.float_model)
     for wide in (["c1", "r1"], ["a", "c2"], ["m", "x", "cat"], ["r1", "a", "c1"]):
         simulated = sim.measure({**module.encodings, **{n: wider[n] for n in wide}})
@@ -109,7 +112,7 @@ def test_promoted_tensors_take_their_min_max_range_not_the_clipped_one():
     data = samples()
     ctx = PassContext(calib_data=data, log=lambda message: None)
     PassManager(parse_pipeline("calibrate{method=percentile percentile=90},propagate-encodings"), quiet=True).run(module, ctx)
-    wide = sixteen_bit_encodings(module, data)
+    wide = sixteen_bit_encodings(module, data, fuse_activations=True)
     assert all(e.bw == 16 for e in wide.values())
     clipped, full = module.encodings["c2"], wide["c2"]
     assert float(full.max[0]) > float(clipped.max[0]) and float(full.min[0]) < float(clipped.min[0])

@@ -61,7 +61,7 @@ def test_rec_with_attention_blocks_compiles_and_keeps_its_accuracy(assets):
     for config in ("W8A8", "W8A8 float-input bias correction", "W8A16"):
         module = load(assets / "models" / "ppocr_rec.onnx", {"x": [1, 3, 48, 320]})
         calib, held = _data(assets, module)
-        text = TARGETS["htp"].pipeline_text(act_bits=16 if config == "W8A16" else 8)
+        text = str(TARGETS["htp"].build(act_bits=16 if config == "W8A16" else 8))
         if "float-input" in config:
             text = re.sub(r"bias-correction\{[^}]*\}", "bias-correction{samples=8}", text)
         (metrics,) = compile_model(module, "htp", calib_data=calib, eval_data=held, passes=text).metrics.values()
@@ -89,7 +89,7 @@ def test_document_orientation_classifier_an_unseen_architecture(assets):
     cosines = {}
     for config in ("W8A8", "W8A8 float-input bias correction"):
         candidate = module.clone()
-        text = TARGETS["htp"].pipeline_text(act_bits=8)
+        text = str(TARGETS["htp"].build(act_bits=8))
         if "float-input" in config:
             text = re.sub(r"bias-correction\{[^}]*\}", "bias-correction{samples=8}", text)
         result = compile_model(candidate, "htp", calib_data=calib, eval_data=held, passes=text)

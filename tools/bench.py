@@ -258,13 +258,13 @@ def variant(spec: str) -> Variant:
         else:
             raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, bias=MODE, -PASS, +PASS, cos=C, "
                            f"share=S (optional passes: {', '.join(OPTIONAL_PASSES)})")
-    text = TARGETS["htp"].pipeline_text(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning)
+    # An unknown calibration method fails here, not after the first compiles.
+    pipeline = TARGETS["htp"].build(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning)
     if mixed:
         if "cos" not in mixed:
             raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
-        text = with_mixed_precision(text, mixed["cos"], mixed.get("share"))
-    parse_pipeline(text)  # an unknown calibration method fails here, not after the first compiles
-    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", text)
+        pipeline = with_mixed_precision(pipeline, mixed["cos"], mixed.get("share"))
+    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline))
 
 
 def bias_correction_options(mode: str) -> dict:
@@ -289,7 +289,7 @@ def ablation_specs(tools: list[str]) -> list[str]:
         if tool not in tools:
             continue
         bits = QCC_TOOLS[tool]
-        in_default = {p.name for p in parse_pipeline(TARGETS["htp"].pipeline_text(act_bits=bits))}
+        in_default = {p.name for p in TARGETS["htp"].build(act_bits=bits)}
         specs += [f"{width} {'-' if name in in_default else '+'}{name}" for name in ABLATED_PASSES]
         specs += [f"{width} calib={method}" for method in ABLATION_CALIB_METHODS
                   if method != width_defaults(bits).calib_method]
@@ -304,7 +304,8 @@ def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
-    compile_model(module, "htp", calib_data=calib, act_bits=act_bits, passes=passes, log=lambda m: None)
+    pipeline = {"passes": passes} if passes else {"act_bits": act_bits}
+    compile_model(module, "htp", calib_data=calib, log=lambda m: None, **pipeline)
     onnx.save(module.to_onnx(), out)
 
 
