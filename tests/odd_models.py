@@ -794,6 +794,12 @@ def large_chain(_, count: int = 2500):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
+def large_weights(_):
+    """34 Conv 3x3 512 -> 512 + Relu: 321 MB of float32 weights, for memory and time on a large file."""
+    from tests.large_models import conv_relu_chain
+    return conv_relu_chain(34, channels=512)
+
+
 # --- more shapes of real exports ------------------------------------------------------------------------------
 
 def conv_weight_as_input(_):
@@ -1018,4 +1024,5 @@ CASES = {
     **{f"conv_relu_opset{opset}_ir{ir}": Case(lambda _, opset=opset, ir=ir: conv_relu(opset=opset, ir=ir), all_ok())
        for opset, ir in ((12, 7), (14, 7), (15, 8), (16, 8), (20, 9), (22, 10))},
     "large_chain_5000_nodes": Case(large_chain, all_ok(), slow=True),
+    "large_weights_321mb": Case(large_weights, all_ok(), slow=True),
 }

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -58,15 +59,17 @@ def test_quantized_compile_writes_four_files(work, capsys):
     assert listing(work / "run") == ["m.encodings", "m.float.onnx", "m.onnx", "m.report.json"]
 
 
-def test_input_named_like_a_sidecar_is_not_overwritten(work, capsys):
-    model = work / "run" / "m.encodings"
+@pytest.mark.parametrize("sidecar, role", [("m.encodings", "encodings"), ("m.float.onnx", "float model"),
+                                           ("m.report.json", "report")])
+def test_input_named_like_a_sidecar_is_not_overwritten(work, capsys, sidecar, role):
+    model = work / "run" / sidecar
     model.write_bytes((work / "m.onnx").read_bytes())
     before = model.read_bytes()
     code = main(["compile", str(model), "-o", str(work / "run" / "m.onnx"), "--target", "htp",
                  "--calib-data", str(work / "data"), "-q"])
-    assert code == 2 and "refusing to overwrite the input m.encodings with the encodings" in one_error(capsys)
+    assert code == 2 and f"refusing to overwrite the input {sidecar} with the {role}" in one_error(capsys)
     assert model.read_bytes() == before
-    assert listing(work / "run") == ["m.encodings"]
+    assert listing(work / "run") == [sidecar]
 
 
 def test_existing_sidecar_needs_force(work, capsys):
@@ -137,6 +140,16 @@ def test_unwritable_folder_is_refused_before_any_work(work, capsys, monkeypatch)
     monkeypatch.setattr(outputs_module.os, "access", lambda path, mode: False)
     assert compile_htp(work, work / "run" / "m.onnx") == 2
     assert "is not writable" in one_error(capsys)
+
+
+def test_unwritable_dump_folder_is_refused_before_any_work(work, capsys, monkeypatch):
+    locked = work / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(outputs_module.os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    assert compile_htp(work, work / "run" / "m.onnx", "--dump-after", "all", "--dump-dir", locked / "dumps") == 2
+    assert "locked' is not writable" in one_error(capsys)
+    assert listing(work / "run") == [] and listing(locked) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
