@@ -43,3 +43,8 @@ def test_golden_covers_every_pass():
     missing = sorted(set(load_passes()) - covered)
     assert not missing, f"passes without a golden case: {missing}"
 
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_golden_input_says_what_it_checks(case):
+    first = (case.path / "input.onnxtxt").read_text().splitlines()[0]
+    assert first.startswith("# ") and "TODO" not in first, f"{case.id}: the input's first line must say what it checks"
