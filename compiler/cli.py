@@ -21,6 +21,8 @@ def _add_quantization(parser) -> None:
     """The quantization flags of ``qcc compile``."""
     from compiler.arguments import add_image_arguments
     from compiler.calibration import METHODS
+    from compiler.config import DEFAULT_HTP_ARCH
+    from compiler.encoding import HTP_ARCHS
     from compiler.export import FORMATS
     group = parser.add_argument_group("quantization (targets htp, dsp, hta)")
     group.add_argument("--calib-data", metavar="DIR", help="folder of calibration samples (.npy, .npz or images)")
@@ -35,6 +37,14 @@ def _add_quantization(parser) -> None:
                             "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
     group.add_argument("--max-16bit-share", type=float, metavar="SHARE",
                        help="with --target-cos: at most this share of the activations at 16 bits (default 0.25)")
+    group.add_argument("--htp-arch", choices=(*HTP_ARCHS, "all"),
+                       help=f"the Hexagon NPU generation (target htp; default {DEFAULT_HTP_ARCH}: the oldest that takes "
+                            "16-bit weights and computes 16-bit convolutions as the simulation does); 'all' compiles by "
+                            "the oldest's rules and checks on every one")
+    group.add_argument("--no-htp-check", action="store_true",
+                       help="do not run the compiled model on the QNN HTP backend (onnxruntime-qnn) at the end")
+    group.add_argument("--htp-samples", type=int, default=2, metavar="N",
+                       help="samples for the HTP check (default 2; about a second each for a small image)")
     group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
                        help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
 
@@ -66,7 +76,8 @@ def cmd_compile(args) -> int:
         calib_method=args.calib_method, target_cos=args.target_cos, max_16bit_share=args.max_16bit_share,
         calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
-        dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet)
+        dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
+        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples)
     compile_file(Path(args.model), Path(args.output), request, force=args.force)
     return 0
 

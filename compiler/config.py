@@ -7,18 +7,25 @@ quantizes, so the ``qcc.pipeline`` metadata of a compiled model records it:
 
     quant{act-bits=8 weight-bits=8 bias-bits=32 per-channel=true},fold-bn,calibrate,insert-qdq
 
-QNN's HTP takes 8- or 16-bit activations, 4-, 8- or 16-bit weights (symmetric) and int32 biases.
+QNN's HTP takes 8- or 16-bit activations, 4-, 8- or 16-bit weights (symmetric; 16-bit from v73 on) and
+int32 biases. ``htp-arch`` names the NPU generation the model is for (compiler.encoding.HTP_ARCHS), ``none``
+for a target that is not HTP.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from compiler.encoding import HTP_ARCHS
 from compiler.errors import QccError
 
 CONFIG_NAME = "quant"
 ACT_BITS = (8, 16)
 WEIGHT_BITS = (4, 8, 16)
 BIAS_BITS = (32,)
+NO_HTP = "none"  # a target that is not HTP (dsp, hta)
+# The generation a compile is checked against unless told: v73 (Snapdragon 8 Gen 2) is the oldest that takes
+# 16-bit weights and computes 16-bit convolutions as the simulation does; v68/v69 devices need --htp-arch.
+DEFAULT_HTP_ARCH = "73"
 
 
 @dataclass(frozen=True)
@@ -27,9 +34,16 @@ class QuantConfig:
     weight_bits: int = 8
     bias_bits: int = 32
     per_channel: bool = True
+    htp_arch: str = field(default=DEFAULT_HTP_ARCH, metadata={"choices": (*HTP_ARCHS, NO_HTP)})
 
     def __post_init__(self):
         for key, value, allowed in (("act-bits", self.act_bits, ACT_BITS), ("weight-bits", self.weight_bits, WEIGHT_BITS),
                                     ("bias-bits", self.bias_bits, BIAS_BITS)):
             if value not in allowed:
                 raise QccError(f"{CONFIG_NAME}: {key} must be {' or '.join(map(str, allowed))}, got {value}")
+        if self.htp_arch not in (*HTP_ARCHS, NO_HTP):
+            raise QccError(f"{CONFIG_NAME}: htp-arch must be one of {', '.join(HTP_ARCHS)} or {NO_HTP}, got {self.htp_arch}")
+        arch = HTP_ARCHS.get(self.htp_arch)
+        if arch is not None and self.weight_bits not in arch.weight_bits:
+            raise QccError(f"{CONFIG_NAME}: HTP v{arch.version} takes {' or '.join(map(str, arch.weight_bits))}-bit "
+                           f"weights, not {self.weight_bits} (16-bit weights need v73 or later)")

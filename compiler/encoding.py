@@ -299,3 +299,17 @@ def encoding_from_qdq(scale: np.ndarray, zero_point: np.ndarray, axis: int | Non
     scales = tuple(float(s) for s in np.asarray(scale, dtype=np.float32).reshape(-1))
     return Encoding(bw=bw, scale=scales, offset=offsets, symmetric=symmetric,
                     axis=axis if np.ndim(scale) == 1 else None)
+
+
+# --- what each HTP generation accepts and computes (measured: docs/htp-backend.md) ------------------------------
+
+@dataclass(frozen=True)
+class HtpArch:
+    """One Hexagon NPU generation as QNN's HTP backend (onnxruntime-qnn 2.7.0) runs it."""
+    version: str
+    weight_bits: tuple      # widths of quantized weights it takes (v68 and v69 refuse 16-bit weights)
+    exact_16bit_conv: bool  # a 16-bit convolution within ~1-3 output steps of the simulation (v68, v69: ~9-60)
+
+
+HTP_ARCHS = {version: HtpArch(version, (4, 8) if version in ("68", "69") else (4, 8, 16), version not in ("68", "69"))
+             for version in ("68", "69", "73", "75", "79", "81")}

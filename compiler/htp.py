@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from compiler.ir import QccError
+from compiler.ir import QccError, fix_input_shapes
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
 from compiler.runtime import run_model
 
@@ -252,6 +252,46 @@ def compare_with_cpu(model: onnx.ModelProto, samples: list[dict],
     htp_outputs, seconds = run_htp(model, samples, provider_options)
     cpu_outputs = run_model(model, samples)
     return compare_outputs(cpu_outputs, htp_outputs, output_steps(model)), seconds
+
+
+def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], arch: str) -> dict:
+    """The compiled ``model`` on the HTP backend of ``arch`` (CPU fallback off), per output: HTP and the CPU
+    simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
+    SQNR dB, largest difference in output steps). A model the backend refuses gives ``status`` "refused"
+    and the backend's reason; the compile stays written."""
+    # QNN compiles for static shapes: pin each dynamic input to the samples' shape.
+    dynamic = {i.name for i in model.graph.input
+               if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in i.type.tensor_type.shape.dim)}
+    shapes = {name: list(value.shape) for name, value in samples[0].items() if name in dynamic}
+    static = fix_input_shapes(onnx.ModelProto.FromString(model.SerializeToString()), shapes, "the compiled model") \
+        if shapes else model
+    try:
+        htp, seconds = run_htp(static, samples, {"htp_arch": arch})
+    except QccError as exc:
+        return {"arch": arch, "status": "refused", "reason": str(exc)}
+    simulated, fp32 = run_model(model, samples), run_model(reference, samples)
+    steps = output_steps(model)
+    rows = {name: {} for name in fp32[0]}
+    for label, got, against in (("htp_vs_fp32", htp, fp32), ("simulation_vs_fp32", simulated, fp32),
+                                ("htp_vs_simulation", htp, simulated)):
+        for row in compare_outputs(against, got, steps if label == "htp_vs_simulation" else None):
+            rows[row.name][label] = {"cosine_mean": row.cos_mean, "cosine_min": row.cos_min, "sqnr_db": row.sqnr_db,
+                                     **({"max_steps": row.max_steps} if row.max_steps is not None else {})}
+    return {"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds, "outputs": rows}
+
+
+def check_lines(check: dict, data: str) -> list[str]:
+    """The stderr summary of one ``device_check``."""
+    if check["status"] == "refused":
+        return [f"HTP v{check['arch']}: the backend refuses the model: {check['reason']}"]
+    lines = []
+    for name, row in check["outputs"].items():
+        htp, sim, agree = row["htp_vs_fp32"], row["simulation_vs_fp32"], row["htp_vs_simulation"]
+        steps = f", max {agree['max_steps']:.0f} steps" if "max_steps" in agree else ""
+        lines.append(f"HTP v{check['arch']} on {check['samples']} {data}: output {name}: HTP vs FP32 cosine "
+                     f"{htp['cosine_mean']:.5f} (min {htp['cosine_min']:.5f}), simulation vs FP32 {sim['cosine_mean']:.5f}; "
+                     f"HTP vs simulation {agree['cosine_mean']:.5f}{steps}")
+    return lines
 
 
 def render(rows: list[OutputAgreement], count: int, seconds: float) -> str:

@@ -14,8 +14,8 @@ import onnx_graphsurgeon as gs
 
 from compiler.calibration import activation_tensors
 from compiler.config import QuantConfig
-from compiler.encoding import (ALL, SHARED_ENCODING_OPS, Encoding, activation_encoding, encoding_from_qdq, fixed_ranges,
-                               qdq_params, range_encoding, stored_values, weight_encoding)
+from compiler.encoding import (ALL, SHARED_ENCODING_OPS, Encoding, HtpArch, activation_encoding, encoding_from_qdq,
+                               fixed_ranges, qdq_params, range_encoding, stored_values, weight_encoding)
 from compiler.ir import Module, const_value, unique_name
 from compiler.patterns import is_graph_output
 
@@ -291,6 +291,24 @@ def lowered_copy(module: Module, config: QuantConfig, encodings: dict | None = N
             qdq.annotate(name, act_bits=enc.bw)
     lower_to_qdq(qdq, dataclasses.replace(config, act_bits=max(widths, default=config.act_bits)))
     return qdq
+
+
+def arch_problems(module: Module, arch: HtpArch) -> list[str]:
+    """Each layer of the QDQ ``module`` whose stored weight ``arch`` does not take, as one line naming the node
+    and the rule (16-bit weights on v68 and v69: their backend refuses the node)."""
+    problems = []
+    for node in module.graph.nodes:
+        weight = node.inputs[1] if node.op in WEIGHT_OPS and len(node.inputs) > 1 else None
+        dq = weight.inputs[0] if weight is not None and weight.inputs else None
+        stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+        if stored is None or stored.dtype.kind not in "iu":
+            continue
+        bits = stored.dtype.itemsize * 8
+        if bits > max(arch.weight_bits):
+            problems.append(f"node '{node.name or node.outputs[0].name}' ({node.op}): {bits}-bit weight; HTP "
+                            f"v{arch.version} takes {' or '.join(map(str, arch.weight_bits))}-bit weights "
+                            f"(16 needs v73 or later)")
+    return problems
 
 
 # --- re-deriving encodings and stored constants at another width (insert-converts, mixed precision) ------

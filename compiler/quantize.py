@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.data import Dataset, ImageOptions, specs_of
+from compiler.encoding import HTP_ARCHS
 from compiler.ir import Module, QccError
 from compiler.outputs import OutputSet
 from compiler.pass_manager import PassContext, PassManager, Pipeline, check_contracts, make_pass, parse_pipeline
@@ -45,19 +46,28 @@ def build_pipeline(request: "CompileRequest") -> Pipeline:
             raise QccError(f"{', '.join(given)} set a target's defaults; with --passes, give the options in the "
                            f"pipeline (e.g. calibrate{{method=minmax}},promote-16bit{{target-cos=0.999}})")
         pipeline = parse_pipeline(request.passes)
-        bits = {key: value for key, value in (("act_bits", request.act_bits), ("weight_bits", request.weight_bits))
-                if value is not None}
-        if bits and pipeline.config_given:
-            raise QccError("--act-bits/--weight-bits and the pipeline's quant{...} both set the config; give it once")
-        pipeline.config = dataclasses.replace(pipeline.config, **bits)
+        given = {key: value for key, value in (("act_bits", request.act_bits), ("weight_bits", request.weight_bits),
+                                               ("htp_arch", config_arch(request.htp_arch))) if value is not None}
+        if given and pipeline.config_given:
+            raise QccError("--act-bits/--weight-bits/--htp-arch and the pipeline's quant{...} both set the config; "
+                           "give it once")
+        pipeline.config = dataclasses.replace(pipeline.config, **given)
         return pipeline
     if request.max_16bit_share is not None and request.target_cos is None:
         raise QccError("--max-16bit-share needs --target-cos (the accuracy mixed precision aims for)")
     pipeline = get_target(request.target).build(act_bits=request.act_bits, weight_bits=request.weight_bits,
-                                                calib_method=request.calib_method)
+                                                calib_method=request.calib_method, htp_arch=config_arch(request.htp_arch))
     if request.target_cos is None:
         return pipeline
     return with_mixed_precision(pipeline, request.target_cos, request.max_16bit_share)
+
+
+ALL_ARCHS = "all"
+
+
+def config_arch(htp_arch: str | None) -> str | None:
+    """The config's generation for --htp-arch: ``all`` compiles by the oldest one's rules (it must run on every one)."""
+    return min(HTP_ARCHS, key=int) if htp_arch == ALL_ARCHS else htp_arch
 
 
 def with_mixed_precision(pipeline: Pipeline, target_cos: float, max_16bit_share: float | None = None) -> Pipeline:
@@ -111,6 +121,9 @@ class CompileRequest:
     dump_dir: Path | None = None
     encodings_format: str = "1.0.0"
     quiet: bool = True
+    htp_arch: str | None = None  # an HTP generation, or "all" (the rules of the oldest, checked on every one)
+    htp_check: bool = True       # run the written model on the HTP backend (compile_file, when it is installed)
+    htp_samples: int = 2
 
     def pipeline(self) -> Pipeline:
         pipeline = build_pipeline(self)
@@ -128,6 +141,8 @@ class CompileResult:
     metrics: dict = field(default_factory=dict)
     # The module before the first pass that changes float outputs: what OUT.float.onnx holds.
     reference: Module | None = None
+    # The written model on the HTP backend (compile_file): one htp.device_check per generation, or why none ran.
+    htp: dict = field(default_factory=dict)
 
 
 def _dataset(data, module: Module, request: CompileRequest, count: int | None = None):
@@ -187,14 +202,51 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             outputs.check()
         dump_dir = outputs.folder("dumps") if request.dump_after else None
         result = compile_model(module, request=request, dump_dir=dump_dir)
+        check_arch(result)
+        result.htp = htp_checks(result, request)
         written = write_outputs(result, request, outputs)
     if not request.quiet:
-        for line in summary_lines(result.metrics):
+        for line in summary_lines(result.metrics) + result.htp.get("lines", []):
             print(line, file=sys.stderr)
         timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in result.manager.records)
         print(f"compiled in {result.seconds:.2f}s ({timings})", file=sys.stderr)
         print(f"wrote {', '.join(path.name for path in written)}", file=sys.stderr)
     return result
+
+
+def check_arch(result: CompileResult) -> None:
+    """Refuse, before anything is written, a compiled model the config's HTP generation cannot run."""
+    from compiler.qdq import arch_problems
+    arch = HTP_ARCHS.get(result.context.config.htp_arch)
+    problems = arch_problems(result.module, arch) if arch is not None else []
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise QccError(f"{problems[0]}{more}; compile for a later --htp-arch or with --weight-bits 8")
+
+
+def htp_checks(result: CompileResult, request: CompileRequest) -> dict:
+    """The compiled model on the QNN HTP backend of the config's generation (every one for --htp-arch all),
+    on up to ``htp_samples`` held-out samples (else the last calibration samples): {"checks": [...]} with
+    one htp.device_check each and the summary lines, or {"skipped": why}."""
+    from compiler import htp
+    config = result.context.config
+    if not (request.htp_check and result.manager.pipeline.quantizes and config.htp_arch in HTP_ARCHS
+            and result.reference is not None):
+        return {}
+    try:
+        htp.qnn_module()
+    except QccError:
+        return {"skipped": "onnxruntime-qnn is not installed", "lines": [
+            f"qcc: note: HTP check skipped: {htp.INSTALL_HINT} (--no-htp-check silences this)"]}
+    ctx = result.context
+    held_out = ctx.eval_data is not None
+    pool = list(ctx.eval_data if held_out else ctx.calib_data)
+    samples = pool[:request.htp_samples] if held_out else pool[-request.htp_samples:]
+    label = "held-out sample(s)" if held_out else "calibration sample(s) (give --eval-data for held-out ones)"
+    archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
+    compiled, reference = result.module.to_onnx(), result.reference.to_onnx()
+    checks = [htp.device_check(compiled, reference, samples, arch) for arch in archs]
+    return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
 
 
 def evaluate(reference: Module, candidate: Module, data) -> dict:
@@ -278,6 +330,7 @@ def write_outputs(result: CompileResult, request: CompileRequest, outputs: Outpu
             data = loadable_bytes(result.reference.to_onnx(), outputs.paths["float model"])
             names["float_model"] = outputs.write("float model", data).name
     document = report(result.manager, result.context, result.seconds, result.metrics, names)
+    document["htp"] = {key: value for key, value in result.htp.items() if key != "lines"}
     outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
     return outputs.commit()
 

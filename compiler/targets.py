@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from compiler.config import QuantConfig
+from compiler.config import NO_HTP, QuantConfig
 from compiler.errors import QccError
 from compiler.pass_manager import Pipeline, check_contracts, make_pass, parse_pipeline
 
@@ -66,20 +66,22 @@ class Target:
     quant: QuantDefaults | None = None
 
     def build(self, act_bits: int | None = None, weight_bits: int | None = None, calib_method: str | None = None,
-              left_out: frozenset | None = None, tuning: dict | None = None) -> Pipeline:
+              left_out: frozenset | None = None, tuning: dict | None = None, htp_arch: str | None = None) -> Pipeline:
         """The pipeline with the target's quantization defaults, each overridable (CLI flags); ``left_out``
         replaces the width's set of OPTIONAL_PASSES left out, ``tuning`` (pass -> options) its QUANT_TUNING
         options (tools/bench.py's ablations). Every pass named must be registered."""
         if self.quant is None:
             given = [flag for flag, value in (("--act-bits", act_bits), ("--weight-bits", weight_bits),
-                                              ("--calib-method", calib_method)) if value is not None]
+                                              ("--calib-method", calib_method), ("--htp-arch", htp_arch)) if value is not None]
             if given:
                 raise QccError(f"target '{self.name}' is not quantized; {', '.join(given)} needs a quantized target "
                                f"({', '.join(n for n, t in TARGETS.items() if t.quant)})")
             return parse_pipeline(self.canonicalize)
+        if htp_arch is not None and self.quant.config.htp_arch == NO_HTP:
+            raise QccError(f"--htp-arch: target '{self.name}' is not HTP (use --target htp)")
         config = dataclasses.replace(self.quant.config, **{key: value for key, value in
-                                                           (("act_bits", act_bits), ("weight_bits", weight_bits))
-                                                           if value is not None})
+                                                           (("act_bits", act_bits), ("weight_bits", weight_bits),
+                                                            ("htp_arch", htp_arch)) if value is not None})
         defaults = width_defaults(config.act_bits)
         left_out = defaults.left_out if left_out is None else left_out
         unknown = set(left_out) - set(OPTIONAL_PASSES)
@@ -104,9 +106,9 @@ TARGETS = {
     "htp": Target("htp", "QNN HTP backend: W8A8, per-channel weights (--act-bits 16 for W8A16)",
                   QUANTIZED_CANONICALIZE, quantized=True, quant=QuantDefaults()),
     "dsp": Target("dsp", "QNN DSP backend: W8A8, per-tensor weights", QUANTIZED_CANONICALIZE, quantized=True,
-                  quant=QuantDefaults(QuantConfig(per_channel=False))),
+                  quant=QuantDefaults(QuantConfig(per_channel=False, htp_arch=NO_HTP))),
     "hta": Target("hta", "QNN HTA backend: W8A8, per-tensor weights", QUANTIZED_CANONICALIZE, quantized=True,
-                  quant=QuantDefaults(QuantConfig(per_channel=False))),
+                  quant=QuantDefaults(QuantConfig(per_channel=False, htp_arch=NO_HTP))),
 }
 
 

@@ -108,7 +108,7 @@ def test_bad_calibration_file_is_named(model, data, tmp_path, capsys):
 def test_target_pipelines_are_pipeline_objects_with_one_config(monkeypatch):
     htp = TARGETS["htp"].build()
     text = str(htp)
-    assert text.startswith("quant{act-bits=8 weight-bits=8 bias-bits=32 per-channel=true},fold-constants")
+    assert text.startswith("quant{act-bits=8 weight-bits=8 bias-bits=32 per-channel=true htp-arch=73},fold-constants")
     assert [p.name for p in htp][-2:] == ["propagate-encodings", "insert-qdq"] and "pad-channels" not in text
     assert htp.find("calibrate").options.method == "mse"
     assert not TARGETS["dsp"].build().config.per_channel and not TARGETS["hta"].build().config.per_channel

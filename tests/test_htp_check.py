@@ -1,0 +1,107 @@
+"""Every quantized compile ends on the QNN HTP backend of its generation (--htp-arch), and a model that
+generation cannot run is refused before anything is written."""
+import json
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from compiler import htp
+from compiler.cli import main
+from compiler.config import QuantConfig
+from compiler.encoding import HTP_ARCHS
+from compiler.errors import QccError
+from compiler.ir import from_onnx, infer_shapes
+from compiler.pass_manager import PassContext, PassManager, Pipeline, make_pass
+from compiler.qdq import arch_problems
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,3,8,8] x) => (float[1,4,8,8] y) <float[4,3,1,1] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}, float[4] b = {0.1,0.2,0.3,0.4}> {
+  c = Conv(x, w, b)
+  y = Relu(c)
+}
+"""
+
+
+@pytest.fixture
+def work(tmp_path):
+    onnx.save(onnx.parser.parse_model(MODEL), tmp_path / "m.onnx")
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(tmp_path / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    return tmp_path
+
+
+def compile_htp(work, *extra):
+    return main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp", "-q",
+                 "--calib-data", str(work / "data"), *map(str, extra)])
+
+
+def report(work) -> dict:
+    return json.loads((work / "o.report.json").read_text())
+
+
+def test_a_real_model_compiled_for_v68_reports_htp_beside_the_simulation(assets, tmp_path):
+    pytest.importorskip("onnxruntime_qnn")
+    out = tmp_path / "cls.onnx"
+    assert main(["compile", str(assets / "models" / "ppocr_cls.onnx"), "--target", "htp", "--htp-arch", "68",
+                 "--input-shape", "x:1,3,48,192", "--calib-data", str(assets / "text_cls"), "--calib-count", "8",
+                 "--eval-data", str(assets / "text_cls"), "--image-size", "48,192", "--image-mean", "0.5,0.5,0.5",
+                 "--image-std", "0.5,0.5,0.5", "-o", str(out), "-q"]) == 0
+    document = json.loads(out.with_name("cls.report.json").read_text())
+    assert "htp-arch=68" in document["pipeline"]
+    (check,) = document["htp"]["checks"]
+    assert check["arch"] == "68" and check["status"] == "ran" and check["samples"] == 2
+    assert document["htp"]["data"].startswith("held-out")
+    (row,) = check["outputs"].values()
+    assert row["htp_vs_fp32"]["cosine_mean"] > 0.98 and row["simulation_vs_fp32"]["cosine_mean"] > 0.98
+    assert row["htp_vs_simulation"]["cosine_mean"] > 0.99 and row["htp_vs_simulation"]["max_steps"] >= 0
+
+
+def test_all_checks_every_generation_by_the_oldest_rules(work, capsys):
+    pytest.importorskip("onnxruntime_qnn")
+    assert compile_htp(work, "--htp-arch", "all", "--htp-samples", "1") == 0
+    document = report(work)
+    assert "htp-arch=68" in document["pipeline"]
+    assert [c["arch"] for c in document["htp"]["checks"]] == sorted(HTP_ARCHS, key=int)
+    assert all(c["status"] == "ran" and c["samples"] == 1 for c in document["htp"]["checks"])
+
+
+def test_the_check_is_printed_skipped_without_the_backend_and_off_on_request(work, capsys, monkeypatch):
+    def missing():
+        raise QccError(htp.INSTALL_HINT)
+    monkeypatch.setattr(htp, "qnn_module", missing)
+    assert main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp",
+                 "--calib-data", str(work / "data")]) == 0
+    assert "qcc: note: HTP check skipped: the QNN HTP backend needs the optional package onnxruntime-qnn" \
+        in capsys.readouterr().err
+    assert report(work)["htp"] == {"skipped": "onnxruntime-qnn is not installed"}
+    assert compile_htp(work, "--no-htp-check", "--force") == 0
+    assert report(work)["htp"] == {}
+
+
+def test_sixteen_bit_weights_for_v68_are_refused_before_any_pass(work, capsys):
+    assert compile_htp(work, "--weight-bits", "16", "--act-bits", "16", "--htp-arch", "68") == 2
+    err = capsys.readouterr().err
+    assert "HTP v68 takes 4 or 8-bit weights, not 16 (16-bit weights need v73 or later)" in err
+    assert "[1/" not in err and not (work / "o.onnx").exists()
+
+
+def test_a_layer_with_a_weight_the_generation_does_not_take_is_named():
+    module = from_onnx(infer_shapes(onnx.parser.parse_model(MODEL)))
+    samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    pipeline = Pipeline([make_pass("calibrate", {"method": "minmax"}), make_pass("insert-qdq")],
+                        QuantConfig(act_bits=16, weight_bits=16))
+    PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=samples, log=lambda m: None))
+    assert arch_problems(module, HTP_ARCHS["73"]) == []
+    (problem,) = arch_problems(module, HTP_ARCHS["68"])
+    assert "(Conv): 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)" in problem
+
+
+def test_htp_arch_is_for_the_htp_target(work, capsys):
+    code = main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "dsp", "--htp-arch", "73",
+                 "--calib-data", str(work / "data")])
+    assert code == 2 and "target 'dsp' is not HTP" in capsys.readouterr().err
