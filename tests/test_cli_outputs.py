@@ -14,29 +14,7 @@ import pytest
 
 from compiler import outputs as outputs_module
 from compiler.cli import main
-
-MODEL_TEXT = """
-<ir_version: 8, opset_import: ["" : 13]>
-g (float[1,3,8,8] x) => (float[1,4,8,8] y) <float[4,3,1,1] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}, float[4] b = {0.1,0.2,0.3,0.4}> {
-  c = Conv(x, w, b)
-  y = Relu(c)
-}
-"""
-
-
-@pytest.fixture
-def work(tmp_path):
-    """A model, a calibration folder and a run folder holding only what the test creates."""
-    onnx.save(onnx.parser.parse_model(MODEL_TEXT), tmp_path / "m.onnx")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        np.save(data / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
-    run = tmp_path / "run"
-    run.mkdir()
-    return tmp_path
-
+from tests.conftest import CONV_MODEL
 
 def compile_htp(work, output, *extra):
     return main(["compile", str(work / "m.onnx"), "-o", str(output), "--target", "htp",
@@ -235,7 +213,7 @@ def test_interrupt_during_parser_construction_exits_130(monkeypatch, capsys):
 
 def test_analyze_of_two_different_networks_is_one_line(work, tmp_path, capsys):
     other = tmp_path / "other.onnx"
-    onnx.save(onnx.parser.parse_model(MODEL_TEXT.replace("Conv(x, w, b)", "Conv<strides=[2,2]>(x, w, b)")
+    onnx.save(onnx.parser.parse_model(CONV_MODEL.replace("Conv(x, w, b)", "Conv<strides=[2,2]>(x, w, b)")
                                       .replace("float[1,4,8,8] y", "float[1,4,4,4] y")), other)
     assert main(["compile", str(other), "-o", str(work / "run" / "o.onnx"), "--target", "htp",
                  "--calib-data", str(work / "data"), "-q"]) == 0

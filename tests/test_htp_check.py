@@ -15,25 +15,7 @@ from compiler.errors import QccError
 from compiler.ir import from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, Pipeline, make_pass
 from compiler.qdq import arch_problems
-
-MODEL = """
-<ir_version: 8, opset_import: ["" : 13]>
-g (float[1,3,8,8] x) => (float[1,4,8,8] y) <float[4,3,1,1] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}, float[4] b = {0.1,0.2,0.3,0.4}> {
-  c = Conv(x, w, b)
-  y = Relu(c)
-}
-"""
-
-
-@pytest.fixture
-def work(tmp_path):
-    onnx.save(onnx.parser.parse_model(MODEL), tmp_path / "m.onnx")
-    (tmp_path / "data").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        np.save(tmp_path / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
-    return tmp_path
-
+from tests.conftest import CONV_MODEL
 
 def compile_htp(work, *extra):
     return main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp", "-q",
@@ -91,7 +73,7 @@ def test_sixteen_bit_weights_for_v68_are_refused_before_any_pass(work, capsys):
 
 
 def test_a_layer_with_a_weight_the_generation_does_not_take_is_named():
-    module = from_onnx(infer_shapes(onnx.parser.parse_model(MODEL)))
+    module = from_onnx(infer_shapes(onnx.parser.parse_model(CONV_MODEL)))
     samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
     pipeline = Pipeline([make_pass("calibrate", {"method": "minmax"}), make_pass("insert-qdq")],
                         QuantConfig(act_bits=16, weight_bits=16))
