@@ -155,3 +155,19 @@ def test_offset_wraps_around_to_make_a_second_fold():
     for calib, held, offset in ((5, 4, 0), (2, 2, 8)):
         with pytest.raises(ValueError):
             bench.fold_files(files, calib, held, offset)
+
+
+def test_htp_columns_come_per_architecture():
+    args = bench.parse_args(["--htp", "--htp-arch", "68,73,79", "--tools", "ort-minmax"])
+    assert args.htp_archs == ["68", "73", "79"]
+    row = bench.Row("cls", "qcc", "htp W8A8", compile_seconds=1.0, cos_mean=0.99, cos_min=0.9, sqnr_db=20.0,
+                    task="top1", task_metric=1.0)
+    row.htp = {"68": {"cos_vs_cpu": 0.991, "max_steps_vs_cpu": 12.0, "cos_vs_fp32": 0.981},
+               "73": {"error": "the QNN HTP backend cannot run the whole graph: Conv 'c': Failed to add node."},
+               "79": {"cos_vs_cpu": 0.999, "max_steps_vs_cpu": 2.0, "cos_vs_fp32": 0.989}}
+    head, _, line = bench.render([row], args.htp_archs).splitlines()
+    assert [head.count(f"v{arch} cos/CPU") for arch in ("68", "73", "79")] == [1, 1, 1]
+    assert "0.99100     12      0.98100" in line and "HTP refused: the QNN HTP backend cannot run" in line
+    assert line.rstrip().endswith("0.98900")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--htp", "--htp-arch", "68,v73"])

@@ -59,7 +59,7 @@ the default lacks) is an error before any work. Variants compile as the others, 
 Usage (from the repository root):
 
     python tools/bench.py [--models cls,det[,rec][,orient]] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
-                          [--htp-arch 73] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
+                          [--htp-arch 68,73,79] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
                           [--ablation] [--variant SPEC ...]
 
 ``--models``    which models (default cls,det)
@@ -69,8 +69,8 @@ Usage (from the repository root):
 ``--htp``       also run every quantized model on onnxruntime-qnn's HTP backend (CPU fallback disabled)
                 on 2 held-out samples: cosine and max difference in output steps against CPU simulation,
                 cosine against FP32. Needs ``pip install '.[qnn]'``; about a second per cls sample.
-``--htp-arch N`` the HTP architecture the backend simulates (default: its own, v68; v73 and later compute
-                16-bit convolutions exactly, v68 only to ~20 steps)
+``--htp-arch N[,N...]`` the HTP architectures the backend simulates, one column group each (e.g. 68,73,79;
+                default: its own, v68; v73 and later compute 16-bit convolutions exactly, v68 only to ~20 steps)
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
 ``--json OUT``  write every row as JSON
 ``--save-dir``  keep the quantized models there (default: a temporary folder)
@@ -408,8 +408,8 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
             setattr(row, key, value)
         if args.htp:
             first = keep[:HTP_SAMPLES] or list(range(min(HTP_SAMPLES, len(held))))
-            row.htp = htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
-                                    [fp32[i] for i in first], args.htp_arch)
+            row.htp = {arch or "default": htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
+                                                        [fp32[i] for i in first], arch) for arch in args.htp_archs}
         log(f"{model.name}: {variant.name} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
         rows.append(row)
     ort_seconds = next((r.compile_seconds for r in rows if r.tool == "ort" and r.config.startswith("MinMax")), None)
@@ -423,13 +423,16 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def render(rows: list[Row], with_htp: bool) -> str:
+def render(rows: list[Row], htp_archs: list) -> str:
+    """The table; with ``htp_archs`` (--htp), per generation: HTP vs the CPU simulation (cosine, largest
+    difference in output steps) and HTP vs FP32."""
     wide = max([32] + [len(r.config) + 2 for r in rows])  # variant configs can be long
     name = max([6] + [len(r.model) + 1 for r in rows])
     head = (f"{'model':<{name}}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
             f"{'task':>12}{'qcc/ORT':>9}")
-    if with_htp:
-        head += f"  {'HTP cos/CPU':>11}{'steps':>7}{'HTP cos/FP32':>13}"
+    for arch in htp_archs:
+        label = f"v{arch} " if arch else "HTP "
+        head += f"  {label + 'cos/CPU':>11}{'steps':>7}{label + 'cos/FP32':>13}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.error:
@@ -438,13 +441,14 @@ def render(rows: list[Row], with_htp: bool) -> str:
         task = f"{TASK_LABELS.get(r.task, r.task)} {_fmt(r.task_metric, '.3f')}"
         line = (f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
-        if with_htp:
-            if "error" in r.htp:
+        for arch in htp_archs:
+            htp = r.htp.get(arch or "default", {})
+            if "error" in htp:
                 # The cause is at the end of the message ("... likely cause, float tensors ...: Div ...").
-                line += f"  HTP refused: {r.htp['error'].split('likely cause, ')[-1][:100]}"
+                line += f"  HTP refused: {htp['error'].split('likely cause, ')[-1][:100]}"
             else:
-                line += (f"  {_fmt(r.htp.get('cos_vs_cpu'), '.5f'):>11}{_fmt(r.htp.get('max_steps_vs_cpu'), '.0f'):>7}"
-                         f"{_fmt(r.htp.get('cos_vs_fp32'), '.5f'):>13}")
+                line += (f"  {_fmt(htp.get('cos_vs_cpu'), '.5f'):>11}{_fmt(htp.get('max_steps_vs_cpu'), '.0f'):>7}"
+                         f"{_fmt(htp.get('cos_vs_fp32'), '.5f'):>13}")
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -471,8 +475,9 @@ def parse_args(argv):
     for tool in args.tool_list:
         if tool not in TOOLS:
             p.error(f"--tools: unknown tool '{tool}' (known: {', '.join(TOOLS)})")
-    if args.htp_arch is not None and not args.htp_arch.isdigit():
-        p.error(f"--htp-arch '{args.htp_arch}': expected a number such as 68, 73, 75 or 79")
+    args.htp_archs = [a.strip() for a in args.htp_arch.split(",")] if args.htp_arch else [None]
+    if any(a is not None and not a.isdigit() for a in args.htp_archs):
+        p.error(f"--htp-arch '{args.htp_arch}': expected numbers such as 68,73,79")
     if args.calib <= 0 or args.eval <= 0:
         p.error("--calib and --eval must be positive")
     if args.offset < 0:
@@ -506,7 +511,7 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         for name in args.model_list:
             rows += bench_model(MODELS[name], variants, args, assets, work)
-    sys.stdout.write(render(rows, args.htp))
+    sys.stdout.write(render(rows, args.htp_archs if args.htp else []))
     if args.json:
         Path(args.json).write_text(json.dumps({"calib": args.calib, "eval": args.eval, "offset": args.offset,
                                                "rows": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
