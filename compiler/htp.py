@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from compiler.ir import QccError, fix_input_shapes
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
-from compiler.runtime import run_model
+from compiler.runtime import expose_tensors, run_model
 
 EP_NAME = "QNNExecutionProvider"
 INSTALL_HINT = ("the QNN HTP backend needs the optional package onnxruntime-qnn: "
@@ -277,7 +277,45 @@ def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: li
         for row in compare_outputs(against, got, steps if label == "htp_vs_simulation" else None):
             rows[row.name][label] = {"cosine_mean": row.cos_mean, "cosine_min": row.cos_min, "sqnr_db": row.sqnr_db,
                                      **({"max_steps": row.max_steps} if row.max_steps is not None else {})}
-    return {"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds, "outputs": rows}
+    return {"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds, "outputs": rows,
+            "first_divergences": first_divergences(static, samples[0], arch)}
+
+
+DIVERGENCE_COSINE = 0.999  # a tensor whose HTP value agrees less with the simulation "parts" from it
+DIVERGENCES_SHOWN = 3
+
+
+def first_divergences(model: onnx.ModelProto, sample: dict, arch: str) -> list[dict]:
+    """The first activations, in graph order, where HTP and the CPU simulation part on ``sample``: every
+    activation's DequantizeLinear output exposed as a graph output on both, compared by cosine and by the
+    largest difference in that tensor's own quantization steps. The op that writes it is where to look."""
+    g = GraphIndex(model)
+    activations = []  # (the DQ's output, the quantized tensor, its producer's op, its step)
+    for node in g.nodes:
+        source = g.producer.get(node.input[0]) if is_dq(node) else None
+        if source is None or not is_q(g.nodes[source]):
+            continue
+        tensor = g.nodes[source].input[0]
+        writer = g.producer.get(tensor)
+        params = dq_params(g, node)
+        step = float(params.scale.reshape(-1)[0]) if params is not None and params.scale.size == 1 else None
+        activations.append((node.output[0], tensor, g.nodes[writer].op_type if writer is not None else "input", step))
+    exposed = expose_tensors(model, [name for name, *_ in activations])
+    try:
+        (htp,), _ = run_htp(exposed, [sample], {"htp_arch": arch})
+    except QccError:
+        return []  # the graph with its intermediate outputs may not map onto HTP; the check itself ran
+    (simulated,) = run_model(exposed, [sample])
+    parted = []
+    for name, tensor, op, step in activations:
+        stats = ErrorStats()
+        stats.update(Reference(simulated[name]), htp[name].astype(simulated[name].dtype, copy=False))
+        steps = float(np.max(np.abs(htp[name] - simulated[name]))) / step if step and simulated[name].size else None
+        if stats.cos is not None and stats.cos < DIVERGENCE_COSINE:
+            parted.append({"tensor": tensor, "op": op, "cosine": stats.cos, "max_steps": steps})
+            if len(parted) == DIVERGENCES_SHOWN:
+                break
+    return parted
 
 
 def check_lines(check: dict, data: str) -> list[str]:
@@ -291,6 +329,12 @@ def check_lines(check: dict, data: str) -> list[str]:
         lines.append(f"HTP v{check['arch']} on {check['samples']} {data}: output {name}: HTP vs FP32 cosine "
                      f"{htp['cosine_mean']:.5f} (min {htp['cosine_min']:.5f}), simulation vs FP32 {sim['cosine_mean']:.5f}; "
                      f"HTP vs simulation {agree['cosine_mean']:.5f}{steps}")
+    if check["first_divergences"]:
+        parted = ", ".join(f"{d['tensor']} ({d['op']}, cosine {d['cosine']:.4f}"
+                           + (f", {d['max_steps']:.0f} steps)" if d["max_steps"] is not None else ")")
+                           for d in check["first_divergences"])
+        lines.append(f"HTP v{check['arch']}: first tensors where HTP parts from the simulation (cosine < "
+                     f"{DIVERGENCE_COSINE}, first sample): {parted}")
     return lines
 
 

@@ -41,6 +41,14 @@ def test_a_real_model_compiled_for_v68_reports_htp_beside_the_simulation(assets,
     (row,) = check["outputs"].values()
     assert row["htp_vs_fp32"]["cosine_mean"] > 0.98 and row["simulation_vs_fp32"]["cosine_mean"] > 0.98
     assert row["htp_vs_simulation"]["cosine_mean"] > 0.99 and row["htp_vs_simulation"]["max_steps"] >= 0
+    # Where HTP parts from the simulation, layer by layer: tensors the compiled model quantizes, written by an op.
+    compiled = onnx.load(out)
+    quantized = {node.input[0] for node in compiled.graph.node if node.op_type == "QuantizeLinear"}
+    ops = {node.output[0]: node.op_type for node in compiled.graph.node}
+    assert check["first_divergences"]  # v68 computes cls's convolutions a few steps off the simulation
+    for divergence in check["first_divergences"]:
+        assert divergence["tensor"] in quantized and divergence["op"] == ops.get(divergence["tensor"], "input")
+        assert divergence["cosine"] < htp.DIVERGENCE_COSINE
 
 
 def test_all_checks_every_generation_by_the_oldest_rules(work, capsys):
