@@ -305,11 +305,12 @@ def encoding_from_qdq(scale: np.ndarray, zero_point: np.ndarray, axis: int | Non
 
 @dataclass(frozen=True)
 class HtpArch:
-    """One Hexagon NPU generation as QNN's HTP backend (onnxruntime-qnn 2.7.0) runs it."""
+    """One Hexagon NPU generation as QNN's HTP backend (onnxruntime-qnn 2.7.0) runs it. v68 and v69 also round
+    16-bit convolutions differently from the simulation (docs/htp-backend.md); nothing qcc chooses depends on
+    that yet, so it is not a field."""
     version: str
-    weight_bits: tuple      # widths of quantized weights it takes (v68 and v69 refuse 16-bit weights)
-    exact_16bit_conv: bool  # a 16-bit convolution within ~1-3 output steps of the simulation (v68, v69: ~9-60)
+    weight_bits: tuple  # widths of quantized weights it takes (v68 and v69 refuse 16-bit weights)
 
 
-HTP_ARCHS = {version: HtpArch(version, (4, 8) if version in ("68", "69") else (4, 8, 16), version not in ("68", "69"))
+HTP_ARCHS = {version: HtpArch(version, (4, 8) if version in ("68", "69") else (4, 8, 16))
              for version in ("68", "69", "73", "75", "79", "81")}
