@@ -67,8 +67,9 @@ Usage (from the repository root):
 ``--eval N``    held-out samples (default 32; cls cosine moves by ~0.03 per flipped sample, so fewer is noisy)
 ``--offset N``  the first file used (default 0), see Data
 ``--htp``       also run every quantized model on onnxruntime-qnn's HTP backend (CPU fallback disabled)
-                on 2 held-out samples: cosine and max difference in output steps against CPU simulation,
+                on --htp-samples held-out samples: cosine and max difference in output steps against CPU simulation,
                 cosine against FP32. Needs ``pip install '.[qnn]'``; about a second per cls sample.
+``--htp-samples N`` held-out samples run on HTP (default 2; about a second each for det)
 ``--htp-arch N[,N...]`` the HTP architectures the backend simulates, one column group each (e.g. 68,73,79;
                 default: its own, v68; v73 and later compute 16-bit convolutions exactly, v68 only to ~20 steps)
 ``--tools``     a subset of the tools (default all); the qcc tools need the ``htp`` target
@@ -107,7 +108,6 @@ from compiler.runtime import run_model  # noqa: E402
 
 ZERO_OUTPUT = 1e-3     # a held-out sample whose FP32 output stays below this everywhere is left out
 DET_THRESHOLD = 0.3    # PaddleOCR's DBPostProcess binarisation threshold
-HTP_SAMPLES = 2
 # Opset 13 at least: per-channel QuantizeLinear/DequantizeLinear (onnxruntime's per_channel) needs it.
 CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=13}"
 RAPIDOCR = ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -407,7 +407,7 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
         for key, value in accuracy(fp32, outputs, keep, model.task).items():
             setattr(row, key, value)
         if args.htp:
-            first = keep[:HTP_SAMPLES] or list(range(min(HTP_SAMPLES, len(held))))
+            first = keep[:args.htp_samples] or list(range(min(args.htp_samples, len(held))))
             row.htp = {arch or "default": htp_agreement(quantized, [held[i] for i in first], [outputs[i] for i in first],
                                                         [fp32[i] for i in first], arch) for arch in args.htp_archs}
         log(f"{model.name}: {variant.name} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
@@ -461,6 +461,7 @@ def parse_args(argv):
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--htp", action="store_true")
     p.add_argument("--htp-arch", metavar="N")
+    p.add_argument("--htp-samples", type=int, default=2, metavar="N")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--json", metavar="OUT.json")
     p.add_argument("--save-dir", metavar="DIR")
