@@ -5,7 +5,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import time
+
 from compiler.errors import PassFailure, QccError
+
+STARTED = time.perf_counter()  # as the command line module loads: what follows is qcc's own start-up
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: a bug in qcc
@@ -64,6 +68,8 @@ def _add_compile(sub) -> None:
     p.add_argument("--dump-dir", default=None, help="folder for --dump-after (default: OUTPUT's stem + '.dumps')")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="print where the time went: start-up, load, each pass, evaluation, HTP check, each write")
     _add_quantization(p)
     p.set_defaults(func=cmd_compile)
 
@@ -77,8 +83,8 @@ def cmd_compile(args) -> int:
         calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
         dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
-        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples)
-    compile_file(Path(args.model), Path(args.output), request, force=args.force)
+        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile)
+    compile_file(Path(args.model), Path(args.output), request, force=args.force, started=STARTED)
     return 0
 
 

@@ -257,8 +257,9 @@ def compare_with_cpu(model: onnx.ModelProto, samples: list[dict],
 def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], arch: str) -> dict:
     """The compiled ``model`` on the HTP backend of ``arch`` (CPU fallback off), per output: HTP and the CPU
     simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
-    SQNR dB, largest difference in output steps). A model the backend refuses gives ``status`` "refused"
-    and the backend's reason; the compile stays written."""
+    SQNR dB, largest difference in output steps); and the first tensors where the two part
+    (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused"
+    and the backend's reason."""
     # QNN compiles for static shapes: pin each dynamic input to the samples' shape.
     dynamic = {i.name for i in model.graph.input
                if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in i.type.tensor_type.shape.dim)}
@@ -283,14 +284,43 @@ def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: li
 
 DIVERGENCE_COSINE = 0.999  # a tensor whose HTP value agrees less with the simulation "parts" from it
 DIVERGENCES_SHOWN = 3
+# Activations exposed per HTP session while searching: each one exposed costs session build time (det: 30 add
+# 0.3 s, all 198 add 3.7 s), and the first divergences are usually early.
+EXPOSED_PER_SESSION = 30
+SEARCHED_ACTIVATIONS = 90
 
 
 def first_divergences(model: onnx.ModelProto, sample: dict, arch: str) -> list[dict]:
-    """The first activations, in graph order, where HTP and the CPU simulation part on ``sample``: every
-    activation's DequantizeLinear output exposed as a graph output on both, compared by cosine and by the
-    largest difference in that tensor's own quantization steps. The op that writes it is where to look."""
+    """The first activations, in graph order among the first SEARCHED_ACTIVATIONS, whose HTP value on ``sample``
+    parts from the CPU simulation's (cosine below DIVERGENCE_COSINE), with the op that writes them and the
+    largest difference in their own quantization steps: each activation's DequantizeLinear output is exposed
+    as a graph output on both sides, EXPOSED_PER_SESSION at a time. Exposing a tensor can change how HTP
+    fuses the ops around it, so these sessions locate where the two part; the model's outputs are compared
+    on the graph as written (device_check)."""
+    activations = _activations(model)[:SEARCHED_ACTIVATIONS]
+    (simulated,) = run_model(expose_tensors(model, [name for name, *_ in activations]), [sample])
+    parted = []
+    for start in range(0, len(activations), EXPOSED_PER_SESSION):
+        chunk = activations[start:start + EXPOSED_PER_SESSION]
+        try:
+            (htp,), _ = run_htp(expose_tensors(model, [name for name, *_ in chunk]), [sample], {"htp_arch": arch})
+        except QccError:
+            return parted  # the graph with these outputs may not map onto HTP where the model itself does
+        for name, tensor, op, step in chunk:
+            stats = ErrorStats()
+            stats.update(Reference(simulated[name]), htp[name].astype(simulated[name].dtype, copy=False))
+            steps = float(np.max(np.abs(htp[name] - simulated[name]))) / step if step and simulated[name].size else None
+            if stats.cos is not None and stats.cos < DIVERGENCE_COSINE:
+                parted.append({"tensor": tensor, "op": op, "cosine": stats.cos, "max_steps": steps})
+                if len(parted) == DIVERGENCES_SHOWN:
+                    return parted
+    return parted
+
+
+def _activations(model: onnx.ModelProto) -> list[tuple]:
+    """(the DQ's output, the quantized tensor, the op writing it, its step) of every activation, in graph order."""
     g = GraphIndex(model)
-    activations = []  # (the DQ's output, the quantized tensor, its producer's op, its step)
+    activations = []
     for node in g.nodes:
         source = g.producer.get(node.input[0]) if is_dq(node) else None
         if source is None or not is_q(g.nodes[source]):
@@ -300,22 +330,7 @@ def first_divergences(model: onnx.ModelProto, sample: dict, arch: str) -> list[d
         params = dq_params(g, node)
         step = float(params.scale.reshape(-1)[0]) if params is not None and params.scale.size == 1 else None
         activations.append((node.output[0], tensor, g.nodes[writer].op_type if writer is not None else "input", step))
-    exposed = expose_tensors(model, [name for name, *_ in activations])
-    try:
-        (htp,), _ = run_htp(exposed, [sample], {"htp_arch": arch})
-    except QccError:
-        return []  # the graph with its intermediate outputs may not map onto HTP; the check itself ran
-    (simulated,) = run_model(exposed, [sample])
-    parted = []
-    for name, tensor, op, step in activations:
-        stats = ErrorStats()
-        stats.update(Reference(simulated[name]), htp[name].astype(simulated[name].dtype, copy=False))
-        steps = float(np.max(np.abs(htp[name] - simulated[name]))) / step if step and simulated[name].size else None
-        if stats.cos is not None and stats.cos < DIVERGENCE_COSINE:
-            parted.append({"tensor": tensor, "op": op, "cosine": stats.cos, "max_steps": steps})
-            if len(parted) == DIVERGENCES_SHOWN:
-                break
-    return parted
+    return activations
 
 
 def check_lines(check: dict, data: str) -> list[str]:

@@ -16,6 +16,7 @@ counted; it still counts in the SQNR.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -124,6 +125,7 @@ class CompileRequest:
     htp_arch: str | None = None  # an HTP generation, or "all" (the rules of the oldest, checked on every one)
     htp_check: bool = True       # run the written model on the HTP backend (compile_file, when it is installed)
     htp_samples: int = 2
+    profile: bool = False        # print where the time went (compile_file)
 
     def pipeline(self) -> Pipeline:
         pipeline = build_pipeline(self)
@@ -143,6 +145,8 @@ class CompileResult:
     reference: Module | None = None
     # The written model on the HTP backend (compile_file): one htp.device_check per generation, or why none ran.
     htp: dict = field(default_factory=dict)
+    # Wall-clock seconds of each stage outside the passes (load, evaluation, HTP check, each write), in order.
+    timings: dict = field(default_factory=dict)
 
 
 def _dataset(data, module: Module, request: CompileRequest, count: int | None = None):
@@ -183,27 +187,46 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
     start = time.perf_counter()
     manager.run(module, ctx)
     seconds = time.perf_counter() - start
-    metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
-    return CompileResult(module, manager, ctx, seconds, metrics, ctx.reference)
+    timings = {}
+    with timed(timings, "evaluation"):
+        metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
+    return CompileResult(module, manager, ctx, seconds, metrics, ctx.reference, timings=timings)
 
 
-def compile_file(model_path: Path, output: Path, request: CompileRequest, *, force: bool = False) -> CompileResult:
+@contextlib.contextmanager
+def timed(timings: dict, stage: str):
+    """Add the block's wall-clock seconds to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def compile_file(model_path: Path, output: Path, request: CompileRequest, *, force: bool = False,
+                 started: float | None = None) -> CompileResult:
     """``qcc compile``: every check that can run before the first pass runs there (pipeline, output paths,
     every sample's names, shapes and dtypes); the outputs are staged and committed together at the end, so
-    a failure anywhere leaves nothing of the run behind."""
+    a failure anywhere leaves nothing of the run behind. ``started``: when the process started (perf_counter),
+    so the profile shows the start-up (imports, argument parsing) too."""
     from compiler.encoding import has_qdq
     from compiler.ir import load
+    start_up = time.perf_counter() - started if started is not None else None
     pipeline = request.pipeline()
     with plan_outputs(model_path, output, pipeline, request, force) as outputs:
         outputs.check()
-        module = load(model_path, request.input_shapes)
+        loading = {}
+        with timed(loading, "load"):
+            module = load(model_path, request.input_shapes)
         if "encodings" not in outputs.paths and has_qdq(module.graph):  # quantized before qcc saw it
             plan_quantized_outputs(outputs)
             outputs.check()
         dump_dir = outputs.folder("dumps") if request.dump_after else None
         result = compile_model(module, request=request, dump_dir=dump_dir)
+        result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
         check_arch(result)
-        result.htp = htp_checks(result, request)
+        with timed(result.timings, "HTP check"):
+            result.htp = htp_checks(result, request)
         written = write_outputs(result, request, outputs)
     if not request.quiet:
         for line in summary_lines(result.metrics) + result.htp.get("lines", []):
@@ -211,7 +234,20 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
         timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in result.manager.records)
         print(f"compiled in {result.seconds:.2f}s ({timings})", file=sys.stderr)
         print(f"wrote {', '.join(path.name for path in written)}", file=sys.stderr)
+    if request.profile:
+        print(profile_table(result), file=sys.stderr, end="")
     return result
+
+
+def profile_table(result: CompileResult) -> str:
+    """Where a compile's time went: start-up, load, each pass, evaluation, the HTP check, each write."""
+    rows = [(stage, seconds) for stage, seconds in result.timings.items() if stage in ("start-up", "load")]
+    rows += [(f"pass {r.name}", r.seconds) for r in result.manager.records]
+    rows += [(stage, seconds) for stage, seconds in result.timings.items() if stage not in ("start-up", "load")]
+    total = sum(seconds for _, seconds in rows)
+    lines = [f"{'stage':<32}{'seconds':>9}{'share':>8}"]
+    lines += [f"{stage:<32}{seconds:>9.3f}{seconds / total:>8.1%}" for stage, seconds in rows]
+    return "\n".join(lines + [f"{'total':<32}{total:>9.3f}"]) + "\n"
 
 
 def check_arch(result: CompileResult) -> None:
@@ -322,17 +358,23 @@ def write_outputs(result: CompileResult, request: CompileRequest, outputs: Outpu
     from compiler.encoding import has_qdq
     from compiler.export import encodings_json
     from compiler.runtime import loadable_bytes
-    module = result.module
-    names = {"model": outputs.write("compiled model", loadable_bytes(module.to_onnx(), outputs.paths["compiled model"])).name}
+    module, times = result.module, result.timings
+    with timed(times, "write compiled model"):
+        names = {"model": outputs.write("compiled model", loadable_bytes(module.to_onnx(),
+                                                                          outputs.paths["compiled model"])).name}
     if has_qdq(module.graph):
-        names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
+        with timed(times, "write encodings"):
+            names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
         if result.reference is not None:
-            data = loadable_bytes(result.reference.to_onnx(), outputs.paths["float model"])
-            names["float_model"] = outputs.write("float model", data).name
-    document = report(result.manager, result.context, result.seconds, result.metrics, names)
-    document["htp"] = {key: value for key, value in result.htp.items() if key != "lines"}
-    outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
-    return outputs.commit()
+            with timed(times, "write float model"):
+                data = loadable_bytes(result.reference.to_onnx(), outputs.paths["float model"])
+                names["float_model"] = outputs.write("float model", data).name
+    with timed(times, "write report and commit"):
+        document = report(result.manager, result.context, result.seconds, result.metrics, names)
+        document["htp"] = {key: value for key, value in result.htp.items() if key != "lines"}
+        document["timings"] = {stage: round(seconds, 3) for stage, seconds in times.items()}
+        outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
+        return outputs.commit()
 
 
 def _json(value):

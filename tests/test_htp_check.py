@@ -95,3 +95,13 @@ def test_htp_arch_is_for_the_htp_target(work, capsys):
     code = main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "dsp", "--htp-arch", "73",
                  "--calib-data", str(work / "data")])
     assert code == 2 and "target 'dsp' is not HTP" in capsys.readouterr().err
+
+
+def test_profile_shows_where_the_time_went(work, capsys):
+    assert compile_htp(work, "--profile", "--no-htp-check") == 0
+    table = capsys.readouterr().err.splitlines()
+    stages = [line.split()[0] + (" " + line.split()[1] if line.startswith(("pass", "write")) else "") for line in table[1:-1]]
+    assert stages[:2] == ["start-up", "load"] and "pass calibrate" in stages and "pass insert-qdq" in stages
+    assert stages[-4:] == ["write compiled", "write encodings", "write float", "write report"]
+    assert table[-1].startswith("total")
+    assert set(report(work)["timings"]) >= {"start-up", "load", "evaluation", "write compiled model"}
