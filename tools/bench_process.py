@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Whole-process compile time: ``qcc compile --target htp`` (W8A8) against onnxruntime's quantize_static.
+
+Both are timed as a user runs them, one process each, imports included, from the same float model (the
+bench's: input shape pinned, canonicalized) and the same calibration samples written as .npy files:
+
+- qcc: ``python -m compiler.cli compile FLOAT -o OUT --target htp --calib-data DIR`` (its four output files),
+  once with the HTP check (the default when onnxruntime-qnn is installed) and once with ``--no-htp-check``;
+- ORT: ``python tools/bench_process.py --ort FLOAT DIR OUT``: quant_pre_process, then quantize_static (QDQ,
+  per-channel, uint8 activations, int8 weights, MinMax), as tools/bench.py runs it.
+
+Usage (from the repository root):
+
+    python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64] [--repeat 1]
+
+prints, per model and calibration count, each process's seconds and qcc/ORT. ``--repeat N`` keeps the
+fastest of N runs of each (the machine's other work adds noise). Measurements go to docs/measurements.md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools import bench  # noqa: E402
+
+
+def ort_quantize(float_path: str, calib_dir: str, out: str) -> None:
+    """The ORT side, run in its own process: quant_pre_process, then quantize_static MinMax."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.files = iter(sorted(Path(calib_dir).glob("*.npy")))
+
+        def get_next(self):
+            path = next(self.files, None)
+            return None if path is None else {"x": np.load(path)}
+
+    prepared = str(Path(out).with_suffix(".pre.onnx"))
+    quant_pre_process(float_path, prepared)
+    quantize_static(prepared, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+def timed_run(command: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"bench_process: {' '.join(command[:4])} ... failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def measure(name: str, count: int, repeat: int, assets: Path, work: Path) -> dict:
+    model = bench.MODELS[name]
+    float_path, calib, _ = bench.prepare(model, assets, work, count, 1)
+    calib_dir = work / f"{name}_calib_{count}"
+    calib_dir.mkdir(exist_ok=True)
+    for i, sample in enumerate(calib):
+        np.save(calib_dir / f"{i:04d}.npy", sample["x"])
+    qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", str(work / f"{name}.qcc.onnx"),
+           "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
+    ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir),
+           str(work / f"{name}.ort.onnx")]
+    runs = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
+    return {label: min(timed_run(command) for _ in range(repeat)) for label, command in runs.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cls,det,rec,orient")
+    parser.add_argument("--calib", default="16,64", help="calibration sample counts, comma-separated")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--ort", nargs=3, metavar=("FLOAT", "CALIB_DIR", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ort:
+        ort_quantize(*args.ort)
+        return 0
+    from tools.fetch_assets import fetch
+    counts = [int(c) for c in args.calib.split(",")]
+    assets = fetch(count=max(64, max(counts) + 1))
+    print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}")
+    with tempfile.TemporaryDirectory(prefix="qcc-bench-process-") as tmp:
+        for name in args.models.split(","):
+            for count in counts:
+                t = measure(name, count, args.repeat, assets, Path(tmp))
+                print(f"{name:<8}{count:>6}{t['qcc']:>8.2f}{t['qcc --no-htp-check']:>21.2f}{t['ort']:>8.2f}"
+                      f"{t['qcc'] / t['ort']:>9.2f}{t['qcc --no-htp-check'] / t['ort']:>14.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
