@@ -40,7 +40,8 @@ def _add_quantization(parser) -> None:
                        help="mixed precision: move the activations that cost the most accuracy to 16 bits until the "
                             "output cosine vs FP32 on calibration data reaches COS (promote-16bit; e.g. 0.999)")
     group.add_argument("--max-16bit-share", type=float, metavar="SHARE",
-                       help="with --target-cos: at most this share of the activations at 16 bits (default 0.25)")
+                       help="with --target-cos: at most this share of the activation bytes at 16 bits "
+                            "(default 0.25; 1 is every activation at 16 bits)")
     group.add_argument("--htp-arch", choices=(*HTP_ARCHS, "all"),
                        help=f"the Hexagon NPU generation (target htp; default {DEFAULT_HTP_ARCH}: the oldest that takes "
                             "16-bit weights and computes 16-bit convolutions as the simulation does); 'all' compiles by "

@@ -281,7 +281,7 @@ class MixedPrecisionSim:
                 stats.update(reference, got)
         return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)
 
-    def converts(self, encodings: dict) -> int:
+    def conversions(self, encodings: dict) -> set[tuple[str, int]]:
         """The converts insert-converts will insert: distinct (tensor, width) pairs read at another width."""
-        return len({(name, encodings[writes].bw) for name, _, _, writes in self.edges
-                    if encodings[writes].bw != encodings[name].bw})
+        return {(name, encodings[writes].bw) for name, _, _, writes in self.edges
+                if encodings[writes].bw != encodings[name].bw}

@@ -26,8 +26,9 @@ tensor with the outputs of the ops that read it (plus what must share their widt
 3. Rank by cost. A unit's cost is the output error it causes: error(as is) - error(this unit alone
    at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples.
    Units that cost nothing are never promoted.
-4. Choose. Costliest first, the units that fit the budget (``budget``: share of activation tensors
-   at 16 bits) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
+4. Choose. Costliest first, the units that fit the budget (``budget``: the share of activation bytes
+   at 16 bits, ``byte_share``: a 16-bit tensor moves each element's second byte; all activations at 16
+   bits make 1; the converts' bytes are reported beside it) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
    samples and outputs) reaches ``target-cos`` is promoted: prefixes of 1, 2, 4, ... units until
    one does, then bisection (the greedy one-unit-at-a-time result in log2 evaluations). Short of
    the target, the best prefix measured is promoted and the remaining units are ranked again
@@ -39,7 +40,8 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them
    down to for an 8-bit reader.
 
-Stats: output cosine before and after, tensors promoted, 16-bit share, converts HTP will run. A
+Stats: output cosine before and after, tensors promoted, the byte share and tensor count at 16 bits, the
+activation bytes at 8 bits, converts HTP will run. A
 remark per promoted unit says why (the share of the output error it removes alone), and ``module.cache["promote-16bit"]``
 holds the same as data; a second run with the same options finds it and changes nothing.
 """
@@ -116,6 +118,28 @@ def constant_encodings(module: Module, wide: set[str]) -> dict:
     return encodings
 
 
+def activation_sizes(module: Module, names: list[str]) -> dict[str, int]:
+    """Elements of each activation per sample; a dynamic dimension counts as 1 (HTP runs static shapes: give
+    --input-shape for byte shares that mean what the device moves)."""
+    tensors = module.graph.tensors()
+    return {name: int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in tensors[name].shape or []]))
+            for name in names}
+
+
+def byte_share(encodings: dict, sizes: dict) -> float:
+    """The share of the activation bytes at 16 bits: each 16-bit activation moves one more byte per element
+    than at 8; all activations at 16 bits make 1. It grows with every unit promoted, so the costliest units
+    that fit a budget are found in one pass (converts, which promoting a neighbour can remove, are reported
+    beside it: ``convert_share``)."""
+    return sum(size for name, size in sizes.items() if encodings[name].bw >= 16) / max(sum(sizes.values()), 1)
+
+
+def convert_share(encodings: dict, sizes: dict, sim: MixedPrecisionSim) -> float:
+    """The bytes insert-converts' converts write (each its tensor again, at the new width), as a share of the
+    activation bytes at 8 bits."""
+    return sum(sizes.get(name, 0) * width // 8 for name, width in sim.conversions(encodings)) / max(sum(sizes.values()), 1)
+
+
 def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | None) -> dict:
     """Every activation's encoding as the 16-bit pipeline sets it: min-max ranges (at 16 bits clipping
     only costs accuracy), fixed ranges exactly, then propagate-encodings' sharing, fusion and clamps
@@ -179,11 +203,12 @@ class Promote16Bit(Pass):
         encodings = dict(module.encodings)
         wide = {n for n in activations if encodings[n].bw >= 16}
         total = len(activations)
-        share_of = lambda tensors: len(tensors) / total
+        sizes = activation_sizes(module, activations)
+        share_of = lambda chosen: byte_share(chosen, sizes)
         start = sim.measure(encodings)
-        stats = {"cos-before": start.cos, "activations": total}
+        stats = {"cos-before": start.cos, "activations": total, "activation-bytes-8bit": sum(sizes.values())}
         if start.cos >= opts.target_cos:
-            return PassResult(False, {**stats, "share-16bit": share_of(wide)})
+            return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
 
         simulated = {name for name, _ in sim.pairs}
         widened = lambda unit: {n: sim.wide[n] for n in unit if n not in wide}
@@ -200,7 +225,7 @@ class Promote16Bit(Pass):
                     round_cost[tuple(u)] = round_baseline - sim.measure({**encodings, **widened(u)}, opts.screen_samples).error
                     bar.advance()
             evaluations += len(remaining) + 1
-            picked, count, measured = self._choose(sim, encodings, wide, remaining, round_cost, widened, share_of, cos)
+            picked, count, measured = self._choose(sim, encodings, remaining, round_cost, widened, share_of, cos)
             evaluations += len(measured) - 1  # prefix 0 is the state already measured
             budget_full = budget_full or count == len(picked) < sum(1 for c in round_cost.values() if c > 0)
             if not count:
@@ -218,10 +243,10 @@ class Promote16Bit(Pass):
                       f"(per-channel, bias correction, AdaRound)"] if best_case.cos < opts.target_cos else []
             if budget_full:
                 limits.append(f"the budget ({opts.budget:g}) holds no more")
-            ctx.remark("graph", f"output cosine {cos:.6f} < {opts.target_cos:g} with {share_of(wide):.1%} of the "
-                                f"activations at 16 bits; {'; '.join(limits) or 'no unit helps further'}")
+            ctx.remark("graph", f"output cosine {cos:.6f} < {opts.target_cos:g} with {share_of(encodings):.1%} of the "
+                                f"activation bytes at 16 bits; {'; '.join(limits) or 'no unit helps further'}")
         if not count:
-            return PassResult(False, {**stats, "share-16bit": share_of(wide)})
+            return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
         promoted = [{"tensors": u, "output_error_share": removed[tuple(u)]} for u in chosen]
         for unit in chosen:  # remarks reach the compile report
             ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: "
@@ -232,24 +257,25 @@ class Promote16Bit(Pass):
             module.annotate(name, act_bits=16, **({"narrow": sim.narrow(name)} if old.bw < 16 and not old.symmetric else {}))
             module.encodings[name] = encodings[name]
         module.encodings.update(constant_encodings(module, wide))
+        converts = len(sim.conversions(encodings))
         module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
-                                   "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(wide),
-                                   "converts": sim.converts(encodings), "promoted": promoted}
+                                   "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(encodings),
+                                   "tensors_16bit": len(wide), "converts": converts, "promoted": promoted}
         return PassResult(True, {**stats, "cos-after": cos, "cos-all-16bit": best_case.cos, "promoted": len(changed),
-                                 "share-16bit": share_of(wide), "converts": sim.converts(encodings),
-                                 "evaluations": evaluations})
+                                 "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "converts": converts,
+                                 "convert-share": convert_share(encodings, sizes, sim), "evaluations": evaluations})
 
-    def _choose(self, sim, encodings, wide, units, cost, widened, share_of, cos_now) -> tuple[list, int, dict]:
+    def _choose(self, sim, encodings, units, cost, widened, share_of, cos_now) -> tuple[list, int, dict]:
         """The costliest units first, as many as the budget holds; prefixes of 1, 2, 4, ... units are measured
         until one reaches the target, then bisection finds the shortest; short of the target, the best prefix.
         Returns (the ordered units, how many to promote, cosine per measured prefix length)."""
         target = self.options.target_cos
         helpful = sorted((u for u in units if cost[tuple(u)] > 0), key=lambda u: -cost[tuple(u)])
         chosen = []
-        for unit in helpful:
-            if share_of(wide.union(*chosen, unit)) <= self.options.budget:
-                chosen.append(unit)
         prefix = lambda k: {**encodings, **{n: e for u in chosen[:k] for n, e in widened(u).items()}}
+        for unit in helpful:
+            if share_of({**prefix(len(chosen)), **widened(unit)}) <= self.options.budget:
+                chosen.append(unit)
         measured = {0: cos_now}
         low, high = 0, None
         for size in sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)} - {0}):

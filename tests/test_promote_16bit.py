@@ -168,7 +168,12 @@ def test_the_costly_tensor_is_promoted(promoted):
     assert {"c", "r"} <= wide and "x" not in wide
     assert all(module.annotations[n]["act_bits"] == 16 for n in wide)
     assert result.stats["cos-before"] < 0.99 <= result.stats["cos-after"]
-    assert result.stats["share-16bit"] == len(wide) / len(before.encodings) <= 0.75
+    # The budget is in bytes: each 16-bit activation's elements once more; converts' bytes beside it.
+    activations = [n for n, e in before.encodings.items() if not e.symmetric]
+    sizes = {n: int(np.prod(module.graph.tensors()[n].shape)) for n in activations}
+    assert result.stats["activation-bytes-8bit"] == sum(sizes.values()) and result.stats["tensors-16bit"] == len(wide)
+    assert result.stats["share-16bit"] == sum(sizes[n] for n in wide) / sum(sizes.values()) <= 0.75
+    assert result.stats["convert-share"] == (sizes["x"] * 2 / sum(sizes.values()) if result.stats["converts"] else 0)
     record = module.cache["promote-16bit"]
     assert 0 < record["promoted"][0]["output_error_share"] <= 1 and "c" in record["promoted"][0]["tensors"]
 
