@@ -85,6 +85,13 @@ def tie_graph(module: Module, names: set[str]) -> nx.Graph:
     return ties
 
 
+def tie_groups(module: Module, names: set[str]) -> list[list[str]]:
+    """The groups of ``names`` that must share one width (tie_graph's components), in graph order: disjoint."""
+    order = {t.name: i for i, node in enumerate(module.graph.nodes) for t in list(node.inputs) + list(node.outputs)}
+    groups = [sorted(c, key=lambda n: order.get(n, -1)) for c in nx.connected_components(tie_graph(module, names))]
+    return sorted(groups, key=lambda g: order.get(g[0], -1))
+
+
 def promotion_units(module: Module, names: set[str]) -> list[list[str]]:
     """Per tensor: itself and the outputs of the ops reading it, closed under the ties; deduplicated, in graph order."""
     ties = tie_graph(module, names)
@@ -213,10 +220,19 @@ class Promote16Bit(Pass):
         simulated = {name for name, _ in sim.pairs}
         widened = lambda unit: {n: sim.wide[n] for n in unit if n not in wide}
         units = [u for u in promotion_units(module, set(activations)) if not set(u) <= wide and set(u) <= simulated]
-        best_case = sim.measure({**encodings, **{n: e for u in units for n, e in widened(u).items()}})
+        everything = {**encodings, **{n: e for u in units for n, e in widened(u).items()}}
+        best_case = sim.measure(everything)
         cos, evaluations, chosen, removed = start.cos, 2, [], {}
         budget_full = False
-        for round_index in range(opts.rounds):
+        if best_case.cos >= opts.target_cos:
+            groups = tie_groups(module, {n for u in units for n in u})
+            kept, kept_cos, shares, spent = self._demote(sim, encodings, everything, groups, share_of)
+            evaluations += spent
+            if kept:
+                chosen, cos, removed = kept, kept_cos, shares
+                encodings = {**encodings, **{n: e for u in kept for n, e in widened(u).items()}}
+                wide = wide.union(*kept)
+        for round_index in range(opts.rounds if cos < opts.target_cos else 0):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
             round_cost = {}
@@ -250,7 +266,7 @@ class Promote16Bit(Pass):
         promoted = [{"tensors": u, "output_error_share": removed[tuple(u)]} for u in chosen]
         for unit in chosen:  # remarks reach the compile report
             ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: "
-                                f"alone it removes {removed[tuple(unit)]:.1%} of the output error")
+                                f"alone it accounts for {removed[tuple(unit)]:.1%} of the 8-bit output error")
         changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
         for name in changed:
             old = module.encodings[name]
@@ -264,6 +280,35 @@ class Promote16Bit(Pass):
         return PassResult(True, {**stats, "cos-after": cos, "cos-all-16bit": best_case.cos, "promoted": len(changed),
                                  "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "converts": converts,
                                  "convert-share": convert_share(encodings, sizes, sim), "evaluations": evaluations})
+
+    def _demote(self, sim, base: dict, everything: dict, units: list, share_of) -> tuple[list, float, dict, int]:
+        """From every activation at 16 bits (which reaches the target), the ``units`` (disjoint groups that share
+        a width) to keep there: each unit's damage when it alone goes back to 8 bits (screen samples) orders
+        them, least damage first; the longest prefix whose demotion keeps the target within the budget is
+        found by bisection. Returns (units kept, their cosine, unit -> its damage as a share of the 8-bit
+        model's error, evaluations); no units when the budget admits no state that reaches the target."""
+        screen = self.options.screen_samples
+        top_error, base_error = sim.measure(everything, screen).error, sim.measure(base, screen).error
+        damage = {}
+        with Progress(len(units), "promote-16bit: ranking from 16 bits") as bar:
+            for unit in units:
+                damage[tuple(unit)] = sim.measure({**everything, **{n: base[n] for n in unit}}, screen).error - top_error
+                bar.advance()
+        order = sorted(units, key=lambda u: damage[tuple(u)])
+        state = lambda k: {**base, **{n: everything[n] for u in order[k:] for n in u}}
+        low = next((k for k in range(len(order) + 1) if share_of(state(k)) <= self.options.budget), len(order))
+        measured = {low: sim.measure(state(low)).cos}
+        spent = len(units) + 3
+        if measured[low] < self.options.target_cos:
+            return [], measured[low], {}, spent
+        high = len(order)  # every unit back at 8 bits: the start, below the target
+        while high - low > 1:
+            middle = (low + high) // 2
+            measured[middle] = sim.measure(state(middle)).cos
+            spent += 1
+            low, high = (middle, high) if measured[middle] >= self.options.target_cos else (low, middle)
+        kept = list(reversed(order[low:]))  # costliest first
+        return kept, measured[low], {tuple(u): max(damage[tuple(u)], 0.0) / max(base_error, 1e-30) for u in kept}, spent
 
     def _choose(self, sim, encodings, units, cost, widened, share_of, cos_now) -> tuple[list, int, dict]:
         """The costliest units first, as many as the budget holds; prefixes of 1, 2, 4, ... units are measured

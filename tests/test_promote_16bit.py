@@ -245,3 +245,16 @@ def test_converted_ops_agree_on_htp(wide):
     stats = ErrorStats()
     stats.update(Reference(make_session(proto).run(["z"], data[0])[0]), outputs[0]["z"])
     assert stats.cos > 0.999
+
+
+def test_from_the_top_it_keeps_at_16_bits_only_what_the_target_needs():
+    """When every activation at 16 bits reaches the target, units go back to 8 bits, least damage first, while
+    the target holds: the result reaches it, and no kept unit can go back alone without missing it."""
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    base = dict(module.encodings)
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "1"}).run(module, ctx)
+    assert result.stats["cos-all-16bit"] >= 0.99 <= result.stats["cos-after"]
+    wide = {n for n, e in module.encodings.items() if e.bw == 16 and not e.symmetric}
+    assert wide and wide != {n for n, e in base.items() if not e.symmetric}  # not everything
+    assert result.stats["share-16bit"] < 1
