@@ -125,9 +125,9 @@ def cmd_print(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     """The parser of every command; called inside ``main``'s error handling, because building it imports
     onnx and onnxruntime (a second's work a user may interrupt)."""
-    from compiler import analyze_cmd, compare_dump, run_htp_cmd
+    from compiler import analyze_cmd, compare_dump, encodings_cmd, run_htp_cmd
     commands = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command,
-                run_htp_cmd.add_command]
+                run_htp_cmd.add_command, encodings_cmd.add_command]
     parser = _Parser(prog="qcc", description="ONNX quantization compiler for Qualcomm HTP-class NPUs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in commands:

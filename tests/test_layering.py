@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Modules that parse a command line or drive a whole run: nothing below them may import them.
 COMMANDS = {"compiler.cli", "compiler.arguments", "compiler.quantize", "compiler.analyze_cmd", "compiler.compare_dump",
-            "compiler.run_htp_cmd"}
+            "compiler.run_htp_cmd", "compiler.encodings_cmd"}
 REGISTRY_LOADER = "compiler.pass_manager"  # imports every pass module by name, so each registers itself
 
 

@@ -1,0 +1,77 @@
+"""qcc encodings check: every rule caught by a file that breaks it, and silence for the files qcc writes."""
+import json
+
+import pytest
+
+from compiler.cli import main
+
+
+def compile_htp(work, *extra):
+    assert main(["compile", str(work / "m.onnx"), "-o", str(work / "run" / "m.onnx"), "--target", "htp", "-q",
+                 "--no-htp-check", "--calib-data", str(work / "data"), *extra]) == 0
+
+
+def check(work, capsys, *extra) -> tuple[int, list[str]]:
+    code = main(["encodings", "check", str(work / "run" / "m.onnx"), str(work / "run" / "m.encodings"), *extra])
+    prefix = f"{work / 'run' / 'm.encodings'}: "
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert all(line.startswith(prefix) for line in lines)  # each line names the file
+    return code, [line[len(prefix):] for line in lines]
+
+
+def edit(work, change):
+    path = work / "run" / "m.encodings"
+    document = json.loads(path.read_text())
+    change({entry["name"]: entry for section in ("activation_encodings", "param_encodings")
+            for entry in document[section]}, document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+def test_the_files_qcc_writes_describe_their_model(work, capsys, fmt):
+    compile_htp(work, "--encodings-format", fmt)
+    assert check(work, capsys) == (0, [])
+
+
+def test_a_quantized_tensor_without_an_encoding(work, capsys):
+    compile_htp(work)
+    edit(work, lambda entries, doc: doc["activation_encodings"].remove(entries["c"]))
+    assert check(work, capsys) == (1, ["activation 'c' is quantized in the model but has no encoding"])
+
+
+def test_a_name_the_model_does_not_have(work, capsys):
+    compile_htp(work)
+    edit(work, lambda entries, doc: doc["activation_encodings"].append({**entries["c"], "name": "linear_1.tmp_0"}))
+    assert check(work, capsys) == (1, ["activation 'linear_1.tmp_0' names no tensor of the model"])
+
+
+def test_an_offset_or_scale_the_model_does_not_use(work, capsys):
+    compile_htp(work)
+
+    def shift(entries, doc):
+        entries["x"]["offset"] = [entries["x"]["offset"][0] - 1]
+        entries["y"]["scale"] = [entries["y"]["scale"][0] * 1.01]
+    edit(work, shift)
+    code, lines = check(work, capsys)
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("activation 'x': offset") and "in the file" in lines[0]
+    assert lines[1].startswith("activation 'y': scale")
+
+
+def test_a_bias_off_its_input_and_weight_scales(work, capsys):
+    compile_htp(work)
+
+    def rescale(entries, doc):
+        bias, weight, source = entries["b"], entries["w"], entries["x"]
+        bias["scale"] = [source["scale"][0] * s * 2 for s in weight["scale"]]
+    edit(work, rescale)
+    code, lines = check(work, capsys)
+    assert code == 1
+    assert any(line.startswith("bias 'b' of node") and "as s_in * s_w" in line for line in lines)
+
+
+def test_a_weight_wider_than_the_generation_takes(work, capsys):
+    compile_htp(work, "--act-bits", "16", "--weight-bits", "16")
+    assert check(work, capsys) == (0, [])  # compiled for v73, which takes 16-bit weights
+    code, lines = check(work, capsys, "--htp-arch", "68")
+    assert code == 1 and lines == ["parameter 'w': 16-bit weight; HTP v68 takes 4 or 8-bit weights"]
