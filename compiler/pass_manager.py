@@ -1,6 +1,7 @@
 """Passes, their registry, textual pipelines and the manager that runs them.
 
-Pipeline text is MLIR-like: ``fold-bn,pad-channels{multiple=32},insert-qdq{act-bits=16}``.
+Pipeline text is MLIR-like: ``quant{act-bits=16},fold-bn,pad-channels{multiple=32},calibrate,insert-qdq``
+(the leading ``quant{...}`` is the compile's quantization config, compiler.config).
 Option keys are the kebab-case spelling of the pass's ``Options`` dataclass fields
 and are typed by it; ``str(pipeline)`` prints every option, so it round-trips.
 """
