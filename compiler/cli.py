@@ -55,9 +55,14 @@ def _add_quantization(parser) -> None:
 
 
 def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="run a target's pipeline (or --passes) on a model")
+    _compile_arguments(p)
+    p.set_defaults(func=cmd_compile)
+
+
+def _compile_arguments(p) -> None:
     from compiler.arguments import add_input_shape
     from compiler.targets import TARGETS
-    p = sub.add_parser("compile", help="run a target's pipeline (or --passes) on a model")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     group = p.add_mutually_exclusive_group()
@@ -72,21 +77,107 @@ def _add_compile(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="print where the time went: start-up, load, each pass, evaluation, HTP check, each write")
     _add_quantization(p)
-    p.set_defaults(func=cmd_compile)
 
 
 def cmd_compile(args) -> int:
+    from compiler.quantize import compile_file
+    compile_file(Path(args.model), Path(args.output), _request(args), force=args.force, started=STARTED)
+    return 0
+
+
+def _request(args):
     from compiler.arguments import image_options, input_shapes
-    from compiler.quantize import CompileRequest, compile_file
-    request = CompileRequest(
+    from compiler.quantize import CompileRequest
+    return CompileRequest(
         target=args.target or "cpu", passes=args.passes, act_bits=args.act_bits, weight_bits=args.weight_bits,
         calib_method=args.calib_method, target_cos=args.target_cos, max_16bit_share=args.max_16bit_share,
         calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
         dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
         htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile)
-    compile_file(Path(args.model), Path(args.output), request, force=args.force, started=STARTED)
-    return 0
+
+
+def _add_compile_many(sub) -> None:
+    p = sub.add_parser("compile-many", help="compile every entry of a JSON manifest, one after the other")
+    p.add_argument("manifest", metavar="MANIFEST.json",
+                   help="a JSON list of objects whose keys are qcc compile's options in snake_case (model, output, "
+                        "target, calib_data, input_shape as a list, act_bits, ...); true for a flag; paths as on "
+                        "the command line (relative to the working directory)")
+    p.set_defaults(func=cmd_compile_many)
+
+
+EXIT_SOME_FAILED = 1
+
+
+def cmd_compile_many(args) -> int:
+    """Every entry is parsed as ``qcc compile`` would parse it before any compile runs (a mistake names the
+    entry); then each compiles on its own: one entry's failure is reported and the others go on. A summary
+    table ends the run; exit 1 when any entry failed. Each compile writes its outputs whole or not at all."""
+    import time as clock
+
+    from compiler.quantize import compile_file
+    entries = _manifest_entries(Path(args.manifest))
+    outputs = {}
+    for index, entry in enumerate(entries):
+        output = Path(entry.output).resolve()
+        if output in outputs:
+            raise QccError(f"{args.manifest}: entries {outputs[output]} and {index} both write {entry.output}")
+        outputs[output] = index
+    rows = []
+    for index, entry in enumerate(entries):
+        start = clock.perf_counter()
+        try:
+            compile_file(Path(entry.model), Path(entry.output), _request(entry), force=entry.force)
+            status = "ok"
+        except QccError as exc:
+            status = f"failed: {exc}"
+        except Exception as exc:  # a bug in one entry's compile: reported, the others still run
+            status = f"failed: internal error: {type(exc).__name__}: {exc}"
+        rows.append((index, entry.model, entry.output, status, clock.perf_counter() - start))
+        print(f"[{index + 1}/{len(entries)}] {entry.model} -> {entry.output}: {status.splitlines()[0]}", file=sys.stderr)
+    width = max(len(str(r[1])) for r in rows)
+    print(f"{'#':>3}  {'model':<{width}}  {'seconds':>8}  status")
+    for index, model, _, status, seconds in rows:
+        print(f"{index:>3}  {model:<{width}}  {seconds:>8.2f}  {status.splitlines()[0]}")
+    return EXIT_SOME_FAILED if any(r[3] != "ok" for r in rows) else 0
+
+
+def _manifest_entries(path: Path) -> list:
+    """The manifest's entries as parsed ``qcc compile`` arguments."""
+    import json
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise QccError(f"{path}: cannot read the manifest ({type(exc).__name__}: {exc})") from None
+    if not isinstance(document, list) or not document or not all(isinstance(e, dict) for e in document):
+        raise QccError(f"{path}: the manifest must be a non-empty JSON list of objects")
+    entries = []
+    for index, entry in enumerate(document):
+        parser = _Parser(prog=f"{path}: entry {index}")
+        _compile_arguments(parser)
+        entries.append(parser.parse_args(_argv(entry, parser, path, index)))
+    return entries
+
+
+def _argv(entry: dict, parser, path: Path, index: int) -> list[str]:
+    """``qcc compile``'s command line for one manifest entry: model first, then each key as its option."""
+    options = {action.dest: action for action in parser._actions if action.option_strings}
+    if "model" not in entry:
+        raise QccError(f"{path}: entry {index} has no 'model'")
+    argv = [str(entry["model"])]
+    for key, value in entry.items():
+        if key == "model":
+            continue
+        if key not in options:
+            raise QccError(f"{path}: entry {index}: unknown key '{key}'; valid keys: model, {', '.join(sorted(options))}")
+        flag = options[key].option_strings[-1]
+        if options[key].nargs == 0:  # a flag
+            if not isinstance(value, bool):
+                raise QccError(f"{path}: entry {index}: '{key}' is a flag: true or false, got {value!r}")
+            argv += [flag] if value else []
+        else:
+            argv += [part for item in (value if isinstance(value, list) else [value]) for part in (flag, str(item))]
+    return argv
 
 
 def _add_passes(sub) -> None:
@@ -126,8 +217,8 @@ def make_parser() -> argparse.ArgumentParser:
     """The parser of every command; called inside ``main``'s error handling, because building it imports
     onnx and onnxruntime (a second's work a user may interrupt)."""
     from compiler import analyze_cmd, compare_dump, encodings_cmd, run_htp_cmd
-    commands = [_add_compile, _add_passes, _add_print, analyze_cmd.add_command, compare_dump.add_command,
-                run_htp_cmd.add_command, encodings_cmd.add_command]
+    commands = [_add_compile, _add_compile_many, _add_passes, _add_print, analyze_cmd.add_command,
+                compare_dump.add_command, run_htp_cmd.add_command, encodings_cmd.add_command]
     parser = _Parser(prog="qcc", description="ONNX quantization compiler for Qualcomm HTP-class NPUs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in commands:
