@@ -13,6 +13,7 @@ STARTED = time.perf_counter()  # as the command line module loads: what follows 
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: a bug in qcc
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader closed the pipe
 TRACEBACK_VARIABLE = "QCC_TRACEBACK"
 
 
@@ -186,15 +187,24 @@ def _add_passes(sub) -> None:
 
 
 def cmd_passes(args) -> int:
-    import dataclasses
-    from compiler.pass_manager import _format_value, _kebab, load_passes
+    """The quantization config (a pipeline's leading quant{...}), then every pass, each with its options."""
+    from compiler.config import CONFIG_NAME, QuantConfig
+    from compiler.pass_manager import load_passes
+    print(f"{CONFIG_NAME}  [config]  The quantization config every pass reads; first in a pipeline: quant{{act-bits=16}},...")
+    _print_options(QuantConfig)
     for name, cls in sorted(load_passes().items()):
         print(f"{name}  [{cls.kind.value}]  {cls.summary()}")
-        for f in dataclasses.fields(cls.Options):
-            allowed = f.metadata.get("choices")
-            extra = f"  ({'|'.join(allowed)})" if allowed else ""
-            print(f"    {_kebab(f.name)}={_format_value(f.default)}{extra}")
+        _print_options(cls.Options)
     return 0
+
+
+def _print_options(options_type) -> None:
+    import dataclasses
+    from compiler.pass_manager import _format_value, _kebab
+    for f in dataclasses.fields(options_type):
+        allowed = f.metadata.get("choices")
+        extra = f"  ({'|'.join(allowed)})" if allowed else ""
+        print(f"    {_kebab(f.name)}={_format_value(f.default)}{extra}")
 
 
 def _add_print(sub) -> None:
@@ -236,6 +246,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("qcc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (qcc passes | head): stop quietly, as SIGPIPE would
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # a bug: one line by default, the traceback on request
         import os
         import traceback

@@ -140,3 +140,17 @@ def test_real_models_canonicalize_with_verify(assets, tmp_path, capsys):
         assert code == 0, err
         ops = {n.op_type for n in onnx.load(out).graph.node}
         assert "Constant" not in ops
+
+
+def test_passes_lists_the_quantization_config_first(capsys):
+    assert main(["passes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("quant  [config]")
+    assert lines[1:6] == ["    act-bits=8", "    weight-bits=8", "    bias-bits=32", "    per-channel=true",
+                          "    htp-arch=73  (68|69|73|75|79|81|none)"]
+
+
+def test_a_closed_pipe_stops_quietly():
+    done = subprocess.run(f"{sys.executable} -m compiler.cli passes | head -1", shell=True, capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.stdout.startswith("quant  [config]") and done.stderr == ""
