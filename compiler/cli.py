@@ -104,6 +104,9 @@ def _add_compile_many(sub) -> None:
                    help="a JSON list of objects whose keys are qcc compile's options in snake_case (model, output, "
                         "target, calib_data, input_shape as a list, act_bits, ...); true for a flag; paths as on "
                         "the command line (relative to the working directory)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="compile on a local Ray with N workers (pip install 'qcc[ray]'); the same bytes as without")
+    p.add_argument("--ray-address", metavar="ADDR", help="compile on the Ray cluster at ADDR (ray start --head ...)")
     p.set_defaults(func=cmd_compile_many)
 
 
@@ -112,30 +115,22 @@ EXIT_SOME_FAILED = 1
 
 def cmd_compile_many(args) -> int:
     """Every entry is parsed as ``qcc compile`` would parse it before any compile runs (a mistake names the
-    entry); then each compiles on its own: one entry's failure is reported and the others go on. A summary
-    table ends the run; exit 1 when any entry failed. Each compile writes its outputs whole or not at all."""
-    import time as clock
-
-    from compiler.quantize import compile_file
-    entries = _manifest_entries(Path(args.manifest))
+    entry); then each compiles on its own, in this process or as a Ray task (--workers, --ray-address): one
+    entry's failure is reported and the others go on. A summary table ends the run, in manifest order; exit 1
+    when any entry failed. Each compile writes its outputs whole or not at all."""
+    if args.workers is not None and args.workers < 1:
+        raise QccError(f"--workers must be at least 1, got {args.workers}")
+    argvs, entries = _manifest_entries(Path(args.manifest))
     outputs = {}
     for index, entry in enumerate(entries):
         output = Path(entry.output).resolve()
         if output in outputs:
             raise QccError(f"{args.manifest}: entries {outputs[output]} and {index} both write {entry.output}")
         outputs[output] = index
-    rows = []
-    for index, entry in enumerate(entries):
-        start = clock.perf_counter()
-        try:
-            compile_file(Path(entry.model), Path(entry.output), _request(entry), force=entry.force)
-            status = "ok"
-        except QccError as exc:
-            status = f"failed: {exc}"
-        except Exception as exc:  # a bug in one entry's compile: reported, the others still run
-            status = f"failed: internal error: {type(exc).__name__}: {exc}"
-        rows.append((index, entry.model, entry.output, status, clock.perf_counter() - start))
-        print(f"[{index + 1}/{len(entries)}] {entry.model} -> {entry.output}: {status.splitlines()[0]}", file=sys.stderr)
+    results = _on_ray(argvs, args.workers, args.ray_address) if args.workers or args.ray_address else \
+        [_report(index, len(argvs), entries[index], compile_entry(argv)) for index, argv in enumerate(argvs)]
+    rows = [(index, entry.model, entry.output, status, seconds)
+            for index, (entry, (status, seconds)) in enumerate(zip(entries, results))]
     width = max(len(str(r[1])) for r in rows)
     print(f"{'#':>3}  {'model':<{width}}  {'seconds':>8}  status")
     for index, model, _, status, seconds in rows:
@@ -143,8 +138,61 @@ def cmd_compile_many(args) -> int:
     return EXIT_SOME_FAILED if any(r[3] != "ok" for r in rows) else 0
 
 
-def _manifest_entries(path: Path) -> list:
-    """The manifest's entries as parsed ``qcc compile`` arguments."""
+def compile_entry(argv: list[str]) -> tuple[str, float]:
+    """One manifest entry's compile from its ``qcc compile`` arguments: ("ok" or "failed: why", seconds). A Ray
+    task runs this in a worker process; without Ray, the command's own process does."""
+    import time as clock
+
+    from compiler.quantize import compile_file
+    start = clock.perf_counter()
+    parser = _Parser(prog="qcc compile")
+    _compile_arguments(parser)
+    try:
+        entry = parser.parse_args(argv)
+        compile_file(Path(entry.model), Path(entry.output), _request(entry), force=entry.force)
+        status = "ok"
+    except QccError as exc:
+        status = f"failed: {exc}"
+    except Exception as exc:  # a bug in one entry's compile: reported, the others still run
+        status = f"failed: internal error: {type(exc).__name__}: {exc}"
+    return status, clock.perf_counter() - start
+
+
+def _report(index: int, total: int, entry, result: tuple) -> tuple:
+    print(f"[{index + 1}/{total}] {entry.model} -> {entry.output}: {result[0].splitlines()[0]}", file=sys.stderr)
+    return result
+
+
+RAY_HINT = "--workers and --ray-address need Ray: pip install 'qcc[ray]'"
+RAY_RETRIES = 3  # a task whose worker dies is run again this many times
+
+
+def _on_ray(argvs: list, workers: int | None, address: str | None) -> list[tuple]:
+    """Each entry as a Ray task (retried when its worker dies), results in manifest order; progress is one
+    line per finished entry, whichever worker ran it."""
+    import logging
+    try:
+        import ray
+    except ImportError:
+        raise QccError(RAY_HINT) from None
+    ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR, configure_logging=False)
+    try:
+        task = ray.remote(max_retries=RAY_RETRIES)(compile_entry)
+        refs = [task.remote(argv) for argv in argvs]
+        pending, finished = list(refs), 0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            finished += 1
+            status, _ = ray.get(ready[0])
+            print(f"[{finished}/{len(refs)}] entry {refs.index(ready[0])}: {status.splitlines()[0]}", file=sys.stderr)
+        return ray.get(refs)
+    finally:
+        ray.shutdown()
+
+
+def _manifest_entries(path: Path) -> tuple[list, list]:
+    """The manifest's entries as ``qcc compile`` arguments, and as parsed (checked before any work)."""
     import json
     try:
         document = json.loads(path.read_text())
@@ -152,12 +200,13 @@ def _manifest_entries(path: Path) -> list:
         raise QccError(f"{path}: cannot read the manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(document, list) or not document or not all(isinstance(e, dict) for e in document):
         raise QccError(f"{path}: the manifest must be a non-empty JSON list of objects")
-    entries = []
+    argvs, entries = [], []
     for index, entry in enumerate(document):
         parser = _Parser(prog=f"{path}: entry {index}")
         _compile_arguments(parser)
-        entries.append(parser.parse_args(_argv(entry, parser, path, index)))
-    return entries
+        argvs.append(_argv(entry, parser, path, index))
+        entries.append(parser.parse_args(argvs[-1]))
+    return argvs, entries
 
 
 def _argv(entry: dict, parser, path: Path, index: int) -> list[str]:

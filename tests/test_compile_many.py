@@ -1,6 +1,8 @@
 """qcc compile-many: a manifest of compiles, each as qcc compile would run it, one failure not stopping the rest."""
 import json
 
+import pytest
+
 from compiler.cli import main
 
 
@@ -41,3 +43,29 @@ def test_a_mistake_in_any_entry_is_refused_before_anything_compiles(work, capsys
 def test_two_entries_writing_one_file_are_refused(work, capsys):
     assert main(["compile-many", manifest(work, [entry(work, "a.onnx"), entry(work, "a.onnx")])]) == 2
     assert "entries 0 and 1 both write" in capsys.readouterr().err
+
+
+def test_two_ray_workers_write_the_bytes_one_process_writes(work, capsys):
+    pytest.importorskip("ray")
+    entries = [entry(work, "a.onnx"), entry(work, "b.onnx", act_bits=16), entry(work, "c.onnx", target="cpu")]
+    assert main(["compile-many", manifest(work, entries)]) == 0
+    alone = {p.name: p.read_bytes() for p in (work / "run").iterdir() if not p.name.endswith(".report.json")}
+    for p in (work / "run").iterdir():
+        p.unlink()
+    assert main(["compile-many", manifest(work, entries), "--workers", "2"]) == 0
+    assert "[3/3] entry" in capsys.readouterr().err
+    on_ray = {p.name: p.read_bytes() for p in (work / "run").iterdir() if not p.name.endswith(".report.json")}
+    assert on_ray == alone and len(alone) == 2 * 3 + 1  # two quantized (model, encodings, float model) and a float
+
+
+def test_workers_without_ray_is_one_line(work, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert main(["compile-many", manifest(work, [entry(work, "a.onnx")]), "--workers", "2"]) == 2
+    assert "pip install 'qcc[ray]'" in capsys.readouterr().err
