@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from compiler.ir import QccError, fix_input_shapes
-from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, dq_params, is_dq, is_q
+from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, activation_quantizers, dq_params, is_dq, is_q
 from compiler.runtime import expose_tensors, run_model
 
 EP_NAME = "QNNExecutionProvider"
@@ -321,15 +321,12 @@ def _activations(model: onnx.ModelProto) -> list[tuple]:
     """(the DQ's output, the quantized tensor, the op writing it, its step) of every activation, in graph order."""
     g = GraphIndex(model)
     activations = []
-    for node in g.nodes:
-        source = g.producer.get(node.input[0]) if is_dq(node) else None
-        if source is None or not is_q(g.nodes[source]):
-            continue
-        tensor = g.nodes[source].input[0]
+    for q, dq in activation_quantizers(g):
+        tensor = g.nodes[q].input[0]
         writer = g.producer.get(tensor)
-        params = dq_params(g, node)
+        params = dq_params(g, g.nodes[dq])
         step = float(params.scale.reshape(-1)[0]) if params is not None and params.scale.size == 1 else None
-        activations.append((node.output[0], tensor, g.nodes[writer].op_type if writer is not None else "input", step))
+        activations.append((g.nodes[dq].output[0], tensor, g.nodes[writer].op_type if writer is not None else "input", step))
     return activations
 
 

@@ -171,6 +171,17 @@ class QdqParams:
         return ((q.astype(np.float64) - zero) * scale).astype(self.scale.dtype)
 
 
+def activation_quantizers(g: GraphIndex) -> list[tuple[int, int]]:
+    """(QuantizeLinear, DequantizeLinear) node indexes of every activation quantizer, in graph order: a DQ
+    whose input a Q writes (a constant's DQ reads an initializer instead)."""
+    pairs = []
+    for index, node in enumerate(g.nodes):
+        source = g.producer.get(node.input[0]) if is_dq(node) else None
+        if source is not None and is_q(g.nodes[source]):
+            pairs.append((source, index))
+    return pairs
+
+
 def dq_params(g: GraphIndex, dq: onnx.NodeProto) -> QdqParams | None:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
     if attrs.get("block_size"):

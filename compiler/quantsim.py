@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from compiler.config import QuantConfig
 from compiler.encoding import Encoding, fixed_ranges, qdq_params
 from compiler.ir import Module
-from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, is_dq, is_q
+from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, activation_quantizers, is_dq, is_q
 from compiler.propagation import propagate_encodings
 from compiler.qdq import MS_DOMAIN, convert_encoding, lowered_copy, rebiased, rebit, requantized_constant
 from compiler.runtime import make_session
@@ -85,13 +85,11 @@ class MixedPrecisionSim:
         # (tensor, its DequantizeLinear): insert-qdq's Q reads the tensor, or for a graph output its DQ writes it.
         # Unsigned activations only: their 8- and 16-bit grids both fit the uint16 container.
         self.pairs = []
-        for node in g.nodes:
-            source = g.producer.get(node.input[0]) if is_dq(node) else None
-            if source is None or not is_q(g.nodes[source]):
-                continue
-            name = node.output[0] if node.output[0] in g.outputs else g.nodes[source].input[0]
+        for q, dq in activation_quantizers(g):
+            output = g.nodes[dq].output[0]
+            name = output if output in g.outputs else g.nodes[q].input[0]
             if name in module.encodings and not module.encodings[name].symmetric:
-                self.pairs.append((name, node.output[0]))
+                self.pairs.append((name, output))
         # (tensor, reading node, input index, tensor the node writes): the edges insert-converts may convert.
         tensor_of_output = {g.nodes[g.producer[g.nodes[g.producer[dq]].input[0]]].input[0]: name for name, dq in self.pairs}
         self.edges = []
