@@ -43,7 +43,6 @@ class QuantConfig:
                 raise QccError(f"{CONFIG_NAME}: {key} must be {' or '.join(map(str, allowed))}, got {value}")
         if self.htp_arch not in (*HTP_ARCHS, NO_HTP):
             raise QccError(f"{CONFIG_NAME}: htp-arch must be one of {', '.join(HTP_ARCHS)} or {NO_HTP}, got {self.htp_arch}")
-        arch = HTP_ARCHS.get(self.htp_arch)
-        if arch is not None and self.weight_bits not in arch.weight_bits:
-            raise QccError(f"{CONFIG_NAME}: HTP v{arch.version} takes {' or '.join(map(str, arch.weight_bits))}-bit "
-                           f"weights, not {self.weight_bits} (16-bit weights need v73 or later)")
+        problem = HTP_ARCHS[self.htp_arch].weight_problem(self.weight_bits) if self.htp_arch in HTP_ARCHS else ""
+        if problem:
+            raise QccError(f"{CONFIG_NAME}: {problem}")

@@ -311,6 +311,13 @@ class HtpArch:
     version: str
     weight_bits: tuple  # widths of quantized weights it takes (v68 and v69 refuse 16-bit weights)
 
+    def weight_problem(self, bits: int) -> str:
+        """Why this generation cannot run ``bits``-bit weights ('' if it can; 4-bit weights stored in int8 pass)."""
+        if bits <= max(self.weight_bits):
+            return ""
+        return (f"{bits}-bit weight; HTP v{self.version} takes {' or '.join(map(str, self.weight_bits))}-bit weights "
+                f"(16 needs v73 or later)")
+
 
 HTP_ARCHS = {version: HtpArch(version, (4, 8) if version in ("68", "69") else (4, 8, 16))
              for version in ("68", "69", "73", "75", "79", "81")}

@@ -39,9 +39,8 @@ def check_encodings(module: Module, activations: dict, params: dict, htp_arch: s
     problems += _bias_problems(module, activations, params)
     arch = HTP_ARCHS.get(htp_arch) if htp_arch else None
     if arch is not None:
-        problems += [f"parameter '{name}': {enc.bw}-bit weight; HTP v{arch.version} takes "
-                     f"{' or '.join(map(str, arch.weight_bits))}-bit weights"
-                     for name, enc in sorted(params.items()) if enc.symmetric and enc.bw < 32 and enc.bw > max(arch.weight_bits)]
+        problems += [f"parameter '{name}': {problem}" for name, enc in sorted(params.items())
+                     for problem in [arch.weight_problem(enc.bw) if enc.symmetric and enc.bw < 32 else ""] if problem]
     return problems
 
 

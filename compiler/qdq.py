@@ -303,11 +303,9 @@ def arch_problems(module: Module, arch: HtpArch) -> list[str]:
         stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
         if stored is None or stored.dtype.kind not in "iu":
             continue
-        bits = stored.dtype.itemsize * 8
-        if bits > max(arch.weight_bits):
-            problems.append(f"node '{node.name or node.outputs[0].name}' ({node.op}): {bits}-bit weight; HTP "
-                            f"v{arch.version} takes {' or '.join(map(str, arch.weight_bits))}-bit weights "
-                            f"(16 needs v73 or later)")
+        problem = arch.weight_problem(stored.dtype.itemsize * 8)
+        if problem:
+            problems.append(f"node '{node.name or node.outputs[0].name}' ({node.op}): {problem}")
     return problems
 
 

@@ -74,4 +74,4 @@ def test_a_weight_wider_than_the_generation_takes(work, capsys):
     compile_htp(work, "--act-bits", "16", "--weight-bits", "16")
     assert check(work, capsys) == (0, [])  # compiled for v73, which takes 16-bit weights
     code, lines = check(work, capsys, "--htp-arch", "68")
-    assert code == 1 and lines == ["parameter 'w': 16-bit weight; HTP v68 takes 4 or 8-bit weights"]
+    assert code == 1 and lines == ["parameter 'w': 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)"]

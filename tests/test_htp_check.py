@@ -76,7 +76,7 @@ def test_the_check_is_printed_skipped_without_the_backend_and_off_on_request(wor
 def test_sixteen_bit_weights_for_v68_are_refused_before_any_pass(work, capsys):
     assert compile_htp(work, "--weight-bits", "16", "--act-bits", "16", "--htp-arch", "68") == 2
     err = capsys.readouterr().err
-    assert "HTP v68 takes 4 or 8-bit weights, not 16 (16-bit weights need v73 or later)" in err
+    assert "quant: 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)" in err
     assert "[1/" not in err and not (work / "o.onnx").exists()
 
 
