@@ -41,18 +41,21 @@ def os_error(path: Path, exc: OSError) -> QccError:
     return QccError(f"{path}: cannot write ({exc.strerror or type(exc).__name__})")
 
 
-def write_file(path: Path, data: bytes | str, mode: int | None = None) -> None:
+def write_file(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so a reader never sees it half
-    written; the file's mode is ``mode``, else the existing file's, else the umask's."""
+    written; the file keeps the existing file's mode, else takes the umask's."""
     path = Path(path)
-    if mode is None:
-        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else default_mode()
-    tmp = _temp_file(path, data, mode)
+    tmp = _temp_file(path, data, _mode_for(path))
     try:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise os_error(path, exc) from None
+
+
+def _mode_for(path: Path) -> int:
+    """The mode a file written at ``path`` gets: the existing file's, else the umask's."""
+    return stat.S_IMODE(path.stat().st_mode) if path.is_file() else default_mode()
 
 
 def _temp_file(path: Path, data: bytes | str, mode: int) -> Path:
@@ -114,8 +117,7 @@ class OutputSet:
 
     def write(self, role: str, data: bytes | str) -> Path:
         path = self.paths[role]
-        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else default_mode()
-        self._replace_staged(role, _temp_file(path, data, mode))
+        self._replace_staged(role, _temp_file(path, data, _mode_for(path)))
         return path
 
     def folder(self, role: str) -> Path:

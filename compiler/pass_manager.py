@@ -344,8 +344,7 @@ class PassManager:
     def run(self, module: Module, ctx: PassContext | None = None) -> Module:
         from compiler.printer import print_module
         ctx = ctx or PassContext()
-        ctx.config = getattr(self.pipeline, "config", ctx.config)
-        ctx.pipeline = self.pipeline
+        ctx.config, ctx.pipeline = self.pipeline.config, self.pipeline
         check_quantizable(module, self.pipeline)
         samples = None
         if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline):

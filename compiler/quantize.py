@@ -160,15 +160,16 @@ def _dataset(data, module: Module, request: CompileRequest, count: int | None = 
 
 
 def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Path | None = None,
-                  request: CompileRequest | None = None, **options) -> CompileResult:
+                  request: CompileRequest | None = None, pipeline: Pipeline | None = None, **options) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
     ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
-    Writes nothing but ``dump_dir`` (the --dump-after dumps). ``qcc compile`` and the Python API both run this."""
+    Writes nothing but ``dump_dir`` (the --dump-after dumps); ``pipeline`` is the request's, when the caller has
+    parsed it already. ``qcc compile`` and the Python API both run this."""
     request = request or CompileRequest(target=target, **options)
     if request.passes is not None and request.target_cos is not None:
         raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
                        "and insert-converts in the pipeline")
-    pipeline = request.pipeline()
+    pipeline = pipeline if pipeline is not None else request.pipeline()
     ctx = PassContext(verbose=not request.quiet)
     if log is not None:
         ctx.log = log
@@ -222,12 +223,15 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             plan_quantized_outputs(outputs)
             outputs.check()
         dump_dir = outputs.folder("dumps") if request.dump_after else None
-        result = compile_model(module, request=request, dump_dir=dump_dir)
+        result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir)
         result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
         check_arch(result)
+        # Exported once: the HTP check runs the very model (and FP32 reference) the files then hold.
+        compiled = result.module.to_onnx()
+        reference = result.reference.to_onnx() if result.reference is not None else None
         with timed(result.timings, "HTP check"):
-            result.htp = htp_checks(result, request)
-        written = write_outputs(result, request, outputs)
+            result.htp = htp_checks(result, request, compiled, reference)
+        written = write_outputs(result, request, outputs, compiled, reference)
     if not request.quiet:
         for line in summary_lines(result.metrics) + result.htp.get("lines", []):
             print(line, file=sys.stderr)
@@ -260,14 +264,14 @@ def check_arch(result: CompileResult) -> None:
         raise QccError(f"{problems[0]}{more}; compile for a later --htp-arch or with --weight-bits 8")
 
 
-def htp_checks(result: CompileResult, request: CompileRequest) -> dict:
+def htp_checks(result: CompileResult, request: CompileRequest, compiled, reference) -> dict:
     """The compiled model on the QNN HTP backend of the config's generation (every one for --htp-arch all),
     on up to ``htp_samples`` held-out samples (else the last calibration samples): {"checks": [...]} with
     one htp.device_check each and the summary lines, or {"skipped": why}."""
     from compiler import htp
     config = result.context.config
     if not (request.htp_check and result.manager.pipeline.quantizes and config.htp_arch in HTP_ARCHS
-            and result.reference is not None):
+            and reference is not None):
         return {}
     try:
         htp.qnn_module()
@@ -276,11 +280,11 @@ def htp_checks(result: CompileResult, request: CompileRequest) -> dict:
             f"qcc: note: HTP check skipped: {htp.INSTALL_HINT} (--no-htp-check silences this)"]}
     ctx = result.context
     held_out = ctx.eval_data is not None
-    pool = list(ctx.eval_data if held_out else ctx.calib_data)
-    samples = pool[:request.htp_samples] if held_out else pool[-request.htp_samples:]
+    pool = ctx.eval_data if held_out else ctx.calib_data  # a Dataset or a list: only the samples used are read
+    count = min(request.htp_samples, len(pool))
+    samples = [pool[i] for i in (range(count) if held_out else range(len(pool) - count, len(pool)))]
     label = "held-out sample(s)" if held_out else "calibration sample(s) (give --eval-data for held-out ones)"
     archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
-    compiled, reference = result.module.to_onnx(), result.reference.to_onnx()
     checks = [htp.device_check(compiled, reference, samples, arch) for arch in archs]
     return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
 
@@ -350,24 +354,24 @@ def plan_quantized_outputs(outputs: OutputSet) -> None:
     outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
 
 
-def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet) -> list[Path]:
+def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet, compiled, reference) -> list[Path]:
     """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer started
     from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx OUT.onnx``
     compares like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json;
-    commit them together. Each model is checked to load in onnxruntime first."""
+    commit them together. Each model is checked to load in onnxruntime first. ``compiled`` and ``reference``
+    are the module's and the FP32 reference's exports (ModelProto; reference None before any quantizing pass)."""
     from compiler.encoding import has_qdq
     from compiler.export import encodings_json
     from compiler.runtime import loadable_bytes
     module, times = result.module, result.timings
     with timed(times, "write compiled model"):
-        names = {"model": outputs.write("compiled model", loadable_bytes(module.to_onnx(),
-                                                                          outputs.paths["compiled model"])).name}
+        names = {"model": outputs.write("compiled model", loadable_bytes(compiled, outputs.paths["compiled model"])).name}
     if has_qdq(module.graph):
         with timed(times, "write encodings"):
             names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
-        if result.reference is not None:
+        if reference is not None:
             with timed(times, "write float model"):
-                data = loadable_bytes(result.reference.to_onnx(), outputs.paths["float model"])
+                data = loadable_bytes(reference, outputs.paths["float model"])
                 names["float_model"] = outputs.write("float model", data).name
     with timed(times, "write report and commit"):
         document = report(result.manager, result.context, result.seconds, result.metrics, names)
