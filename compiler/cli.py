@@ -32,7 +32,9 @@ def _add_quantization(parser) -> None:
     group = parser.add_argument_group("quantization (targets htp, dsp, hta)")
     group.add_argument("--calib-data", metavar="DIR", help="folder of calibration samples (.npy, .npz or images)")
     group.add_argument("--calib-count", type=int, metavar="N", help="use at most N calibration samples")
-    group.add_argument("--eval-data", metavar="DIR", help="held-out samples: report each output's cosine and SQNR vs FP32")
+    group.add_argument("--eval-data", metavar="DIR",
+                       help="held-out samples: report each output's cosine and SQNR vs FP32, and run the HTP check on "
+                            "them (without it, a quarter of --calib-data is held back from calibration for that)")
     add_image_arguments(group)
     group.add_argument("--act-bits", type=int, choices=(8, 16), help="activation bit-width (target default: 8)")
     group.add_argument("--weight-bits", type=int, choices=(4, 8, 16), help="weight bit-width (target default: 8)")
@@ -47,6 +49,11 @@ def _add_quantization(parser) -> None:
                        help=f"the Hexagon NPU generation (target htp; default {DEFAULT_HTP_ARCH}: the oldest that takes "
                             "16-bit weights and computes 16-bit convolutions as the simulation does); 'all' compiles by "
                             "the oldest's rules and checks on every one")
+    group.add_argument("--judge", choices=("sim", "htp"),
+                       help="choose the calibration method and bias-correction mode among up to 9 candidates by their "
+                            "cosine vs FP32 on the quarter of --calib-data held back from calibration, measured in "
+                            "CPU simulation (sim: each candidate costs about one compile) or on the HTP backend of "
+                            "--htp-arch (htp: about 50x slower per sample)")
     group.add_argument("--no-htp-check", action="store_true",
                        help="do not run the compiled model on the QNN HTP backend (onnxruntime-qnn) at the end")
     group.add_argument("--htp-samples", type=int, default=2, metavar="N",
@@ -95,7 +102,8 @@ def _request(args):
         calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
         dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
-        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile)
+        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile,
+        judge=args.judge, hold_back=args.eval_data is None)
 
 
 def _add_compile_many(sub) -> None:

@@ -92,16 +92,8 @@ class Dataset:
 
     def split(self, held_out: float = 0.25) -> tuple["Dataset", "Dataset"]:
         """(calibration, held-out): every k-th file is held out, so both halves span the folder."""
-        if not 0 < held_out < 1:
-            raise QccError(f"held-out fraction must be in (0, 1), got {held_out}")
-        if len(self.files) < 2:
-            raise QccError(f"cannot split {len(self.files)} sample(s) into calibration and held-out parts")
-        n = len(self.files)
-        wanted = min(max(1, round(n * held_out)), n - 1)
-        # File i is held out when the running quota floor((i + 1) * wanted / n) steps up: evenly spread.
-        held = [(i + 1) * wanted // n > i * wanted // n for i in range(n)]
-        return (self.subset([f for f, h in zip(self.files, held) if not h]),
-                self.subset([f for f, h in zip(self.files, held) if h]))
+        keep, held = split_indices(len(self.files), held_out)
+        return self.subset([self.files[i] for i in keep]), self.subset([self.files[i] for i in held])
 
     def check(self) -> None:
         """Every sample's names, shapes and dtypes against the inputs, from the files' headers (array
@@ -173,6 +165,18 @@ class Dataset:
         if image_layout(spec.shape) == "NCHW":
             normalised = normalised.transpose(2, 0, 1)
         return normalised[None].astype(spec.dtype)
+
+
+def split_indices(count: int, held_out: float) -> tuple[list[int], list[int]]:
+    """(kept, held-out) indices of ``count`` samples: round(count * held_out) of them (at least one, never all)
+    spread evenly, sample i held out where the running quota floor((i + 1) * wanted / count) steps up."""
+    if not 0 < held_out < 1:
+        raise QccError(f"held-out fraction must be in (0, 1), got {held_out}")
+    if count < 2:
+        raise QccError(f"cannot split {count} sample(s) into calibration and held-out parts")
+    wanted = min(max(1, round(count * held_out)), count - 1)
+    held = [(i + 1) * wanted // count > i * wanted // count for i in range(count)]
+    return [i for i in range(count) if not held[i]], [i for i in range(count) if held[i]]
 
 
 def image_layout(shape: tuple) -> str | None:

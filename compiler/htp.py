@@ -254,18 +254,22 @@ def compare_with_cpu(model: onnx.ModelProto, samples: list[dict],
     return compare_outputs(cpu_outputs, htp_outputs, output_steps(model)), seconds
 
 
+def pinned_to_samples(model: onnx.ModelProto, samples: list[dict]) -> onnx.ModelProto:
+    """``model`` with each dynamic input pinned to the first sample's shape: QNN compiles for static shapes."""
+    dynamic = {i.name for i in model.graph.input
+               if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in i.type.tensor_type.shape.dim)}
+    shapes = {name: list(value.shape) for name, value in samples[0].items() if name in dynamic}
+    return fix_input_shapes(onnx.ModelProto.FromString(model.SerializeToString()), shapes, "the compiled model") \
+        if shapes else model
+
+
 def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], arch: str) -> dict:
     """The compiled ``model`` on the HTP backend of ``arch`` (CPU fallback off), per output: HTP and the CPU
     simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
     SQNR dB, largest difference in output steps); and the first tensors where the two part
     (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused"
     and the backend's reason."""
-    # QNN compiles for static shapes: pin each dynamic input to the samples' shape.
-    dynamic = {i.name for i in model.graph.input
-               if any(not d.HasField("dim_value") or d.dim_value <= 0 for d in i.type.tensor_type.shape.dim)}
-    shapes = {name: list(value.shape) for name, value in samples[0].items() if name in dynamic}
-    static = fix_input_shapes(onnx.ModelProto.FromString(model.SerializeToString()), shapes, "the compiled model") \
-        if shapes else model
+    static = pinned_to_samples(model, samples)
     try:
         htp, seconds = run_htp(static, samples, {"htp_arch": arch})
     except QccError as exc:

@@ -126,6 +126,8 @@ class CompileRequest:
     htp_check: bool = True       # run the written model on the HTP backend (compile_file, when it is installed)
     htp_samples: int = 2
     profile: bool = False        # print where the time went (compile_file)
+    judge: str | None = None     # "sim" or "htp": choose calibration method and bias-correction mode (compiler.judge)
+    hold_back: bool = False      # keep every 4th calibration sample for evaluation and the HTP check (qcc compile)
 
     def pipeline(self) -> Pipeline:
         pipeline = build_pipeline(self)
@@ -147,6 +149,8 @@ class CompileResult:
     htp: dict = field(default_factory=dict)
     # Wall-clock seconds of each stage outside the passes (load, evaluation, HTP check, each write), in order.
     timings: dict = field(default_factory=dict)
+    judge: dict = field(default_factory=dict)  # compiler.judge.choose's report, when --judge chose the pipeline
+    held_back: int = 0  # calibration samples held back (for the judge, evaluation and the HTP check)
 
 
 def _dataset(data, module: Module, request: CompileRequest, count: int | None = None):
@@ -163,6 +167,9 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
                   request: CompileRequest | None = None, pipeline: Pipeline | None = None, **options) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
     ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
+    With ``hold_back`` (or ``judge``) every 4th calibration sample is held back (compiler.judge): the judge's
+    samples, and the evaluation's when no ``eval_data`` is given. With ``judge`` each candidate pipeline runs
+    on a copy of ``module`` and the result is the chosen one's (``module`` is left as it was).
     Writes nothing but ``dump_dir`` (the --dump-after dumps); ``pipeline`` is the request's, when the caller has
     parsed it already. ``qcc compile`` and the Python API both run this."""
     request = request or CompileRequest(target=target, **options)
@@ -170,28 +177,65 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
                        "and insert-converts in the pipeline")
     pipeline = pipeline if pipeline is not None else request.pipeline()
-    ctx = PassContext(verbose=not request.quiet)
-    if log is not None:
-        ctx.log = log
-    if request.calib_data is not None:
-        ctx.calib_data = _dataset(request.calib_data, module, request, request.calib_count)
-    elif request.calib_count is not None:
-        raise QccError("--calib-count needs --calib-data")
-    if request.eval_data is not None:
-        ctx.eval_data = _dataset(request.eval_data, module, request)
-    if ctx.calib_data is None and any(p.name == "calibrate" for p in pipeline):
+    calib, held = _calibration_samples(module, request)
+    eval_data = _dataset(request.eval_data, module, request) if request.eval_data is not None else held
+    if calib is None and any(p.name == "calibrate" for p in pipeline):
         raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
                        "(.npy, .npz or images)")
-    original = module.clone() if ctx.eval_data is not None else None
-    manager = PassManager(pipeline, verify=request.verify, dump_after=request.dump_after, dump_dir=dump_dir,
-                          quiet=request.quiet)
-    start = time.perf_counter()
-    manager.run(module, ctx)
-    seconds = time.perf_counter() - start
-    timings = {}
-    with timed(timings, "evaluation"):
-        metrics = evaluate(original, module, ctx.eval_data) if ctx.eval_data is not None else {}
-    return CompileResult(module, manager, ctx, seconds, metrics, ctx.reference, timings=timings)
+    original = module.clone() if eval_data is not None else None
+
+    def run(candidate: Pipeline, target_module: Module, dumps: Path | None) -> CompileResult:
+        ctx = PassContext(verbose=not request.quiet, calib_data=calib, eval_data=eval_data)
+        if log is not None:
+            ctx.log = log
+        manager = PassManager(candidate, verify=request.verify, dump_after=request.dump_after, dump_dir=dumps,
+                              quiet=request.quiet)
+        start = time.perf_counter()
+        manager.run(target_module, ctx)
+        return CompileResult(target_module, manager, ctx, time.perf_counter() - start, reference=ctx.reference)
+
+    if request.judge is None:
+        result = run(pipeline, module, dump_dir)
+    else:
+        from compiler import judge
+        if request.dump_after:
+            raise QccError("--dump-after dumps one pipeline's passes; --judge runs several: give one of them")
+        say = log or ((lambda message: print(message, file=sys.stderr)) if not request.quiet else (lambda message: None))
+        arch = pipeline.config.htp_arch if pipeline.config.htp_arch in HTP_ARCHS else None
+        result, result.judge = judge.choose(judge.candidates(pipeline, request.calib_method),
+                                            lambda candidate: run(candidate, module.clone(), None),
+                                            list(held), request.judge, arch, say)
+    with timed(result.timings, "evaluation"):
+        result.metrics = evaluate(original, result.module, eval_data) if eval_data is not None else {}
+    result.held_back = len(held) if held is not None else 0
+    return result
+
+
+def _calibration_samples(module: Module, request: CompileRequest) -> tuple:
+    """(calibration samples, held-back samples or None): every 4th sample held back with ``judge``, and with
+    ``hold_back`` when there are at least MIN_HELD_BACK_SAMPLES (else all calibrate; the check says so)."""
+    from compiler.data import split_indices
+    from compiler.judge import HELD_BACK_SHARE, JUDGES, MIN_HELD_BACK_SAMPLES
+    if request.calib_data is None:
+        if request.calib_count is not None:
+            raise QccError("--calib-count needs --calib-data")
+        if request.judge is not None:
+            raise QccError("--judge needs --calib-data: it judges on calibration samples held back")
+        return None, None
+    if request.judge is not None and request.judge not in JUDGES:
+        raise QccError(f"--judge: '{request.judge}' is not one of {', '.join(JUDGES)}")
+    data = _dataset(request.calib_data, module, request, request.calib_count)
+    if (request.judge or request.hold_back) and not hasattr(data, "__len__"):
+        data = list(data)
+    if not (request.judge or request.hold_back) or len(data) < MIN_HELD_BACK_SAMPLES:
+        if request.judge is not None:
+            raise QccError(f"--judge needs at least {MIN_HELD_BACK_SAMPLES} calibration samples to hold some back "
+                           f"from calibration; got {len(data)}")
+        return data, None
+    keep, held = split_indices(len(data), HELD_BACK_SHARE)
+    if isinstance(data, Dataset):
+        return data.subset([data.files[i] for i in keep]), data.subset([data.files[i] for i in held])
+    return [data[i] for i in keep], [data[i] for i in held]
 
 
 @contextlib.contextmanager
@@ -212,6 +256,7 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
     so the profile shows the start-up (imports, argument parsing) too."""
     from compiler.encoding import has_qdq
     from compiler.ir import load
+    from compiler.judge import judge_lines
     start_up = time.perf_counter() - started if started is not None else None
     pipeline = request.pipeline()
     with plan_outputs(model_path, output, pipeline, request, force) as outputs:
@@ -233,7 +278,8 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             result.htp = htp_checks(result, request, compiled, reference)
         written = write_outputs(result, request, outputs, compiled, reference)
     if not request.quiet:
-        for line in summary_lines(result.metrics) + result.htp.get("lines", []):
+        judged = judge_lines(result.judge) if result.judge else []
+        for line in judged + summary_lines(result.metrics, data_label(request, result)) + result.htp.get("lines", []):
             print(line, file=sys.stderr)
         timings = ", ".join(f"{r.name} {r.seconds:.2f}s" for r in result.manager.records)
         print(f"compiled in {result.seconds:.2f}s ({timings})", file=sys.stderr)
@@ -283,10 +329,19 @@ def htp_checks(result: CompileResult, request: CompileRequest, compiled, referen
     pool = ctx.eval_data if held_out else ctx.calib_data  # a Dataset or a list: only the samples used are read
     count = min(request.htp_samples, len(pool))
     samples = [pool[i] for i in (range(count) if held_out else range(len(pool) - count, len(pool)))]
-    label = "held-out sample(s)" if held_out else "calibration sample(s) (give --eval-data for held-out ones)"
+    label = data_label(request, result) if held_out else \
+        "calibration sample(s) (too few to hold some back: give --eval-data for held-out ones)"
     archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
     checks = [htp.device_check(compiled, reference, samples, arch) for arch in archs]
     return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
+
+
+def data_label(request: CompileRequest, result: CompileResult) -> str:
+    """What the evaluation samples are, for the lines that report on them."""
+    if request.eval_data is not None:
+        return "held-out sample(s)"
+    also = ", which also chose the pipeline (--judge)" if result.judge else ""
+    return f"held-back calibration sample(s){also}"
 
 
 def evaluate(reference: Module, candidate: Module, data) -> dict:
@@ -308,13 +363,13 @@ def evaluate(reference: Module, candidate: Module, data) -> dict:
                    "near_zero_samples": skipped[name]} for name, s in stats.items()}
 
 
-def summary_lines(metrics: dict) -> list[str]:
+def summary_lines(metrics: dict, data: str = "held-out sample(s)") -> list[str]:
     lines = []
     for name, m in metrics.items():
         cos = "n/a" if m["cosine_mean"] is None else f"{m['cosine_mean']:.5f} (min {m['cosine_min']:.5f})"
         sqnr = "inf" if m["sqnr_db"] is None else f"{m['sqnr_db']:.2f} dB"
         note = f", {m['near_zero_samples']} near-zero sample(s) not in the cosine" if m["near_zero_samples"] else ""
-        lines.append(f"output {name}: cosine {cos}, SQNR {sqnr} vs FP32 on {m['samples']} held-out sample(s){note}")
+        lines.append(f"output {name}: cosine {cos}, SQNR {sqnr} vs FP32 on {m['samples']} {data}{note}")
     return lines
 
 
@@ -376,6 +431,9 @@ def write_outputs(result: CompileResult, request: CompileRequest, outputs: Outpu
     with timed(times, "write report and commit"):
         document = report(result.manager, result.context, result.seconds, result.metrics, names)
         document["htp"] = {key: value for key, value in result.htp.items() if key != "lines"}
+        document["held_back_samples"] = result.held_back
+        if result.judge:
+            document["judge"] = result.judge
         document["timings"] = {stage: round(seconds, 3) for stage, seconds in times.items()}
         outputs.write("report", json.dumps(document, indent=1, default=_json) + "\n")
         return outputs.commit()

@@ -1,0 +1,133 @@
+"""``--judge sim|htp``: choose a compile's calibration method and bias-correction mode by the model each
+choice writes, measured on samples calibration did not see.
+
+The candidates are the pipeline as given and its variants along two axes, the decisions whose best value
+differs from model to model (docs/measurements.md, ablations):
+
+- calibrate's ``method``: the pipeline's, then the others of JUDGED_METHODS (only the one given when the
+  user fixed it with ``--calib-method``);
+- bias-correction's ``mode``: the pipeline's, then the other modes that apply, then the pass left out.
+  ``sequential`` does not apply beside promote-16bit (it simulates one width; ``with_mixed_precision``),
+  ``analytic`` needs batch-norm statistics fold-bn has folded away.
+
+Each candidate runs the whole pipeline on its own copy of the model, so what is judged is what would be
+written, mixed precision included. Its score is the mean over outputs of the per-sample cosine against the
+FP32 reference (the candidate's ``reference`` module), on the held-back samples:
+
+- ``sim``: the QDQ model on onnxruntime's CPU (graph optimisations off), as every pass measures;
+- ``htp``: the QDQ model on the QNN HTP backend of the config's generation, CPU fallback off. A candidate
+  the backend refuses scores nothing and is not chosen.
+
+The best score wins; on a tie the earlier candidate (the pipeline as given comes first). Cost: candidates x
+(one compile + one run over the held-back samples); an HTP run is about 50x a CPU one (a 320x320 detector
+image 1.1-1.4 s), so ``--judge htp`` on det with 4 held-back samples adds about 9 x 5 s of emulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from compiler.errors import QccError
+from compiler.pass_manager import Pipeline
+
+JUDGES = ("sim", "htp")
+JUDGED_METHODS = ("mse", "percentile", "minmax")
+JUDGED_MODES = ("sequential", "empirical")
+HELD_BACK_SHARE = 0.25  # of the calibration samples, when nothing else judges or evaluates
+MIN_HELD_BACK_SAMPLES = 4  # a folder this small calibrates on every sample
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str          # e.g. "calibrate=percentile bias-correction=none"
+    pipeline: Pipeline
+
+
+def candidates(pipeline: Pipeline, fixed_method: str | None = None) -> list[Candidate]:
+    """The pipeline as given first, then its variants along the judged axes (module docstring)."""
+    calibrate = pipeline.find("calibrate")
+    if calibrate is None:
+        raise QccError(f"--judge chooses how a model is quantized; this pipeline does not quantize ({pipeline})")
+    methods = [fixed_method] if fixed_method else _first([calibrate.options.method], JUDGED_METHODS)
+    correction = pipeline.find("bias-correction")
+    mixed = pipeline.find("promote-16bit") is not None
+    modes = [None]
+    if correction is not None:
+        applicable = [m for m in JUDGED_MODES if not (mixed and m == "sequential")]
+        modes = _first([correction.options.mode], applicable) + [None]
+    result = []
+    for method in methods:
+        for mode in modes:
+            passes = []
+            for p in pipeline:
+                if p is calibrate:
+                    p = type(p)(dataclasses.replace(p.options, method=method))
+                elif p is correction:
+                    if mode is None:
+                        continue
+                    p = type(p)(dataclasses.replace(p.options, mode=mode))
+                passes.append(p)
+            variant = Pipeline(passes, pipeline.config)
+            variant.config_given = pipeline.config_given
+            label = f"calibrate={method}" + ("" if correction is None else f" bias-correction={mode or 'none'}")
+            result.append(Candidate(label, variant))
+    return result
+
+
+def _first(given: list, others) -> list:
+    return given + [o for o in others if o not in given]
+
+
+def score(compiled, reference, samples: list[dict], judge: str, arch: str | None) -> float | None:
+    """Mean over outputs of the per-sample cosine of ``compiled`` (ModelProto) against ``reference`` on
+    ``samples``; on HTP (``judge`` "htp", generation ``arch``) None when the backend refuses the model."""
+    from compiler.htp import compare_outputs, pinned_to_samples, run_htp
+    from compiler.runtime import run_model
+    if judge == "htp":
+        try:
+            got, _ = run_htp(pinned_to_samples(compiled, samples), samples, {"htp_arch": arch})
+        except QccError:
+            return None
+    else:
+        got = run_model(compiled, samples)
+    cosines = [row.cos_mean for row in compare_outputs(run_model(reference, samples), got) if row.cos_mean is not None]
+    return float(np.mean(cosines)) if cosines else None
+
+
+def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str, arch: str | None, log) -> tuple:
+    """Run (``run(pipeline)`` -> CompileResult) and score every candidate; (best result, report dict). Only
+    the best result so far is kept, so memory holds two compiled models at most."""
+    if judge == "htp":
+        from compiler.htp import qnn_module
+        if arch is None:
+            raise QccError("--judge htp needs an HTP generation: use --target htp (or quant{htp-arch=...})")
+        qnn_module()  # not installed: one line saying how to install it, before any candidate compiles
+    by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
+    rows, best, best_score, start = [], None, None, time.perf_counter()
+    for index, candidate in enumerate(candidate_list, 1):
+        began = time.perf_counter()
+        result = run(candidate.pipeline)
+        compiled = result.module.to_onnx()
+        reference = result.reference.to_onnx() if result.reference is not None else None
+        value = score(compiled, reference, samples, judge, arch) if reference is not None else None
+        seconds = time.perf_counter() - began
+        rows.append({"candidate": candidate.label, "pipeline": str(candidate.pipeline), "cosine": value,
+                     "seconds": round(seconds, 3)})
+        shown = "refused" if value is None else f"{value:.5f}"
+        log(f"judge {index}/{len(candidate_list)} ({by}): {candidate.label}: cosine {shown} ({seconds:.1f}s)")
+        if value is not None and (best_score is None or value > best_score):
+            best, best_score, chosen = result, value, candidate.label
+    if best is None:
+        raise QccError(f"--judge {judge}: no candidate ran on {by}")
+    report = {"by": by, "samples": len(samples), "chosen": chosen, "cosine": best_score,
+              "seconds": round(time.perf_counter() - start, 3), "candidates": rows}
+    return best, report
+
+
+def judge_lines(report: dict) -> list[str]:
+    return [f"judge: {report['chosen']} chosen of {len(report['candidates'])} candidates, cosine "
+            f"{report['cosine']:.5f} vs FP32 on {report['samples']} held-back calibration sample(s) on "
+            f"{report['by']} ({report['seconds']:.1f}s)"]
