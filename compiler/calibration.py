@@ -2,7 +2,9 @@
 
 One onnxruntime session exposes every float activation that needs statistics;
 each sample's activations go into the observers and are dropped, so memory is
-bounded by one sample's activations whatever the number of samples.
+bounded by one sample's activations whatever the number of samples. The samples go
+in fixed shards of ``SHARD_SAMPLES``, each observed on its own (in this process or as
+a Ray task) and merged in shard order: the same observers on any number of workers.
 
 Counting every value is the largest part of a compile (det: 20 M values a sample), so:
 - values are binned ``CHUNK`` at a time, so the work arrays stay in cache instead of
@@ -53,6 +55,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from compiler.encoding import MIN_RANGE, activation_encoding, fake_quantize
 from compiler.ir import Module, QccError, const_value
@@ -355,40 +358,75 @@ def activation_tensors(module: Module) -> list[str]:
     return names
 
 
+SHARD_SAMPLES = 32  # calibration samples per unit of work; fixed, so the merge is the same on any number of workers
+
+
 def collect(module: Module, data, tensors: list[str], method: str = "minmax", bins: int = 2048,
-            label: str = "calibrate") -> tuple[dict, int]:
+            label: str = "calibrate", runner=None) -> tuple[dict, int]:
     """Run ``data`` through the float model once; returns ({tensor: observer}, number of samples).
 
-    ``method`` "minmax" keeps min/max only; any other method keeps histograms.
+    ``method`` "minmax" keeps min/max only; any other method keeps histograms. The samples go in shards of
+    SHARD_SAMPLES, each observed on its own (``runner``: in this process, or as Ray tasks,
+    compiler.cluster) and merged in shard order, so the observers do not depend on who counted them.
     """
-    from compiler.runtime import make_session
+    from compiler.cluster import LocalRunner
+    from compiler.runtime import expose_tensors
     inputs = {t.name for t in module.graph.inputs}
     derived = derived_tensors(module, tensors)
     counted = [name for name in tensors if name not in derived]
     outputs = [name for name in counted if name not in inputs]
-    session = make_session(module, extra_outputs=outputs)
-    observers = {name: make_observer(method, bins) for name in counted}
-    count = 0
-    total = len(data) if hasattr(data, "__len__") else None
-    with Progress(total, label) as bar:
-        for sample in data:
-            for name in counted:
-                if name in inputs:
-                    if name in sample:
-                        observers[name].update(sample[name])
-                    elif name in module.input_defaults:  # left out: the model's default feeds it
-                        observers[name].update(module.input_defaults[name])
-                    else:
-                        raise QccError(f"calibration sample {count}: missing input '{name}'")
-            for name, value in zip(outputs, session.run(outputs, sample)):
-                observers[name].update(value)
-            count += 1
-            bar.advance()
-    if count == 0:
+    if not hasattr(data, "__getitem__"):
+        data = list(data)
+    total = len(data)
+    if total == 0:
         raise QccError("calibration data is empty")
+    model = expose_tensors(module.to_onnx(), outputs, copy=False).SerializeToString()
+    shared = ShardInputs(model, data, counted, inputs, dict(module.input_defaults), method, bins, label)
+    shards = [(start, min(start + SHARD_SAMPLES, total)) for start in range(0, total, SHARD_SAMPLES)]
+    # Merged into fresh observers: a task's arrays come back read-only from Ray's object store.
+    observers = {name: make_observer(method, bins) for name in counted}
+    for part in (runner or LocalRunner()).map(observe_shard, shards, shared, label):
+        observers = {name: observers[name].merge(part[name]) for name in counted}
     for name, (source, times) in derived.items():
         observers[name] = observers[source].repeated(times)
-    return observers, count
+    return observers, total
+
+
+@dataclass
+class ShardInputs:
+    """What every calibration shard reads: the float model (serialized, ``counted`` exposed) and the samples."""
+    model: bytes
+    data: object          # a Dataset (file paths: each task reads its own files) or a list of input dicts
+    counted: list
+    inputs: set
+    input_defaults: dict
+    method: str
+    bins: int
+    label: str
+
+
+def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
+    """Observers of ``shared.counted`` over samples [start, end) of ``shared.data``."""
+    from compiler.runtime import make_session
+    outputs = [name for name in shared.counted if name not in shared.inputs]
+    session = make_session(onnx.ModelProto.FromString(shared.model))
+    observers = {name: make_observer(shared.method, shared.bins) for name in shared.counted}
+    start, end = shard
+    with Progress(end - start, shared.label if start == 0 else f"{shared.label} (from sample {start})") as bar:
+        for index in range(start, end):
+            sample = shared.data[index]
+            for name in shared.counted:
+                if name in shared.inputs:
+                    if name in sample:
+                        observers[name].update(sample[name])
+                    elif name in shared.input_defaults:  # left out: the model's default feeds it
+                        observers[name].update(shared.input_defaults[name])
+                    else:
+                        raise QccError(f"calibration sample {index}: missing input '{name}'")
+            for name, value in zip(outputs, session.run(outputs, sample)):
+                observers[name].update(value)
+            bar.advance()
+    return observers
 
 
 # --- observers derived instead of counted ----------------------------------------------------------
@@ -490,7 +528,7 @@ def data_key(data) -> object:
     return getattr(data, "key", None) or ("object", id(data), len(data) if hasattr(data, "__len__") else None)
 
 
-def statistics(module: Module, data, tensors: list[str], method: str, bins: int = 2048) -> CalibrationStats:
+def statistics(module: Module, data, tensors: list[str], method: str, bins: int = 2048, runner=None) -> CalibrationStats:
     """Cached statistics for ``tensors``; runs the model only for tensors the cache lacks."""
     fingerprint, key = graph_fingerprint(module), data_key(data)
     cached = module.cache.get(CACHE_KEY)
@@ -500,7 +538,7 @@ def statistics(module: Module, data, tensors: list[str], method: str, bins: int 
         module.cache[CACHE_KEY] = cached
     missing = [name for name in tensors if name not in cached.observers]
     if missing:
-        observers, count = collect(module, data, missing, cached.method, bins)
+        observers, count = collect(module, data, missing, cached.method, bins, runner=runner)
         cached.observers.update(observers)
         cached.samples = count
     return cached

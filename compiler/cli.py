@@ -85,6 +85,13 @@ def _compile_arguments(p) -> None:
     p.add_argument("--profile", action="store_true",
                    help="print where the time went: start-up, load, each pass, evaluation, HTP check, each write")
     _add_quantization(p)
+    _add_ray_arguments(p, "run calibration shards and the HTP check's runs as Ray tasks")
+
+
+def _add_ray_arguments(p, what: str) -> None:
+    group = p.add_argument_group(f"scale-out on Ray (pip install 'qcc[ray]'): {what}; the same bytes as without")
+    group.add_argument("--workers", type=int, metavar="N", help="on a local Ray with N workers")
+    group.add_argument("--ray-address", metavar="ADDR", help="on the Ray cluster at ADDR (ray start --head ...)")
 
 
 def cmd_compile(args) -> int:
@@ -103,7 +110,7 @@ def _request(args):
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
         dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
         htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile,
-        judge=args.judge, hold_back=args.eval_data is None)
+        judge=args.judge, hold_back=args.eval_data is None, workers=args.workers, ray_address=args.ray_address)
 
 
 def _add_compile_many(sub) -> None:
@@ -112,9 +119,7 @@ def _add_compile_many(sub) -> None:
                    help="a JSON list of objects whose keys are qcc compile's options in snake_case (model, output, "
                         "target, calib_data, input_shape as a list, act_bits, ...); true for a flag; paths as on "
                         "the command line (relative to the working directory)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="compile on a local Ray with N workers (pip install 'qcc[ray]'); the same bytes as without")
-    p.add_argument("--ray-address", metavar="ADDR", help="compile on the Ray cluster at ADDR (ray start --head ...)")
+    _add_ray_arguments(p, "each entry a Ray task")
     p.set_defaults(func=cmd_compile_many)
 
 
@@ -126,8 +131,6 @@ def cmd_compile_many(args) -> int:
     entry); then each compiles on its own, in this process or as a Ray task (--workers, --ray-address): one
     entry's failure is reported and the others go on. A summary table ends the run, in manifest order; exit 1
     when any entry failed. Each compile writes its outputs whole or not at all."""
-    if args.workers is not None and args.workers < 1:
-        raise QccError(f"--workers must be at least 1, got {args.workers}")
     argvs, entries = _manifest_entries(Path(args.manifest))
     outputs = {}
     for index, entry in enumerate(entries):
@@ -135,8 +138,18 @@ def cmd_compile_many(args) -> int:
         if output in outputs:
             raise QccError(f"{args.manifest}: entries {outputs[output]} and {index} both write {entry.output}")
         outputs[output] = index
-    results = _on_ray(argvs, args.workers, args.ray_address) if args.workers or args.ray_address else \
-        [_report(index, len(argvs), entries[index], compile_entry(argv)) for index, argv in enumerate(argvs)]
+    from compiler.cluster import open_runner
+    runner = open_runner(args.workers, args.ray_address)
+    finished = []
+
+    def report(index: int, result: tuple) -> None:
+        finished.append(index)
+        print(f"[{len(finished)}/{len(argvs)}] entry {index} ({entries[index].model}): {result[0].splitlines()[0]}",
+              file=sys.stderr)
+    try:
+        results = runner.map(compile_entry, argvs, label="compile-many", each=report)
+    finally:
+        runner.close()
     rows = [(index, entry.model, entry.output, status, seconds)
             for index, (entry, (status, seconds)) in enumerate(zip(entries, results))]
     width = max(len(str(r[1])) for r in rows)
@@ -146,9 +159,10 @@ def cmd_compile_many(args) -> int:
     return EXIT_SOME_FAILED if any(r[3] != "ok" for r in rows) else 0
 
 
-def compile_entry(argv: list[str]) -> tuple[str, float]:
+def compile_entry(_, argv: list[str]) -> tuple[str, float]:
     """One manifest entry's compile from its ``qcc compile`` arguments: ("ok" or "failed: why", seconds). A Ray
-    task runs this in a worker process; without Ray, the command's own process does."""
+    task runs this in a worker process (compiler.cluster; nothing shared: the first argument is unused);
+    without Ray, the command's own process does."""
     import time as clock
 
     from compiler.quantize import compile_file
@@ -164,39 +178,6 @@ def compile_entry(argv: list[str]) -> tuple[str, float]:
     except Exception as exc:  # a bug in one entry's compile: reported, the others still run
         status = f"failed: internal error: {type(exc).__name__}: {exc}"
     return status, clock.perf_counter() - start
-
-
-def _report(index: int, total: int, entry, result: tuple) -> tuple:
-    print(f"[{index + 1}/{total}] {entry.model} -> {entry.output}: {result[0].splitlines()[0]}", file=sys.stderr)
-    return result
-
-
-RAY_HINT = "--workers and --ray-address need Ray: pip install 'qcc[ray]'"
-RAY_RETRIES = 3  # a task whose worker dies is run again this many times
-
-
-def _on_ray(argvs: list, workers: int | None, address: str | None) -> list[tuple]:
-    """Each entry as a Ray task (retried when its worker dies), results in manifest order; progress is one
-    line per finished entry, whichever worker ran it."""
-    import logging
-    try:
-        import ray
-    except ImportError:
-        raise QccError(RAY_HINT) from None
-    ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR, configure_logging=False)
-    try:
-        task = ray.remote(max_retries=RAY_RETRIES)(compile_entry)
-        refs = [task.remote(argv) for argv in argvs]
-        pending, finished = list(refs), 0
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            finished += 1
-            status, _ = ray.get(ready[0])
-            print(f"[{finished}/{len(refs)}] entry {refs.index(ready[0])}: {status.splitlines()[0]}", file=sys.stderr)
-        return ray.get(refs)
-    finally:
-        ray.shutdown()
 
 
 def _manifest_entries(path: Path) -> tuple[list, list]:
@@ -217,6 +198,9 @@ def _manifest_entries(path: Path) -> tuple[list, list]:
     return argvs, entries
 
 
+RUN_WIDE_OPTIONS = {"workers", "ray_address"}  # where the whole batch runs, not one entry
+
+
 def _argv(entry: dict, parser, path: Path, index: int) -> list[str]:
     """``qcc compile``'s command line for one manifest entry: model first, then each key as its option."""
     options = {action.dest: action for action in parser._actions if action.option_strings}
@@ -226,8 +210,12 @@ def _argv(entry: dict, parser, path: Path, index: int) -> list[str]:
     for key, value in entry.items():
         if key == "model":
             continue
+        if key in RUN_WIDE_OPTIONS:
+            raise QccError(f"{path}: entry {index}: '{key}' is compile-many's own option (--{key.replace('_', '-')}), "
+                           "not an entry's")
         if key not in options:
-            raise QccError(f"{path}: entry {index}: unknown key '{key}'; valid keys: model, {', '.join(sorted(options))}")
+            raise QccError(f"{path}: entry {index}: unknown key '{key}'; valid keys: model, "
+                           f"{', '.join(sorted(set(options) - RUN_WIDE_OPTIONS))}")
         flag = options[key].option_strings[-1]
         if options[key].nargs == 0:  # a flag
             if not isinstance(value, bool):

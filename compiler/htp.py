@@ -263,27 +263,68 @@ def pinned_to_samples(model: onnx.ModelProto, samples: list[dict]) -> onnx.Model
         if shapes else model
 
 
-def device_check(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], arch: str) -> dict:
-    """The compiled ``model`` on the HTP backend of ``arch`` (CPU fallback off), per output: HTP and the CPU
-    simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
+def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], archs: list[str],
+                  runner=None) -> list[dict]:
+    """The compiled ``model`` on the HTP backend of each of ``archs`` (CPU fallback off), per output: HTP and the
+    CPU simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
     SQNR dB, largest difference in output steps); and the first tensors where the two part
-    (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused"
-    and the backend's reason."""
+    (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused" and
+    the backend's reason. The HTP runs (generations x chunks of samples, then each generation's divergence
+    search) are ``runner``'s units of work (compiler.cluster); each sample's result does not depend on which
+    chunk ran it."""
+    from compiler.cluster import LocalRunner
+    runner = runner or LocalRunner()
     static = pinned_to_samples(model, samples)
-    try:
-        htp, seconds = run_htp(static, samples, {"htp_arch": arch})
-    except QccError as exc:
-        return {"arch": arch, "status": "refused", "reason": str(exc)}
+    chunks = max(1, min(len(samples), runner.workers // len(archs)))
+    bounds = [(len(samples) * i // chunks, len(samples) * (i + 1) // chunks) for i in range(chunks)]
+    shared = HtpInputs(static.SerializeToString(), samples)
+    runs = runner.map(run_htp_chunk, [(arch, start, end) for arch in archs for start, end in bounds], shared,
+                      "HTP check")
     simulated, fp32 = run_model(model, samples), run_model(reference, samples)
     steps = output_steps(model)
-    rows = {name: {} for name in fp32[0]}
-    for label, got, against in (("htp_vs_fp32", htp, fp32), ("simulation_vs_fp32", simulated, fp32),
-                                ("htp_vs_simulation", htp, simulated)):
-        for row in compare_outputs(against, got, steps if label == "htp_vs_simulation" else None):
-            rows[row.name][label] = {"cosine_mean": row.cos_mean, "cosine_min": row.cos_min, "sqnr_db": row.sqnr_db,
-                                     **({"max_steps": row.max_steps} if row.max_steps is not None else {})}
-    return {"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds, "outputs": rows,
-            "first_divergences": first_divergences(static, samples[0], arch)}
+    checks, ran = [], []
+    for index, arch in enumerate(archs):
+        parts = runs[index * chunks:(index + 1) * chunks]
+        refused = next((part for part in parts if isinstance(part, str)), None)
+        if refused is not None:
+            checks.append({"arch": arch, "status": "refused", "reason": refused})
+            continue
+        htp = [output for outputs, _ in parts for output in outputs]
+        seconds = sum(sec * len(outputs) for outputs, sec in parts) / max(len(samples), 1)
+        rows = {name: {} for name in fp32[0]}
+        for label, got, against in (("htp_vs_fp32", htp, fp32), ("simulation_vs_fp32", simulated, fp32),
+                                    ("htp_vs_simulation", htp, simulated)):
+            for row in compare_outputs(against, got, steps if label == "htp_vs_simulation" else None):
+                rows[row.name][label] = {"cosine_mean": row.cos_mean, "cosine_min": row.cos_min, "sqnr_db": row.sqnr_db,
+                                         **({"max_steps": row.max_steps} if row.max_steps is not None else {})}
+        checks.append({"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds,
+                       "outputs": rows})
+        ran.append(arch)
+    divergences = runner.map(divergence_search, ran, shared, "HTP divergence search")
+    for check in checks:
+        if check["status"] == "ran":
+            check["first_divergences"] = divergences[ran.index(check["arch"])]
+    return checks
+
+
+@dataclass
+class HtpInputs:
+    """What every HTP run of a device check reads: the model (static shapes, serialized) and the samples."""
+    model: bytes
+    samples: list
+
+
+def run_htp_chunk(shared: HtpInputs, item: tuple) -> tuple[list[dict], float] | str:
+    """(outputs, seconds per sample) of samples [start, end) on generation ``arch``; the reason when refused."""
+    arch, start, end = item
+    try:
+        return run_htp(onnx.ModelProto.FromString(shared.model), shared.samples[start:end], {"htp_arch": arch})
+    except QccError as exc:
+        return str(exc)
+
+
+def divergence_search(shared: HtpInputs, arch: str) -> list[dict]:
+    return first_divergences(onnx.ModelProto.FromString(shared.model), shared.samples[0], arch)
 
 
 DIVERGENCE_COSINE = 0.999  # a tensor whose HTP value agrees less with the simulation "parts" from it
@@ -300,7 +341,7 @@ def first_divergences(model: onnx.ModelProto, sample: dict, arch: str) -> list[d
     largest difference in their own quantization steps: each activation's DequantizeLinear output is exposed
     as a graph output on both sides, EXPOSED_PER_SESSION at a time. Exposing a tensor can change how HTP
     fuses the ops around it, so these sessions locate where the two part; the model's outputs are compared
-    on the graph as written (device_check)."""
+    on the graph as written (device_checks)."""
     activations = _activations(model)[:SEARCHED_ACTIVATIONS]
     (simulated,) = run_model(expose_tensors(model, [name for name, *_ in activations]), [sample])
     parted = []
@@ -335,7 +376,7 @@ def _activations(model: onnx.ModelProto) -> list[tuple]:
 
 
 def check_lines(check: dict, data: str) -> list[str]:
-    """The stderr summary of one ``device_check``."""
+    """The stderr summary of one ``device_checks`` entry."""
     if check["status"] == "refused":
         return [f"HTP v{check['arch']}: the backend refuses the model: {check['reason']}"]
     lines = []

@@ -77,6 +77,20 @@ def candidates(pipeline: Pipeline, fixed_method: str | None = None) -> list[Cand
     return result
 
 
+def common_prefix(pipeline: Pipeline) -> int:
+    """How many leading passes every candidate shares: the float-preserving ones before the first that
+    quantizes (the judged passes come after it)."""
+    from compiler.pass_manager import PassKind
+    return next((i for i, p in enumerate(pipeline) if p.kind is not PassKind.FLOAT_PRESERVING), len(pipeline))
+
+
+def count_histograms(module, calib_data, runner, bins: int) -> None:
+    """Fill calibrate's statistics cache (compiler.calibration.statistics) for every activation of ``module``
+    with histograms, which serve every judged method: each candidate's calibrate then reads them."""
+    from compiler.calibration import activation_tensors, statistics
+    statistics(module, calib_data, activation_tensors(module), "histogram", bins, runner)
+
+
 def _first(given: list, others) -> list:
     return given + [o for o in others if o not in given]
 

@@ -60,6 +60,8 @@ class PassContext:
     # The compile's quantization config and pipeline; PassManager.run sets both from its pipeline.
     config: QuantConfig = QuantConfig()
     pipeline: object = None
+    # Where independent units of work run (compiler.cluster): this process, or Ray tasks (--workers).
+    runner: object = field(default_factory=lambda: _local_runner())
     # The module as it was before the first pass that may change its float outputs (annotating or lowering:
     # bias correction and AdaRound rewrite weights), i.e. the FP32 reference; PassManager.run sets it.
     reference: object = None
@@ -69,6 +71,11 @@ class PassContext:
         label = getattr(where, "name", None) or (outputs[0].name if outputs else str(where))  # unnamed: its output
         op = getattr(where, "op", None)
         self.remarks.append(Remark(self.current_pass, f"{label} ({op})" if op else label, message))
+
+
+def _local_runner():
+    from compiler.cluster import LocalRunner
+    return LocalRunner()
 
 
 class Pass:
@@ -341,19 +348,23 @@ class PassManager:
         self.quiet = quiet
         self.records: list[PassRecord] = []
 
-    def run(self, module: Module, ctx: PassContext | None = None) -> Module:
+    def run(self, module: Module, ctx: PassContext | None = None, first: int = 0) -> Module:
+        """Run the pipeline's passes from index ``first`` on (the module has been through the ones before, e.g.
+        by another manager whose records this one was given)."""
         from compiler.printer import print_module
         ctx = ctx or PassContext()
         ctx.config, ctx.pipeline = self.pipeline.config, self.pipeline
         check_quantizable(module, self.pipeline)
         samples = None
-        if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline):
+        if self.verify and any(p.kind is PassKind.FLOAT_PRESERVING for p in self.pipeline[first:]):
             from compiler.runtime import sample_inputs
             samples = sample_inputs(module, ctx, count=2)
             if ctx.calib_data is None and not self.quiet:
                 # A model whose outputs stay ~0 on noise (a text detector's map) shows float rounding as relative error.
                 ctx.log("--verify: on 2 random-noise inputs; give --calib-data for real ones")
         for index, p in enumerate(self.pipeline):
+            if index < first:
+                continue
             ctx.current_pass = p.name
             if ctx.reference is None and p.kind is not PassKind.FLOAT_PRESERVING:
                 ctx.reference = module.clone()

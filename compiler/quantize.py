@@ -128,6 +128,8 @@ class CompileRequest:
     profile: bool = False        # print where the time went (compile_file)
     judge: str | None = None     # "sim" or "htp": choose calibration method and bias-correction mode (compiler.judge)
     hold_back: bool = False      # keep every 4th calibration sample for evaluation and the HTP check (qcc compile)
+    workers: int | None = None   # run the units of work as Ray tasks on a local Ray of this many workers
+    ray_address: str | None = None  # ... or on the Ray cluster at this address (compiler.cluster)
 
     def pipeline(self) -> Pipeline:
         pipeline = build_pipeline(self)
@@ -145,7 +147,7 @@ class CompileResult:
     metrics: dict = field(default_factory=dict)
     # The module before the first pass that changes float outputs: what OUT.float.onnx holds.
     reference: Module | None = None
-    # The written model on the HTP backend (compile_file): one htp.device_check per generation, or why none ran.
+    # The written model on the HTP backend (compile_file): one htp.device_checks entry per generation, or why none ran.
     htp: dict = field(default_factory=dict)
     # Wall-clock seconds of each stage outside the passes (load, evaluation, HTP check, each write), in order.
     timings: dict = field(default_factory=dict)
@@ -164,14 +166,18 @@ def _dataset(data, module: Module, request: CompileRequest, count: int | None = 
 
 
 def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Path | None = None,
-                  request: CompileRequest | None = None, pipeline: Pipeline | None = None, **options) -> CompileResult:
+                  request: CompileRequest | None = None, pipeline: Pipeline | None = None, runner=None,
+                  **options) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
     ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
     With ``hold_back`` (or ``judge``) every 4th calibration sample is held back (compiler.judge): the judge's
     samples, and the evaluation's when no ``eval_data`` is given. With ``judge`` each candidate pipeline runs
     on a copy of ``module`` and the result is the chosen one's (``module`` is left as it was).
     Writes nothing but ``dump_dir`` (the --dump-after dumps); ``pipeline`` is the request's, when the caller has
-    parsed it already. ``qcc compile`` and the Python API both run this."""
+    parsed it already; ``runner`` runs the units of work (compiler.cluster; default: this process).
+    ``qcc compile`` and the Python API both run this."""
+    from compiler.cluster import LocalRunner
+    runner = runner or LocalRunner()
     request = request or CompileRequest(target=target, **options)
     if request.passes is not None and request.target_cos is not None:
         raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
@@ -184,15 +190,19 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
                        "(.npy, .npz or images)")
     original = module.clone() if eval_data is not None else None
 
-    def run(candidate: Pipeline, target_module: Module, dumps: Path | None) -> CompileResult:
-        ctx = PassContext(verbose=not request.quiet, calib_data=calib, eval_data=eval_data)
+    def run(candidate: Pipeline, target_module: Module, dumps: Path | None, after: CompileResult | None = None):
+        """``candidate`` on ``target_module``; ``after``: the run of its first passes, which it goes on from."""
+        ctx = PassContext(verbose=not request.quiet, calib_data=calib, eval_data=eval_data, runner=runner,
+                          remarks=list(after.context.remarks) if after else [])
         if log is not None:
             ctx.log = log
         manager = PassManager(candidate, verify=request.verify, dump_after=request.dump_after, dump_dir=dumps,
                               quiet=request.quiet)
+        manager.records = list(after.manager.records) if after else []
         start = time.perf_counter()
-        manager.run(target_module, ctx)
-        return CompileResult(target_module, manager, ctx, time.perf_counter() - start, reference=ctx.reference)
+        manager.run(target_module, ctx, first=len(after.manager.pipeline) if after else 0)
+        seconds = time.perf_counter() - start + (after.seconds if after else 0.0)
+        return CompileResult(target_module, manager, ctx, seconds, reference=ctx.reference)
 
     if request.judge is None:
         result = run(pipeline, module, dump_dir)
@@ -202,8 +212,13 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
             raise QccError("--dump-after dumps one pipeline's passes; --judge runs several: give one of them")
         say = log or ((lambda message: print(message, file=sys.stderr)) if not request.quiet else (lambda message: None))
         arch = pipeline.config.htp_arch if pipeline.config.htp_arch in HTP_ARCHS else None
-        result, result.judge = judge.choose(judge.candidates(pipeline, request.calib_method),
-                                            lambda candidate: run(candidate, module.clone(), None),
+        # The candidates differ from the first quantizing pass on: the float rewrites run once, and calibrate's
+        # histograms (which serve every method) are counted once, on the module every candidate copies.
+        candidates = judge.candidates(pipeline, request.calib_method)
+        common = Pipeline(pipeline[:judge.common_prefix(pipeline)], pipeline.config)
+        base = run(common, module.clone(), None)
+        judge.count_histograms(base.module, calib, runner, pipeline.find("calibrate").options.bins)
+        result, result.judge = judge.choose(candidates, lambda candidate: run(candidate, base.module.clone(), None, base),
                                             list(held), request.judge, arch, say)
     with timed(result.timings, "evaluation"):
         result.metrics = evaluate(original, result.module, eval_data) if eval_data is not None else {}
@@ -256,6 +271,7 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
     so the profile shows the start-up (imports, argument parsing) too."""
     from compiler.encoding import has_qdq
     from compiler.ir import load
+    from compiler.cluster import open_runner
     from compiler.judge import judge_lines
     start_up = time.perf_counter() - started if started is not None else None
     pipeline = request.pipeline()
@@ -268,14 +284,18 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             plan_quantized_outputs(outputs)
             outputs.check()
         dump_dir = outputs.folder("dumps") if request.dump_after else None
-        result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir)
-        result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
-        check_arch(result)
-        # Exported once: the HTP check runs the very model (and FP32 reference) the files then hold.
-        compiled = result.module.to_onnx()
-        reference = result.reference.to_onnx() if result.reference is not None else None
-        with timed(result.timings, "HTP check"):
-            result.htp = htp_checks(result, request, compiled, reference)
+        runner = open_runner(request.workers, request.ray_address)
+        try:
+            result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir, runner=runner)
+            result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
+            check_arch(result)
+            # Exported once: the HTP check runs the very model (and FP32 reference) the files then hold.
+            compiled = result.module.to_onnx()
+            reference = result.reference.to_onnx() if result.reference is not None else None
+            with timed(result.timings, "HTP check"):
+                result.htp = htp_checks(result, request, compiled, reference)
+        finally:
+            runner.close()
         written = write_outputs(result, request, outputs, compiled, reference)
     if not request.quiet:
         judged = judge_lines(result.judge) if result.judge else []
@@ -313,7 +333,7 @@ def check_arch(result: CompileResult) -> None:
 def htp_checks(result: CompileResult, request: CompileRequest, compiled, reference) -> dict:
     """The compiled model on the QNN HTP backend of the config's generation (every one for --htp-arch all),
     on up to ``htp_samples`` held-out samples (else the last calibration samples): {"checks": [...]} with
-    one htp.device_check each and the summary lines, or {"skipped": why}."""
+    one htp.device_checks entry each and the summary lines, or {"skipped": why}."""
     from compiler import htp
     config = result.context.config
     if not (request.htp_check and result.manager.pipeline.quantizes and config.htp_arch in HTP_ARCHS
@@ -332,7 +352,7 @@ def htp_checks(result: CompileResult, request: CompileRequest, compiled, referen
     label = data_label(request, result) if held_out else \
         "calibration sample(s) (too few to hold some back: give --eval-data for held-out ones)"
     archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
-    checks = [htp.device_check(compiled, reference, samples, arch) for arch in archs]
+    checks = htp.device_checks(compiled, reference, samples, archs, ctx.runner)
     return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
 
 

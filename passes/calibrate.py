@@ -67,7 +67,7 @@ class Calibrate(Pass):
         if measured:
             if ctx.calib_data is None:
                 raise QccError("calibrate needs --calib-data (a folder of sample inputs) to measure activation ranges")
-            stats = statistics(module, ctx.calib_data, measured, opts.method, opts.bins)
+            stats = statistics(module, ctx.calib_data, measured, opts.method, opts.bins, ctx.runner)
         choices_made = {}
         for name in todo:
             bw = int(module.annotations.get(name, {}).get("act_bits", ctx.config.act_bits))

@@ -66,6 +66,9 @@ def test_the_judge_keeps_the_best_scoring_candidate_measured_on_held_back_sample
     held = [data[i] for i in (3, 7)]
     assert report["cosine"] == pytest.approx(judge.score(result.module.to_onnx(), result.reference.to_onnx(),
                                                          held, "sim", None))
+    # The chosen candidate went through every pass of its pipeline (the shared first ones once, before the rest).
+    assert [r.name for r in result.manager.records] == [p.name for p in result.manager.pipeline]
+    assert any(node.op == "QuantizeLinear" for node in result.module.graph.nodes)
     # The module given is left as it was: every candidate ran on a copy.
     assert not any(node.op == "QuantizeLinear" for node in module.graph.nodes)
 
