@@ -110,6 +110,13 @@ def test_a_variant_combines_changes(monkeypatch):
                                                 "qcc-w8a16-calib-mse-no-cle-with-adaround")
 
 
+def test_a_judge_variant_compiles_as_qcc_compile_judge_on_the_arch_given():
+    row = bench.variant("W8A8 judge=htp arch=68")
+    assert row.judge == "htp" and row.name == "qcc-w8a8-judge-htp-v68"
+    assert row.passes.startswith("quant{") and "htp-arch=68" in row.passes
+    assert bench.variant("W8A8").judge is None
+
+
 def test_a_bias_variant_changes_only_bias_corrections_mode():
     for width, bits in (("W8A8", 8), ("W8A16", 16)):
         default = passes_and_options(str(targets.TARGETS["htp"].build(act_bits=bits)))

@@ -44,6 +44,8 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 - ``bias=MODE``: bias-correction in MODE, with the sample count of the width whose default uses it;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
   (promote-16bit; share defaults to promote-16bit's own);
+- ``judge=sim`` / ``judge=htp``: as ``qcc compile --judge``: the calibration method and bias-correction mode
+  chosen on a quarter of the calibration samples held back (``judge=htp`` on ``arch=N``, default 73);
 
 e.g. ``--variant "W8A8 calib=mse -cle -adaround"`` or ``--variant "W8A8 cos=0.999 share=1"``; its row's
 config is ``htp SPEC``.
@@ -153,6 +155,7 @@ class Variant:
     tool: str          # a key of TOOL_LABELS: how it compiles
     config: str
     passes: str | None = None
+    judge: str | None = None  # qcc compile --judge
 
     @classmethod
     def of_tool(cls, tool: str) -> "Variant":
@@ -231,10 +234,16 @@ def variant(spec: str) -> Variant:
     bits = QCC_TOOLS[tool]
     installed = load_passes()
     left_out, method, slug = set(width_defaults(bits).left_out), None, tool
-    mixed, tuning = {}, {}
+    mixed, tuning, judge, arch = {}, {}, None, None
     for change in changes:
         sign, name = change[:1], change[1:]
-        if change.startswith("calib="):
+        if change in ("judge=sim", "judge=htp"):
+            judge = change.split("=")[1]
+            slug += f"-judge-{judge}"
+        elif change.startswith("arch="):
+            arch = change.split("=", 1)[1]
+            slug += f"-v{arch}"
+        elif change.startswith("calib="):
             method = change.split("=", 1)[1]
             slug += f"-calib-{method}"
         elif change.startswith("bias="):
@@ -257,14 +266,15 @@ def variant(spec: str) -> Variant:
             slug += f"-{'no' if sign == '-' else 'with'}-{name}"
         else:
             raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, bias=MODE, -PASS, +PASS, cos=C, "
-                           f"share=S (optional passes: {', '.join(OPTIONAL_PASSES)})")
+                           f"share=S, judge=sim|htp, arch=N (optional passes: {', '.join(OPTIONAL_PASSES)})")
     # An unknown calibration method fails here, not after the first compiles.
-    pipeline = TARGETS["htp"].build(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning)
+    pipeline = TARGETS["htp"].build(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning,
+                                    htp_arch=arch)
     if mixed:
         if "cos" not in mixed:
             raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
         pipeline = with_mixed_precision(pipeline, mixed["cos"], mixed.get("share"))
-    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline))
+    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline), judge)
 
 
 def bias_correction_options(mode: str) -> dict:
@@ -299,14 +309,14 @@ def ablation_specs(tools: list[str]) -> list[str]:
 
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
-            passes: str | None = None) -> None:
-    """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead."""
+            passes: str | None = None, judge: str | None = None) -> None:
+    """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead; ``judge`` as --judge."""
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
     pipeline = {"passes": passes} if passes else {"act_bits": act_bits}
-    compile_model(module, "htp", calib_data=calib, log=lambda m: None, **pipeline)
-    onnx.save(module.to_onnx(), out)
+    result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge, **pipeline)
+    onnx.save(result.module.to_onnx(), out)
 
 
 class _Reader:
@@ -391,7 +401,7 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
         start = time.perf_counter()
         try:
             if tool in QCC_TOOLS:
-                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, variant.passes)
+                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, variant.passes, variant.judge)
             else:
                 # onnxruntime's calibrators print progress on stdout, where the table goes.
                 with contextlib.redirect_stdout(sys.stderr):
