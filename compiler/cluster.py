@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from compiler.errors import QccError
 from compiler.progress import Progress
@@ -88,5 +89,8 @@ def open_runner(workers: int | None, address: str | None):
     """A RayRunner when either is given, else a LocalRunner; the caller closes it."""
     if workers is None and address is None:
         return LocalRunner()
-    print(f"qcc: starting Ray ({f'{workers} local workers' if address is None else address})", file=sys.stderr)
-    return RayRunner(workers, address)
+    start = time.perf_counter()
+    runner = RayRunner(workers, address)
+    where = f"{workers} local worker(s)" if address is None else f"the cluster at {address}, {runner.workers} CPUs"
+    print(f"qcc: Ray started in {time.perf_counter() - start:.1f}s ({where})", file=sys.stderr)
+    return runner
