@@ -52,6 +52,8 @@ class PassContext:
     """What a pass may need besides the module: data, remarks, progress output."""
     calib_data: object = None           # compiler.data.Dataset or None
     eval_data: object = None
+    # Calibration samples held back from calibration: what choices between candidates are judged on.
+    judge_data: object = None
     seed: int = 0
     verbose: bool = False
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))

@@ -192,7 +192,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
 
     def run(candidate: Pipeline, target_module: Module, dumps: Path | None, after: CompileResult | None = None):
         """``candidate`` on ``target_module``; ``after``: the run of its first passes, which it goes on from."""
-        ctx = PassContext(verbose=not request.quiet, calib_data=calib, eval_data=eval_data, runner=runner,
+        ctx = PassContext(verbose=not request.quiet, calib_data=calib, eval_data=eval_data, judge_data=held, runner=runner,
                           remarks=list(after.context.remarks) if after else [])
         if log is not None:
             ctx.log = log

@@ -271,10 +271,13 @@ class MixedPrecisionSim:
         scale, zero_point = qdq_params(enc)
         return float(enc.min[0]), float(enc.max[0]), float(scale), int(zero_point)
 
-    def measure(self, encodings: dict, count: int | None = None) -> Measure:
+    def measure(self, encodings: dict, count: int | None = None, start: int = 0) -> Measure:
+        """Output cosine and relative error against FP32 with ``encodings``, over ``count`` samples (default: all)
+        from sample ``start`` on."""
         params = self._feeds(encodings)
         stats = ErrorStats()
-        for sample, references in list(zip(self.samples, self.reference))[:count]:
+        end = None if count is None else start + count
+        for sample, references in list(zip(self.samples, self.reference))[start:end]:
             for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
                 stats.update(reference, got)
         return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)

@@ -166,6 +166,27 @@ def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | N
     return {name: enc for name, enc in probe.encodings.items() if enc.bw >= 16 and not enc.symmetric}
 
 
+class SearchCurve:
+    """The simulation as the search uses it: ``measure(encodings)`` judges on the samples from ``judged_from`` on
+    and records the point (share of activation bytes at 16 bits -> cosine) on the accuracy/cost curve;
+    ``measure(encodings, count)`` ranks on the first ``count`` samples."""
+
+    def __init__(self, sim: MixedPrecisionSim, share_of, judged_from: int):
+        self.sim, self.share_of, self.judged_from = sim, share_of, judged_from
+        self.points: dict[float, float] = {}
+        self.pairs, self.wide, self.narrow, self.conversions = sim.pairs, sim.wide, sim.narrow, sim.conversions
+
+    def measure(self, encodings: dict, count: int | None = None):
+        if count is not None:
+            return self.sim.measure(encodings, count)
+        measured = self.sim.measure(encodings, start=self.judged_from)
+        self.points[round(self.share_of(encodings), 4)] = measured.cos
+        return measured
+
+    def curve_text(self) -> str:
+        return ", ".join(f"{share:.3f} -> {cos:.5f}" for share, cos in sorted(self.points.items()))
+
+
 @register
 class Promote16Bit(Pass):
     name = "promote-16bit"
@@ -202,18 +223,21 @@ class Promote16Bit(Pass):
                 module.encodings.get(n) is not None and module.encodings[n].bw >= 16
                 for entry in previous["promoted"] for n in entry["tensors"]):
             return PassResult(False, {"cos-after": previous["cos_after"], "share-16bit": previous["share_16bit"]})
-        samples = [s for _, s in zip(range(opts.samples), ctx.calib_data)]
-
-        # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
-        sim = MixedPrecisionSim(module, ctx.config, samples, ctx.reference,
-                                sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline)))
-        encodings = dict(module.encodings)
-        wide = {n for n in activations if encodings[n].bw >= 16}
+        # Ranked on calibration samples; chosen on the held-back ones when the compile keeps some (ctx.judge_data).
+        held = list(ctx.judge_data) if ctx.judge_data is not None else []
+        ranked = [s for _, s in zip(range(opts.screen_samples if held else opts.samples), ctx.calib_data)]
         total = len(activations)
         sizes = activation_sizes(module, activations)
         share_of = lambda chosen: byte_share(chosen, sizes)
+        # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
+        sim = SearchCurve(MixedPrecisionSim(module, ctx.config, ranked + held, ctx.reference,
+                                            sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline))),
+                          share_of, len(ranked) if held else 0)
+        encodings = dict(module.encodings)
+        wide = {n for n in activations if encodings[n].bw >= 16}
         start = sim.measure(encodings)
-        stats = {"cos-before": start.cos, "activations": total, "activation-bytes-8bit": sum(sizes.values())}
+        stats = {"cos-before": start.cos, "activations": total, "activation-bytes-8bit": sum(sizes.values()),
+                 "chosen-on": f"{len(held)} held-back samples" if held else f"{len(ranked)} calibration samples"}
         if start.cos >= opts.target_cos:
             return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
 
@@ -261,6 +285,7 @@ class Promote16Bit(Pass):
                 limits.append(f"the budget ({opts.budget:g}) holds no more")
             ctx.remark("graph", f"output cosine {cos:.6f} < {opts.target_cos:g} with {share_of(encodings):.1%} of the "
                                 f"activation bytes at 16 bits; {'; '.join(limits) or 'no unit helps further'}")
+        ctx.remark("graph", f"measured (share of activation bytes at 16 bits -> output cosine): {sim.curve_text()}")
         if not count:
             return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
         promoted = [{"tensors": u, "output_error_share": removed[tuple(u)]} for u in chosen]
@@ -275,6 +300,7 @@ class Promote16Bit(Pass):
         module.encodings.update(constant_encodings(module, wide))
         converts = len(sim.conversions(encodings))
         module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
+                                   "curve": sorted(sim.points.items()),
                                    "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(encodings),
                                    "tensors_16bit": len(wide), "converts": converts, "promoted": promoted}
         return PassResult(True, {**stats, "cos-after": cos, "cos-all-16bit": best_case.cos, "promoted": len(changed),

@@ -258,3 +258,22 @@ def test_from_the_top_it_keeps_at_16_bits_only_what_the_target_needs():
     wide = {n for n, e in module.encodings.items() if e.bw == 16 and not e.symmetric}
     assert wide and wide != {n for n, e in base.items() if not e.symmetric}  # not everything
     assert result.stats["share-16bit"] < 1
+
+
+def test_with_held_back_samples_it_ranks_on_calibration_and_chooses_on_the_held_back_ones():
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    held = samples(3, seed=7)
+    ctx.judge_data = held
+    before = module.clone()
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "1"}).run(module, ctx)
+    assert result.stats["chosen-on"] == "3 held-back samples"
+    # The cosine it reports is the chosen model's on the held-back samples alone, measured here from scratch.
+    check = MixedPrecisionSim(before, QuantConfig(), held, before)
+    assert result.stats["cos-after"] == pytest.approx(check.measure(module.encodings).cos, abs=1e-6)
+    # Every state it measured is a point of the curve, in the report's remarks and the cache.
+    curve = module.cache["promote-16bit"]["curve"]
+    assert curve == sorted(curve) and len(curve) >= 3 and curve[-1][0] == 1.0
+    assert (round(result.stats["share-16bit"], 4), result.stats["cos-after"]) in [tuple(p) for p in curve]
+    assert any(r.message.startswith("measured (share of activation bytes at 16 bits -> output cosine): 0.000 -> ")
+               for r in ctx.remarks)
