@@ -327,6 +327,7 @@ def divergence_search(shared: HtpInputs, arch: str) -> list[dict]:
     return first_divergences(onnx.ModelProto.FromString(shared.model), shared.samples[0], arch)
 
 
+DEVICE_GAP = 0.002  # HTP this much further from FP32 than the simulation is worth a line (issue 16's bar)
 DIVERGENCE_COSINE = 0.999  # a tensor whose HTP value agrees less with the simulation "parts" from it
 DIVERGENCES_SHOWN = 3
 # Activations exposed per HTP session while searching: each one exposed costs session build time (det: 30 add
@@ -379,13 +380,19 @@ def check_lines(check: dict, data: str) -> list[str]:
     """The stderr summary of one ``device_checks`` entry."""
     if check["status"] == "refused":
         return [f"HTP v{check['arch']}: the backend refuses the model: {check['reason']}"]
-    lines = []
+    lines, gaps = [], []
     for name, row in check["outputs"].items():
         htp, sim, agree = row["htp_vs_fp32"], row["simulation_vs_fp32"], row["htp_vs_simulation"]
         steps = f", max {agree['max_steps']:.0f} steps" if "max_steps" in agree else ""
         lines.append(f"HTP v{check['arch']} on {check['samples']} {data}: output {name}: HTP vs FP32 cosine "
                      f"{htp['cosine_mean']:.5f} (min {htp['cosine_min']:.5f}), simulation vs FP32 {sim['cosine_mean']:.5f}; "
                      f"HTP vs simulation {agree['cosine_mean']:.5f}{steps}")
+        if htp["cosine_mean"] is not None and sim["cosine_mean"] is not None \
+                and sim["cosine_mean"] - htp["cosine_mean"] > DEVICE_GAP:
+            gaps.append(f"{name} ({sim['cosine_mean'] - htp['cosine_mean']:.4f})")
+    if gaps:
+        lines.append(f"HTP v{check['arch']}: the device loses more than {DEVICE_GAP} cosine against the simulation on "
+                     f"{', '.join(gaps)}; --judge htp chooses calibration and bias correction on the device")
     if check["first_divergences"]:
         parted = ", ".join(f"{d['tensor']} ({d['op']}, cosine {d['cosine']:.4f}"
                            + (f", {d['max_steps']:.0f} steps)" if d["max_steps"] is not None else ")")

@@ -105,3 +105,18 @@ def test_profile_shows_where_the_time_went(work, capsys):
     assert stages[-4:] == ["write compiled", "write encodings", "write float", "write report"]
     assert table[-1].startswith("total")
     assert set(report(work)["timings"]) >= {"start-up", "load", "evaluation", "write compiled model"}
+
+
+def check_with(sim: float, device: float) -> dict:
+    row = lambda cos: {"cosine_mean": cos, "cosine_min": cos, "sqnr_db": 20.0}
+    return {"arch": "73", "status": "ran", "samples": 4, "first_divergences": [],
+            "outputs": {"y": {"htp_vs_fp32": row(device), "simulation_vs_fp32": row(sim),
+                              "htp_vs_simulation": {**row(0.99), "max_steps": 3.0}}}}
+
+
+def test_a_device_further_from_fp32_than_the_simulation_is_pointed_out():
+    lines = htp.check_lines(check_with(0.995, 0.987), "held-out sample(s)")
+    assert lines[-1] == ("HTP v73: the device loses more than 0.002 cosine against the simulation on y (0.0080); "
+                         "--judge htp chooses calibration and bias correction on the device")
+    assert len(htp.check_lines(check_with(0.995, 0.994), "held-out sample(s)")) == 1
+    assert len(htp.check_lines(check_with(0.995, 0.999), "held-out sample(s)")) == 1
