@@ -59,7 +59,6 @@ import onnx
 
 from compiler.encoding import MIN_RANGE, activation_encoding, fake_quantize
 from compiler.ir import Module, QccError, const_value
-from compiler.progress import Progress
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 ENTROPY_CANDIDATES = 256
@@ -381,8 +380,9 @@ def collect(module: Module, data, tensors: list[str], method: str = "minmax", bi
     if total == 0:
         raise QccError("calibration data is empty")
     model = expose_tensors(module.to_onnx(), outputs, copy=False).SerializeToString()
-    shared = ShardInputs(model, data, counted, inputs, dict(module.input_defaults), method, bins, label)
+    shared = ShardInputs(model, data, counted, inputs, dict(module.input_defaults), method, bins)
     shards = [(start, min(start + SHARD_SAMPLES, total)) for start in range(0, total, SHARD_SAMPLES)]
+    label = f"{label} ({total} samples, {len(shards)} shard(s))"
     # Merged into fresh observers: a task's arrays come back read-only from Ray's object store.
     observers = {name: make_observer(method, bins) for name in counted}
     for part in (runner or LocalRunner()).map(observe_shard, shards, shared, label):
@@ -402,7 +402,6 @@ class ShardInputs:
     input_defaults: dict
     method: str
     bins: int
-    label: str
 
 
 def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
@@ -411,21 +410,18 @@ def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
     outputs = [name for name in shared.counted if name not in shared.inputs]
     session = make_session(onnx.ModelProto.FromString(shared.model))
     observers = {name: make_observer(shared.method, shared.bins) for name in shared.counted}
-    start, end = shard
-    with Progress(end - start, shared.label if start == 0 else f"{shared.label} (from sample {start})") as bar:
-        for index in range(start, end):
-            sample = shared.data[index]
-            for name in shared.counted:
-                if name in shared.inputs:
-                    if name in sample:
-                        observers[name].update(sample[name])
-                    elif name in shared.input_defaults:  # left out: the model's default feeds it
-                        observers[name].update(shared.input_defaults[name])
-                    else:
-                        raise QccError(f"calibration sample {index}: missing input '{name}'")
-            for name, value in zip(outputs, session.run(outputs, sample)):
-                observers[name].update(value)
-            bar.advance()
+    for index in range(*shard):
+        sample = shared.data[index]
+        for name in shared.counted:
+            if name in shared.inputs:
+                if name in sample:
+                    observers[name].update(sample[name])
+                elif name in shared.input_defaults:  # left out: the model's default feeds it
+                    observers[name].update(shared.input_defaults[name])
+                else:
+                    raise QccError(f"calibration sample {index}: missing input '{name}'")
+        for name, value in zip(outputs, session.run(outputs, sample)):
+            observers[name].update(value)
     return observers
 
 

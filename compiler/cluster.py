@@ -34,10 +34,12 @@ class LocalRunner:
 
     def map(self, function, items: list, shared=None, label: str | None = None, each=None) -> list:
         results = []
-        for index, item in enumerate(items):
-            results.append(function(shared, item))
-            if each is not None:
-                each(index, results[-1])
+        with Progress(len(items), label or function.__name__) as bar:
+            for index, item in enumerate(items):
+                results.append(function(shared, item))
+                bar.advance()
+                if each is not None:
+                    each(index, results[-1])
         return results
 
     def close(self) -> None:

@@ -104,6 +104,14 @@ class MixedPrecisionSim:
         reference = make_session(self.float_model)
         self.reference = [[Reference(v) for v in reference.run(self.outputs, s)] for s in samples]
 
+    def __getstate__(self) -> dict:
+        """Pickled (a Ray task's copy) without the onnxruntime session, which the copy builds again."""
+        return {key: value for key, value in self.__dict__.items() if key != "session"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.session = make_session(self._parameterised())
+
     def _parameterised(self) -> onnx.ModelProto:
         model = onnx.ModelProto.FromString(self.qdq_model.SerializeToString())
         default = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))

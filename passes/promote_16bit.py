@@ -47,6 +47,7 @@ holds the same as data; a second run with the same options finds it and changes 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -57,7 +58,6 @@ from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED
                                fixed_ranges, has_qdq, range_encoding)
 from compiler.ir import Module, QccError, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.progress import Progress
 from compiler.propagation import propagate_encodings
 from compiler.qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
 from compiler.quantsim import MixedPrecisionSim, pipeline_propagation
@@ -166,6 +166,14 @@ def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | N
     return {name: enc for name, enc in probe.encodings.items() if enc.bw >= 16 and not enc.symmetric}
 
 
+SCREEN_CHUNKS_PER_WORKER = 4  # screening's units of work per worker: short enough to balance, long enough to pay a task
+
+
+def screen_chunk(shared: tuple, changes: list[dict]) -> list[float]:
+    sim, base, count = shared
+    return [sim.measure({**base, **change}, count).error for change in changes]
+
+
 class SearchCurve:
     """The simulation as the search uses it: ``measure(encodings)`` judges on the samples from ``judged_from`` on
     and records the point (share of activation bytes at 16 bits -> cosine) on the accuracy/cost curve;
@@ -182,6 +190,14 @@ class SearchCurve:
         measured = self.sim.measure(encodings, start=self.judged_from)
         self.points[round(self.share_of(encodings), 4)] = measured.cos
         return measured
+
+    def screen(self, base: dict, changes: list[dict], count: int, runner, label: str) -> list[float]:
+        """The relative output error of ``base`` with each of ``changes`` applied, on the first ``count`` samples:
+        chunks of them are ``runner``'s units of work (compiler.cluster), in order."""
+        size = max(1, math.ceil(len(changes) / (SCREEN_CHUNKS_PER_WORKER * runner.workers)))
+        chunks = [changes[i:i + size] for i in range(0, len(changes), size)]
+        errors = runner.map(screen_chunk, chunks, (self.sim, base, count), label)
+        return [error for chunk in errors for error in chunk]
 
     def curve_text(self) -> str:
         return ", ".join(f"{share:.3f} -> {cos:.5f}" for share, cos in sorted(self.points.items()))
@@ -250,7 +266,7 @@ class Promote16Bit(Pass):
         budget_full = False
         if best_case.cos >= opts.target_cos:
             groups = tie_groups(module, {n for u in units for n in u})
-            kept, kept_cos, shares, spent = self._demote(sim, encodings, everything, groups, share_of)
+            kept, kept_cos, shares, spent = self._demote(sim, encodings, everything, groups, share_of, ctx.runner)
             evaluations += spent
             if kept:
                 chosen, cos, removed = kept, kept_cos, shares
@@ -259,11 +275,9 @@ class Promote16Bit(Pass):
         for round_index in range(opts.rounds if cos < opts.target_cos else 0):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
-            round_cost = {}
-            with Progress(len(remaining), f"promote-16bit: ranking, round {round_index + 1}") as bar:
-                for u in remaining:
-                    round_cost[tuple(u)] = round_baseline - sim.measure({**encodings, **widened(u)}, opts.screen_samples).error
-                    bar.advance()
+            errors = sim.screen(encodings, [widened(u) for u in remaining], opts.screen_samples, ctx.runner,
+                                f"promote-16bit: ranking, round {round_index + 1}")
+            round_cost = {tuple(u): round_baseline - error for u, error in zip(remaining, errors)}
             evaluations += len(remaining) + 1
             picked, count, measured = self._choose(sim, encodings, remaining, round_cost, widened, share_of, cos)
             evaluations += len(measured) - 1  # prefix 0 is the state already measured
@@ -307,7 +321,7 @@ class Promote16Bit(Pass):
                                  "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "converts": converts,
                                  "convert-share": convert_share(encodings, sizes, sim), "evaluations": evaluations})
 
-    def _demote(self, sim, base: dict, everything: dict, units: list, share_of) -> tuple[list, float, dict, int]:
+    def _demote(self, sim, base: dict, everything: dict, units: list, share_of, runner) -> tuple[list, float, dict, int]:
         """From every activation at 16 bits (which reaches the target), the ``units`` (disjoint groups that share
         a width) to keep there: each unit's damage when it alone goes back to 8 bits (screen samples) orders
         them, least damage first; the longest prefix whose demotion keeps the target within the budget is
@@ -315,11 +329,9 @@ class Promote16Bit(Pass):
         model's error, evaluations); no units when the budget admits no state that reaches the target."""
         screen = self.options.screen_samples
         top_error, base_error = sim.measure(everything, screen).error, sim.measure(base, screen).error
-        damage = {}
-        with Progress(len(units), "promote-16bit: ranking from 16 bits") as bar:
-            for unit in units:
-                damage[tuple(unit)] = sim.measure({**everything, **{n: base[n] for n in unit}}, screen).error - top_error
-                bar.advance()
+        errors = sim.screen(everything, [{n: base[n] for n in unit} for unit in units], screen, runner,
+                            "promote-16bit: ranking from 16 bits")
+        damage = {tuple(unit): error - top_error for unit, error in zip(units, errors)}
         order = sorted(units, key=lambda u: damage[tuple(u)])
         state = lambda k: {**base, **{n: everything[n] for u in order[k:] for n in u}}
         low = next((k for k in range(len(order) + 1) if share_of(state(k)) <= self.options.budget), len(order))

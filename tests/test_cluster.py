@@ -53,6 +53,17 @@ def test_two_workers_write_what_one_process_writes(work, monkeypatch):
     assert report["calibration_samples"] == 30
 
 
+def test_mixed_precision_screening_on_two_workers_chooses_what_one_process_chooses(work):
+    write_samples(work / "many", 12)
+    mixed = ("--no-htp-check", "--target-cos", "0.99999", "--max-16bit-share", "1")
+    assert main(compile_args(work, "alone.onnx", *mixed)) == 0
+    assert main(compile_args(work, "ray.onnx", *mixed, "--workers", "2")) == 0
+    assert written(work, "alone") == written(work, "ray")
+    stats = next(p["stats"] for p in json.loads((work / "ray.report.json").read_text())["passes"]
+                 if p["name"] == "promote-16bit")
+    assert stats["cos-before"] < 0.99999 and "share-16bit" in stats
+
+
 def test_a_task_whose_worker_dies_runs_again_with_the_same_result(work, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration, "SHARD_SAMPLES", 8)
     write_samples(work / "many", 40)
