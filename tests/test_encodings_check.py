@@ -22,27 +22,49 @@ def check(work, capsys, *extra) -> tuple[int, list[str]]:
 def edit(work, change):
     path = work / "run" / "m.encodings"
     document = json.loads(path.read_text())
-    change({entry["name"]: entry for section in ("activation_encodings", "param_encodings")
-            for entry in document[section]}, document)
+    sections = [key for key in ("activation_encodings", "param_encodings", "encodings") if key in document]
+    change({entry["name"]: entry for section in sections for entry in document[section]}, document)
     path.write_text(json.dumps(document))
 
 
-@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+@pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0", "0.6.1"])
 def test_the_files_qcc_writes_describe_their_model(work, capsys, fmt):
     compile_htp(work, "--encodings-format", fmt)
     assert check(work, capsys) == (0, [])
 
 
-def test_a_quantized_tensor_without_an_encoding(work, capsys):
-    compile_htp(work)
-    edit(work, lambda entries, doc: doc["activation_encodings"].remove(entries["c"]))
-    assert check(work, capsys) == (1, ["activation 'c' is quantized in the model but has no encoding"])
+@pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0"])
+def test_a_quantized_tensor_without_an_encoding(work, capsys, fmt):
+    compile_htp(work, "--encodings-format", fmt)
+    edit(work, lambda entries, doc: doc["activation_encodings" if fmt == "1.0.0" else "encodings"].remove(entries["x"]))
+    assert check(work, capsys) == (1, ["activation 'x' is quantized in the model but has no encoding"])
 
 
 def test_a_name_the_model_does_not_have(work, capsys):
     compile_htp(work)
-    edit(work, lambda entries, doc: doc["activation_encodings"].append({**entries["c"], "name": "linear_1.tmp_0"}))
-    assert check(work, capsys) == (1, ["activation 'linear_1.tmp_0' names no tensor of the model"])
+    edit(work, lambda entries, doc: doc["activation_encodings"].append({**entries["y"], "name": "linear_1.tmp_0"}))
+    assert check(work, capsys) == (1, ["'linear_1.tmp_0' names no tensor of the model"])
+
+
+def test_a_tensor_qualcomms_tools_fuse_away(work, capsys):
+    compile_htp(work)
+    # Conv + Relu is one op for the converter and AIMET: the Conv's output 'c' has no quantizer there.
+    edit(work, lambda entries, doc: doc["activation_encodings"].append({**entries["y"], "name": "c"}))
+    code, lines = check(work, capsys)
+    assert code == 1 and lines == ["'c' is the output of Conv, which Qualcomm's tools fuse with the Relu after it: "
+                                   "Qualcomm's tools have no quantizer for it"]
+
+
+def test_a_2_0_0_zero_point_the_model_does_not_use(work, capsys):
+    compile_htp(work, "--encodings-format", "2.0.0")
+
+    def shift(entries, doc):
+        entries["x"]["y_zero_point"] += 1
+        entries["w"]["y_zero_point"] = [1] * len(entries["w"]["y_scale"])  # a signed weight whose zero point is not 0
+    edit(work, shift)
+    code, lines = check(work, capsys)
+    assert code == 1 and len(lines) == 2
+    assert lines[0].startswith("parameter 'w': offset") and lines[1].startswith("activation 'x': offset")
 
 
 def test_an_offset_or_scale_the_model_does_not_use(work, capsys):
