@@ -1,9 +1,22 @@
 """qcc encodings check: every rule caught by a file that breaks it, and silence for the files qcc writes."""
 import json
 
+import numpy as np
+import onnx
+import onnx.parser
 import pytest
 
 from compiler.cli import main
+from compiler.encoding import qdq_params
+from compiler.export import read_encodings
+
+CLIP_MODEL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,3,8,8] x) => (float[1,4,8,8] y) <float[4,3,1,1] w = {1,0,0, 0,1,0, 0,0,1, 1,1,1}, float lo = {0.0}, float hi = {6.0}> {
+  c = Conv(x, w)
+  y = Clip(c, lo, hi)
+}
+"""
 
 
 def compile_htp(work, *extra):
@@ -97,3 +110,21 @@ def test_a_weight_wider_than_the_generation_takes(work, capsys):
     assert check(work, capsys) == (0, [])  # compiled for v73, which takes 16-bit weights
     code, lines = check(work, capsys, "--htp-arch", "68")
     assert code == 1 and lines == ["parameter 'w': 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)"]
+
+
+def test_clip_bounds_are_covered_with_their_values(work, capsys):
+    onnx.save(onnx.parser.parse_model(CLIP_MODEL), work / "m.onnx")
+    compile_htp(work)
+    assert check(work, capsys) == (0, [])
+    params = read_encodings(work / "run" / "m.encodings")[1]
+    for name, value in (("lo", 0.0), ("hi", 6.0)):  # AIMET quantizes Clip's bounds: the file holds them exactly
+        scale, zero_point = qdq_params(params[name])
+        assert (np.round(np.float32(value) / scale) - zero_point) * scale == pytest.approx(value, rel=1e-6, abs=0)
+    edit(work, lambda entries, doc: doc["param_encodings"].remove(entries["hi"]))
+    assert check(work, capsys) == (1, ["parameter 'hi' is quantized in the model but has no encoding"])
+
+
+def test_a_sign_the_model_does_not_use(work, capsys):
+    compile_htp(work)
+    edit(work, lambda entries, doc: entries["w"].update(is_sym=False))
+    assert check(work, capsys) == (1, ["parameter 'w': is_sym False in the file, True in the model"])
