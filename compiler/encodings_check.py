@@ -35,14 +35,16 @@ def check_encodings(module: Module, activations: dict, params: dict, htp_arch: s
     expected = {**model_activations, **model_params}
     given = {**activations, **params}
     kind = {**{n: "activation" for n in model_activations}, **{n: "parameter" for n in model_params}}
-    left_out = left_out_activations(module, qdq_encodings(module)[0])
+    quantized = qdq_encodings(module)[0]
+    left_out = left_out_activations(module, quantized)
     tensors = set(module.graph.tensors()) | set(json.loads(module.metadata.get(QDQ_CONSTANTS_KEY, "{}")))
     problems = [f"{kind[name]} '{name}' is quantized in the model but has no encoding" for name in sorted(set(expected) - set(given))]
     problems += [f"'{name}' names no tensor of the model" for name in sorted(set(given) - tensors)]
     problems += [f"'{name}' is {left_out[name]}: Qualcomm's tools have no quantizer for it" for name in sorted(set(given) & set(left_out))]
     problems += [f"{kind[name]} '{name}': {why}" for name in sorted(set(given) & set(expected))
                  for why in [_disagreement(given[name], expected[name])] if why]
-    problems += _bias_problems(module, given)
+    # A layer whose input the file leaves out reads the encoding that stands for it, which agreement checked.
+    problems += _bias_problems(module, {**{name: quantized[name] for name in left_out}, **given})
     arch = HTP_ARCHS.get(htp_arch) if htp_arch else None
     if arch is not None:
         problems += [f"parameter '{name}': {problem}" for name, enc in sorted(given.items())

@@ -115,17 +115,12 @@ def left_out_activations(module: Module, activations: dict) -> dict:
                 name = _quantized_output_name(tensor, outputs)
                 if source in activations and name in activations and activations[name] == activations[source]:
                     left_out[name] = f"the output of {node.op}, which Qualcomm's tools quantize as its input '{source}'"
-        produced = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
-        restored = node.inputs[0] if node.inputs else None
-        if produced is None or produced.op != "DequantizeLinear" or len(restored.outputs) != 1:
+        quantize = _sole_quantize_before(node)
+        producer = quantize.inputs[0].inputs[0] if quantize is not None and quantize.inputs[0].inputs else None
+        if producer is None or not _fused(producer, node):
             continue
-        quantize = produced.inputs[0].inputs[0] if produced.inputs[0].inputs else None
-        if quantize is None or quantize.op != "QuantizeLinear" or len(quantize.inputs[0].outputs) != 1:
-            continue
-        producer = quantize.inputs[0].inputs[0] if quantize.inputs[0].inputs else None
         name, after = quantize.inputs[0].name, _quantized_output_name(node.outputs[0], outputs)
-        if (producer is not None and _fused(producer, node)
-                and name in activations and after in activations and activations[name] == activations[after]):
+        if name in activations and after in activations and activations[name] == activations[after]:
             left_out[name] = f"the output of {producer.op}, which Qualcomm's tools fuse with the {node.op} after it"
     return left_out
 
@@ -151,10 +146,19 @@ def _fused(producer: gs.Node, activation: gs.Node) -> bool:
     depthwise Conv (one input channel per group) out of Conv + Relu (measured with aimet-onnx 2.42)."""
     if (producer.op, activation.op) not in FUSED_PAIRS:
         return False
-    weight = const_value(producer.inputs[1]) if producer.op == "Conv" and len(producer.inputs) > 1 else None
-    if weight is None and producer.op == "Conv" and producer.inputs[1].inputs:  # a weight behind its DequantizeLinear
-        weight = const_value(producer.inputs[1].inputs[0].inputs[0])
-    return not (producer.attrs.get("group", 1) > 1 and weight is not None and weight.shape[1] == 1)
+    weight_shape = producer.inputs[1].shape if producer.op == "Conv" and len(producer.inputs) > 1 else None
+    return not (producer.attrs.get("group", 1) > 1 and weight_shape is not None and weight_shape[1] == 1)
+
+
+def _sole_quantize_before(node: gs.Node) -> gs.Node | None:
+    """The QuantizeLinear whose Q/DQ pair feeds ``node``'s first input, when only ``node`` reads that pair and
+    only the pair reads the quantized tensor."""
+    restored = node.inputs[0] if node.inputs else None
+    dq = restored.inputs[0] if restored is not None and restored.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or len(restored.outputs) != 1 or not dq.inputs[0].inputs:
+        return None
+    quantize = dq.inputs[0].inputs[0]
+    return quantize if quantize.op == "QuantizeLinear" and len(quantize.inputs[0].outputs) == 1 else None
 
 
 def _activation_name(quantize: gs.Node, outputs: set) -> str:
