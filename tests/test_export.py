@@ -7,7 +7,7 @@ import pytest
 
 from compiler.encoding import qdq_params
 from compiler.export import (apply_encodings, encodings_document, left_out_activations, qdq_encodings, read_encodings,
-                             tool_encodings, write_encodings)
+                             write_encodings)
 from compiler.ir import QccError, const_value, from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import sample_inputs
@@ -92,6 +92,14 @@ def test_layouts_use_aimet_field_names(tmp_path):
     assert len(channels) == 3 and set(channels[0]) == {"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"}
     assert channels[0]["is_symmetric"] == "True" and legacy["activation_encodings"]["r"][0]["is_symmetric"] == "False"
     assert channels[0]["min"] == pytest.approx(-128 * channels[0]["scale"])
+    v2 = encodings_document(module, "2.0.0")
+    assert set(v2) == {"version", "encodings"} and v2["version"] == "2.0.0"
+    entries = {e["name"]: e for e in v2["encodings"]}
+    assert set(entries["w"]) == {"name", "output_dtype", "y_scale", "axis"}  # symmetric: no zero point
+    assert entries["w"]["output_dtype"] == "int8" and entries["w"]["axis"] == 0 and len(entries["w"]["y_scale"]) == 3
+    assert entries["b"]["output_dtype"] == "int32" and entries["r"]["output_dtype"] == "uint8"
+    assert isinstance(entries["r"]["y_scale"], float) and "axis" not in entries["r"]
+    assert entries["x"]["y_zero_point"] == -next(e for e in v1["activation_encodings"] if e["name"] == "x")["offset"][0]
 
 
 @pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0", "0.6.1"])
