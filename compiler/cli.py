@@ -59,7 +59,10 @@ def _add_quantization(parser) -> None:
     group.add_argument("--htp-samples", type=int, default=2, metavar="N",
                        help="samples for the HTP check (default 2; about a second each for a small image)")
     group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
-                       help="layout of OUT.encodings: AIMET 1.0.0 lists (default) or the legacy 0.6.1 dicts")
+                       help="layout of OUT.encodings (docs/encodings.md): 1.0.0, AIMET 2's lists (default; "
+                            "qnn-onnx-converter's --custom_io breaks with it, aimet #4046); 2.0.0, QuantizeLinear's "
+                            "terms with the per-channel axis (the converter reads it with its beta Quantizer V2, "
+                            "aimet #4090); 0.6.1, the legacy dicts (--custom_io works with them)")
 
 
 def _add_compile(sub) -> None:

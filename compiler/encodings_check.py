@@ -2,9 +2,11 @@
 
 The rules, one problem line each:
 
-- coverage: every tensor the model quantizes (activations: QuantizeLinear inputs; parameters: the constants
-  insert-qdq stored quantized) has an encoding in the file (QNN's converter fills a gap with its own defaults);
-- names: every name in the file is a tensor of the model;
+- coverage: every tensor Qualcomm's tools quantize in the model (compiler.export.tool_encodings: activations,
+  the constants insert-qdq stored quantized, Clip bounds) has an encoding in the file (QNN's converter fills a
+  gap with its own defaults);
+- names: every name in the file is a tensor of the model, and none is one those tools keep no quantizer for
+  (a producer's output fused with its activation, a data-movement op's output; AIMET refuses such a name);
 - agreement: each encoding has the model's bit-width, symmetry, scales (relative 1e-6) and offsets;
 - bias: an int32 bias has scale s_in * s_w (relative 1e-5), per channel, as QNN's HTP reads it;
 - generation: no weight is wider than the HTP generation takes (compiler.encoding.HTP_ARCHS).
@@ -17,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from compiler.encoding import HTP_ARCHS, Encoding
-from compiler.export import qdq_encodings
+from compiler.export import left_out_activations, qdq_encodings, tool_encodings
 from compiler.ir import Module
 from compiler.qdq import BIAS_OPS, QDQ_CONSTANTS_KEY, WEIGHT_OPS
 
@@ -27,19 +29,25 @@ BIAS_RTOL = 1e-5
 
 def check_encodings(module: Module, activations: dict, params: dict, htp_arch: str | None = None) -> list[str]:
     """The problems of the file's ``activations`` and ``params`` (compiler.export.read_encodings) as a
-    description of the QDQ ``module``; empty when it describes it."""
-    model_activations, model_params = qdq_encodings(module)
-    problems = []
-    for kind, given, expected in (("activation", activations, model_activations), ("parameter", params, model_params)):
-        problems += [f"{kind} '{name}' is quantized in the model but has no encoding" for name in sorted(set(expected) - set(given))]
-        tensors = set(module.graph.tensors()) | set(json.loads(module.metadata.get(QDQ_CONSTANTS_KEY, "{}")))
-        problems += [f"{kind} '{name}' names no tensor of the model" for name in sorted(set(given) - tensors)]
-        problems += [f"{kind} '{name}': {why}" for name in sorted(set(given) & set(expected))
-                     for why in [_disagreement(given[name], expected[name])] if why]
-    problems += _bias_problems(module, activations, params)
+    description of the QDQ ``module``; empty when it describes it. Which section of the file holds a name
+    does not matter (2.0.0 has none); what the name is in the model does."""
+    model_activations, model_params = tool_encodings(module)
+    expected = {**model_activations, **model_params}
+    given = {**activations, **params}
+    kind = {**{n: "activation" for n in model_activations}, **{n: "parameter" for n in model_params}}
+    quantized = qdq_encodings(module)[0]
+    left_out = left_out_activations(module, quantized)
+    tensors = set(module.graph.tensors()) | set(json.loads(module.metadata.get(QDQ_CONSTANTS_KEY, "{}")))
+    problems = [f"{kind[name]} '{name}' is quantized in the model but has no encoding" for name in sorted(set(expected) - set(given))]
+    problems += [f"'{name}' names no tensor of the model" for name in sorted(set(given) - tensors)]
+    problems += [f"'{name}' is {left_out[name]}: Qualcomm's tools have no quantizer for it" for name in sorted(set(given) & set(left_out))]
+    problems += [f"{kind[name]} '{name}': {why}" for name in sorted(set(given) & set(expected))
+                 for why in [_disagreement(given[name], expected[name])] if why]
+    # A layer whose input the file leaves out reads the encoding that stands for it, which agreement checked.
+    problems += _bias_problems(module, {**{name: quantized[name] for name in left_out}, **given})
     arch = HTP_ARCHS.get(htp_arch) if htp_arch else None
     if arch is not None:
-        problems += [f"parameter '{name}': {problem}" for name, enc in sorted(params.items())
+        problems += [f"parameter '{name}': {problem}" for name, enc in sorted(given.items())
                      for problem in [arch.weight_problem(enc.bw) if enc.symmetric and enc.bw < 32 else ""] if problem]
     return problems
 
@@ -66,7 +74,7 @@ def _first_different(given, expected) -> str:
     return f"{given[index]} in the file, {expected[index]} in the model{where}"
 
 
-def _bias_problems(module: Module, activations: dict, params: dict) -> list[str]:
+def _bias_problems(module: Module, given: dict) -> list[str]:
     """An int32 bias whose scales are not its layer's input scale times its weight scales."""
     stored = {v: k for k, v in json.loads(module.metadata.get(QDQ_CONSTANTS_KEY, "{}")).items()}
     problems = []
@@ -74,9 +82,9 @@ def _bias_problems(module: Module, activations: dict, params: dict) -> list[str]
         if node.op not in BIAS_OPS or node.op not in WEIGHT_OPS or len(node.inputs) < 3:
             continue
         names = [_quantized_name(tensor, stored) for tensor in node.inputs[:3]]
-        if None in names or names[2] not in params or names[0] not in activations or names[1] not in params:
+        if None in names or any(name not in given for name in names):
             continue
-        bias, weight, source = params[names[2]], params[names[1]], activations[names[0]]
+        source, weight, bias = (given[name] for name in names)
         wanted = np.float32(source.scale[0]) * np.asarray(weight.scale, dtype=np.float32)
         wanted = np.broadcast_to(wanted, np.shape(bias.scale))
         if bias.bw == 32 and not np.allclose(bias.scale, wanted, rtol=BIAS_RTOL, atol=0):

@@ -67,6 +67,9 @@ class PassContext:
     # The module as it was before the first pass that may change its float outputs (annotating or lowering:
     # bias correction and AdaRound rewrite weights), i.e. the FP32 reference; PassManager.run sets it.
     reference: object = None
+    # The module as the first lowering pass (insert-qdq) received it: the float model its encodings describe, with
+    # bias correction's and AdaRound's weights (what OUT.float.onnx holds); PassManager.run sets it.
+    lowered_from: object = None
 
     def remark(self, where, message: str) -> None:
         outputs = getattr(where, "outputs", None)
@@ -370,6 +373,8 @@ class PassManager:
             ctx.current_pass = p.name
             if ctx.reference is None and p.kind is not PassKind.FLOAT_PRESERVING:
                 ctx.reference = module.clone()
+            if ctx.lowered_from is None and p.kind is PassKind.LOWERING:
+                ctx.lowered_from = module.clone()
             check = self.verify and p.kind is PassKind.FLOAT_PRESERVING
             before = module.clone() if check else None
             start = time.perf_counter()

@@ -296,7 +296,9 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
                 result.htp = htp_checks(result, request, compiled, reference)
         finally:
             runner.close()
-        written = write_outputs(result, request, outputs, compiled, reference)
+        lowered_from = result.context.lowered_from
+        written = write_outputs(result, request, outputs, compiled,
+                                lowered_from.to_onnx() if lowered_from is not None else reference)
     if not request.quiet:
         judged = judge_lines(result.judge) if result.judge else []
         for line in judged + summary_lines(result.metrics, data_label(request, result)) + result.htp.get("lines", []):
@@ -429,12 +431,13 @@ def plan_quantized_outputs(outputs: OutputSet) -> None:
     outputs.add("float model", output.with_name(output.stem + ".float.onnx"))
 
 
-def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet, compiled, reference) -> list[Path]:
-    """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the quantizer started
-    from: the float rewrites applied, same tensors as OUT.onnx, so ``qcc analyze OUT.float.onnx OUT.onnx``
-    compares like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json;
-    commit them together. Each model is checked to load in onnxruntime first. ``compiled`` and ``reference``
-    are the module's and the FP32 reference's exports (ModelProto; reference None before any quantizing pass)."""
+def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet, compiled, float_model) -> list[Path]:
+    """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the encodings describe:
+    the float rewrites applied and bias correction's and AdaRound's weights, as insert-qdq received it, so
+    that applying OUT.encodings to it gives OUT.onnx and ``qcc analyze OUT.float.onnx OUT.onnx`` compares
+    like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json; commit them
+    together. Each model is checked to load in onnxruntime first. ``compiled`` and ``float_model`` are
+    ModelProtos (float_model None before any quantizing pass)."""
     from compiler.encoding import has_qdq
     from compiler.export import encodings_json
     from compiler.runtime import loadable_bytes
@@ -444,9 +447,9 @@ def write_outputs(result: CompileResult, request: CompileRequest, outputs: Outpu
     if has_qdq(module.graph):
         with timed(times, "write encodings"):
             names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
-        if reference is not None:
+        if float_model is not None:
             with timed(times, "write float model"):
-                data = loadable_bytes(reference, outputs.paths["float model"])
+                data = loadable_bytes(float_model, outputs.paths["float model"])
                 names["float_model"] = outputs.write("float model", data).name
     with timed(times, "write report and commit"):
         document = report(result.manager, result.context, result.seconds, result.metrics, names)

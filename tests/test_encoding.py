@@ -4,7 +4,8 @@ import onnx.parser
 import pytest
 
 from compiler.encoding import (SHARED_ENCODING_OPS, Encoding, activation_encoding, bias_encoding, clip_bounds,
-                               fake_quantize, op_fixed_range, range_encoding, union_encoding, weight_encoding)
+                               fake_quantize, op_fixed_range, range_encoding, stored_values, union_encoding,
+                               weight_encoding)
 from compiler.ir import from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import sample_inputs
@@ -199,3 +200,12 @@ def test_scalar_affine_keeps_its_own_encoding_where_the_mapped_grid_would_not_ho
 def test_scalar_affine_leaves_a_fused_activation_its_encoding():
     module, _ = _propagated("m = Add(x, k)\ny = Relu(m)", "float k = {-0.5}")
     assert module.encodings["m"] == module.encodings["y"]
+
+
+def test_an_int32_bias_is_divided_as_quantize_linear_divides():
+    # |b / s| past 2^24 (a channel with a tiny weight scale): float32 division, as QuantizeLinear (and so AIMET's
+    # encodings_to_onnx_qdq) computes it, gives another integer than float64 would.
+    scale, bias = np.float32(1.4348417e-08), np.array([0.83884734], dtype=np.float32)
+    enc = Encoding(bw=32, scale=(float(scale),), offset=(-(2 ** 31),), symmetric=True)
+    as_float64 = np.round(bias.astype(np.float64) / np.float64(scale))
+    assert stored_values(bias, enc)[0] == np.round(bias / scale)[0] != as_float64[0]

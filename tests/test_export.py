@@ -6,7 +6,8 @@ import onnx.parser
 import pytest
 
 from compiler.encoding import qdq_params
-from compiler.export import apply_encodings, encodings_document, qdq_encodings, read_encodings, write_encodings
+from compiler.export import (apply_encodings, encodings_document, left_out_activations, qdq_encodings, read_encodings,
+                             write_encodings)
 from compiler.ir import QccError, const_value, from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import sample_inputs
@@ -40,25 +41,28 @@ def _qdq_nodes(module):
     return [n for n in module.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")]
 
 
-@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+@pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0", "0.6.1"])
 def test_numbers_in_the_file_are_those_of_the_qdq_nodes(tmp_path, fmt):
     module = _float()
     module.annotate("c", act_bits=16)
     _compile(module)
     path = tmp_path / "m.encodings"
     write_encodings(module, path, fmt)
-    activations, params = read_encodings(path)
+    given = {**read_encodings(path)[0], **read_encodings(path)[1]}  # 2.0.0 has no activation/parameter split
     stored = json.loads(module.metadata["qcc.qdq-constants"])
     by_stored = {v: k for k, v in stored.items()}
     outputs = {t.name for t in module.graph.outputs}
     checked = 0
+    left_out = left_out_activations(module, qdq_encodings(module)[0])
     for node in _qdq_nodes(module):
         if node.op == "QuantizeLinear":
             dq = node.outputs[0].outputs[0]
             name = dq.outputs[0].name if dq.outputs[0].name in outputs else node.inputs[0].name
-            enc = activations[name]
+            if name in left_out:
+                continue
+            enc = given[name]
         elif node.inputs[0].name in by_stored:
-            enc = params[by_stored[node.inputs[0].name]]
+            enc = given[by_stored[node.inputs[0].name]]
         else:
             continue  # the DQ of an activation: checked with its Q
         scale, zero_point = qdq_params(enc)
@@ -67,9 +71,10 @@ def test_numbers_in_the_file_are_those_of_the_qdq_nodes(tmp_path, fmt):
         assert const_value(node.inputs[2]).dtype == zero_point.dtype
         checked += 1
     q_nodes = [n for n in module.graph.nodes if n.op == "QuantizeLinear"]
-    assert len(activations) == len(q_nodes) and set(params) == set(stored) == {"w", "b", "k", "fc"}
-    assert checked == len(q_nodes) + len(stored)
-    assert activations["c"].bw == 16 and activations["x"].bw == 8 and params["b"].bw == 32
+    assert set(left_out) == {"f"}  # Flatten's output: Qualcomm's tools quantize its input p only
+    assert len(given) == len(q_nodes) - 1 + len(stored) and set(stored) == {"w", "b", "k", "fc"}
+    assert checked == len(given)
+    assert given["c"].bw == 16 and given["x"].bw == 8 and given["b"].bw == 32
 
 
 def test_layouts_use_aimet_field_names(tmp_path):
@@ -87,9 +92,17 @@ def test_layouts_use_aimet_field_names(tmp_path):
     assert len(channels) == 3 and set(channels[0]) == {"bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"}
     assert channels[0]["is_symmetric"] == "True" and legacy["activation_encodings"]["r"][0]["is_symmetric"] == "False"
     assert channels[0]["min"] == pytest.approx(-128 * channels[0]["scale"])
+    v2 = encodings_document(module, "2.0.0")
+    assert set(v2) == {"version", "encodings"} and v2["version"] == "2.0.0"
+    entries = {e["name"]: e for e in v2["encodings"]}
+    assert set(entries["w"]) == {"name", "output_dtype", "y_scale", "axis"}  # symmetric: no zero point
+    assert entries["w"]["output_dtype"] == "int8" and entries["w"]["axis"] == 0 and len(entries["w"]["y_scale"]) == 3
+    assert entries["b"]["output_dtype"] == "int32" and entries["r"]["output_dtype"] == "uint8"
+    assert isinstance(entries["r"]["y_scale"], float) and "axis" not in entries["r"]
+    assert entries["x"]["y_zero_point"] == -next(e for e in v1["activation_encodings"] if e["name"] == "x")["offset"][0]
 
 
-@pytest.mark.parametrize("fmt", ["1.0.0", "0.6.1"])
+@pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0", "0.6.1"])
 def test_loading_the_file_reproduces_the_qdq_model(tmp_path, fmt):
     module = _float()
     module.annotate("c", act_bits=16)
@@ -98,7 +111,7 @@ def test_loading_the_file_reproduces_the_qdq_model(tmp_path, fmt):
     write_encodings(module, path, fmt)
     fresh = _float()
     applied = apply_encodings(fresh, *read_encodings(path))
-    assert applied["activations"] == len([n for n in module.graph.nodes if n.op == "QuantizeLinear"])
+    assert applied["activations"] + applied["restored"] == len([n for n in module.graph.nodes if n.op == "QuantizeLinear"])
     PassManager(parse_pipeline("quant{weight-bits=4},insert-qdq"), quiet=True).run(fresh, PassContext(log=lambda m: None))
     assert fresh.to_onnx().graph.SerializeToString() == module.to_onnx().graph.SerializeToString()
     assert qdq_encodings(fresh) == qdq_encodings(module)
