@@ -291,6 +291,12 @@ class Promote16Bit(Pass):
             cos = measured[count]
             if cos >= opts.target_cos or budget_full:
                 break
+        if cos < min(opts.target_cos, best_case.cos) and share_of(everything) <= opts.budget:
+            # Short of the target, with a budget that holds every activation at 16 bits: never below all 16 bits.
+            rest = [u for u in units if not set(u) <= wide]
+            removed.update({tuple(u): 0.0 for u in rest})
+            chosen += rest
+            encodings, wide, cos = everything, wide.union(*rest), best_case.cos
         count = len(chosen)
         if cos < opts.target_cos:
             limits = [f"even with every activation at 16 bits it is {best_case.cos:.6f}: the weights limit it "

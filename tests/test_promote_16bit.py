@@ -277,3 +277,12 @@ def test_with_held_back_samples_it_ranks_on_calibration_and_chooses_on_the_held_
     assert (round(result.stats["share-16bit"], 4), result.stats["cos-after"]) in [tuple(p) for p in curve]
     assert any(r.message.startswith("measured (share of activation bytes at 16 bits -> output cosine): 0.000 -> ")
                for r in ctx.remarks)
+
+
+def test_short_of_the_target_with_room_for_everything_it_never_ends_below_all_16_bits():
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    result = make_pass("promote-16bit", {"target-cos": "1", "budget": "1"}).run(module, ctx)
+    assert result.stats["cos-after"] == result.stats["cos-all-16bit"] < 1
+    assert result.stats["share-16bit"] == 1
+    assert any("even with every activation at 16 bits" in r.message for r in ctx.remarks)
