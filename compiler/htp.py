@@ -269,18 +269,19 @@ def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: l
     CPU simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
     SQNR dB, largest difference in output steps); and the first tensors where the two part
     (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused" and
-    the backend's reason. The HTP runs (generations x chunks of samples, then each generation's divergence
-    search) are ``runner``'s units of work (compiler.cluster); each sample's result does not depend on which
-    chunk ran it."""
+    the backend's reason. The runs (generations and the CPU x chunks of samples, then each generation's
+    divergence search) are ``runner``'s units of work (compiler.cluster); each sample's result does not depend
+    on which chunk ran it."""
     from compiler.cluster import LocalRunner
     runner = runner or LocalRunner()
     static = pinned_to_samples(model, samples)
-    chunks = max(1, min(len(samples), runner.workers // len(archs)))
+    chunks = max(1, min(len(samples), runner.workers // (len(archs) + 1)))
     bounds = [(len(samples) * i // chunks, len(samples) * (i + 1) // chunks) for i in range(chunks)]
-    shared = HtpInputs(static.SerializeToString(), samples)
-    runs = runner.map(run_htp_chunk, [(arch, start, end) for arch in archs for start, end in bounds], shared,
+    shared = HtpInputs(static.SerializeToString(), reference.SerializeToString(), samples)
+    runs = runner.map(check_chunk, [(arch, start, end) for arch in (*archs, None) for start, end in bounds], shared,
                       "HTP check")
-    simulated, fp32 = run_model(model, samples), run_model(reference, samples)
+    simulated = [output for outputs, _ in runs[-chunks:] for output in outputs]
+    fp32 = [output for _, outputs in runs[-chunks:] for output in outputs]
     steps = output_steps(model)
     checks, ran = [], []
     for index, arch in enumerate(archs):
@@ -309,16 +310,23 @@ def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: l
 
 @dataclass
 class HtpInputs:
-    """What every HTP run of a device check reads: the model (static shapes, serialized) and the samples."""
+    """What every run of a device check reads: the model (static shapes), the FP32 reference (serialized), the
+    samples."""
     model: bytes
+    reference: bytes
     samples: list
 
 
-def run_htp_chunk(shared: HtpInputs, item: tuple) -> tuple[list[dict], float] | str:
-    """(outputs, seconds per sample) of samples [start, end) on generation ``arch``; the reason when refused."""
+def check_chunk(shared: HtpInputs, item: tuple) -> tuple:
+    """Samples [start, end) on generation ``arch``: (outputs, seconds per sample), or the reason when refused;
+    ``arch`` None: (the CPU simulation's outputs, the FP32 reference's)."""
     arch, start, end = item
+    samples = shared.samples[start:end]
+    if arch is None:
+        return (run_model(onnx.ModelProto.FromString(shared.model), samples),
+                run_model(onnx.ModelProto.FromString(shared.reference), samples))
     try:
-        return run_htp(onnx.ModelProto.FromString(shared.model), shared.samples[start:end], {"htp_arch": arch})
+        return run_htp(onnx.ModelProto.FromString(shared.model), samples, {"htp_arch": arch})
     except QccError as exc:
         return str(exc)
 
