@@ -11,10 +11,13 @@ bench's: input shape pinned, canonicalized) and the same calibration samples wri
 
 Usage (from the repository root):
 
-    python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64] [--repeat 1]
+    python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64[,256]] [--repeat 1]
 
 prints, per model and calibration count, each process's seconds and qcc/ORT. ``--repeat N`` keeps the
-fastest of N runs of each (the machine's other work adds noise). Measurements go to docs/measurements.md.
+fastest of N runs of each (the machine's other work adds noise). The assets cache must hold as many images
+as the largest count (``python tools/fetch_assets.py --count 256`` renders 256, ``$QCC_ASSETS`` points at
+another cache). tools/bench.py's accuracy table takes its qcc/ORT process column from here
+(``process_seconds``). Measurements go to docs/measurements.md.
 """
 from __future__ import annotations
 
@@ -62,19 +65,30 @@ def timed_run(command: list[str]) -> float:
     return seconds
 
 
-def measure(name: str, count: int, repeat: int, assets: Path, work: Path) -> dict:
-    model = bench.MODELS[name]
-    float_path, calib, _ = bench.prepare(model, assets, work, count, 1)
-    calib_dir = work / f"{name}_calib_{count}"
-    calib_dir.mkdir(exist_ok=True)
-    for i, sample in enumerate(calib):
-        np.save(calib_dir / f"{i:04d}.npy", sample["x"])
-    qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", str(work / f"{name}.qcc.onnx"),
+def write_samples(samples: list[dict], folder: Path) -> Path:
+    """The samples as the .npy files both processes read (one input, ``x``)."""
+    folder.mkdir(exist_ok=True)
+    for i, sample in enumerate(samples):
+        np.save(folder / f"{i:04d}.npy", sample["x"])
+    return folder
+
+
+RUNS = ("qcc", "qcc --no-htp-check", "ort")
+
+
+def process_seconds(float_path: Path, calib_dir: Path, work: Path, repeat: int = 1, runs=RUNS) -> dict:
+    """{run: seconds} for each of ``runs`` (of RUNS), the fastest of ``repeat`` whole processes each."""
+    stem = work / float_path.name.split(".")[0]
+    qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", f"{stem}.qcc.onnx",
            "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
-    ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir),
-           str(work / f"{name}.ort.onnx")]
-    runs = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
-    return {label: min(timed_run(command) for _ in range(repeat)) for label, command in runs.items()}
+    ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir), f"{stem}.ort.onnx"]
+    commands = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
+    return {label: min(timed_run(commands[label]) for _ in range(repeat)) for label in runs}
+
+
+def measure(name: str, count: int, repeat: int, assets: Path, work: Path) -> dict:
+    float_path, calib, _ = bench.prepare(bench.MODELS[name], assets, work, count, 0)
+    return process_seconds(float_path, write_samples(calib, work / f"{name}_calib_{count}"), work, repeat)
 
 
 def main(argv=None) -> int:
@@ -89,7 +103,7 @@ def main(argv=None) -> int:
         return 0
     from tools.fetch_assets import fetch
     counts = [int(c) for c in args.calib.split(",")]
-    assets = fetch(count=max(64, max(counts) + 1))
+    assets = fetch(count=max(64, max(counts)))
     print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}")
     with tempfile.TemporaryDirectory(prefix="qcc-bench-process-") as tmp:
         for name in args.models.split(","):
