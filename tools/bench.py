@@ -176,8 +176,8 @@ class Row:
     task: str = ""
     samples: int = 0
     ratio_to_ort: float | None = None
-    # The default W8A8 row: whole-process seconds of `qcc compile --target htp` and of ORT's quantize_static
-    # (tools/bench_process.py), {"qcc": s, "ort": s}.
+    # The default W8A8 row: whole-process times of `qcc compile --target htp` and of ORT's quantize_static
+    # (tools/bench_process.py), {"qcc": Timing, "ort": Timing}.
     process: dict = field(default_factory=dict)
     htp: dict = field(default_factory=dict)
     error: str = ""
@@ -440,7 +440,8 @@ def process_ratio(process: dict) -> str:
     """'1.23 (4.1/3.3 s)': qcc's whole process over ORT's, and the two times."""
     if not process:
         return "-"
-    return f"{process['qcc'] / process['ort']:.2f} ({process['qcc']:.1f}/{process['ort']:.1f} s)"
+    qcc, ort = process["qcc"].wall, process["ort"].wall
+    return f"{qcc / ort:.2f} ({qcc:.1f}/{ort:.1f} s)"
 
 
 def render(rows: list[Row], htp_archs: list) -> str:

@@ -13,8 +13,9 @@ Usage (from the repository root):
 
     python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64[,256]] [--repeat 1]
 
-prints, per model and calibration count, each process's seconds and qcc/ORT. ``--repeat N`` keeps the
-fastest of N runs of each (the machine's other work adds noise). The assets cache must hold as many images
+prints, per model and calibration count, each process's wall-clock seconds and qcc/ORT, then the same in CPU
+seconds (user + system, all threads; less moved by the machine's other work than wall clock, but onnxruntime's
+spinning worker threads count in it). ``--repeat N`` keeps the least of N runs of each. The assets cache must hold as many images
 as the largest count (``python tools/fetch_assets.py --count 256`` renders 256, ``$QCC_ASSETS`` points at
 another cache). tools/bench.py's accuracy table takes its qcc/ORT process column from here
 (``process_seconds``). Measurements go to docs/measurements.md.
@@ -22,11 +23,13 @@ another cache). tools/bench.py's accuracy table takes its qcc/ORT process column
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,13 +59,18 @@ def ort_quantize(float_path: str, calib_dir: str, out: str) -> None:
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-def timed_run(command: list[str]) -> float:
-    start = time.perf_counter()
+class Timing(NamedTuple):
+    wall: float  # seconds
+    cpu: float   # user + system seconds of the process and its threads: less moved by the machine's other work
+
+
+def timed_run(command: list[str]) -> Timing:
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"bench_process: {' '.join(command[:4])} ... failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return Timing(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 
 
 def write_samples(samples: list[dict], folder: Path) -> Path:
@@ -77,13 +85,14 @@ RUNS = ("qcc", "qcc --no-htp-check", "ort")
 
 
 def process_seconds(float_path: Path, calib_dir: Path, work: Path, repeat: int = 1, runs=RUNS) -> dict:
-    """{run: seconds} for each of ``runs`` (of RUNS), the fastest of ``repeat`` whole processes each."""
+    """{run: Timing} for each of ``runs`` (of RUNS): the least wall and CPU seconds of ``repeat`` whole processes."""
     stem = work / float_path.name.split(".")[0]
     qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", f"{stem}.qcc.onnx",
            "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
     ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir), f"{stem}.ort.onnx"]
     commands = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
-    return {label: min(timed_run(commands[label]) for _ in range(repeat)) for label in runs}
+    timings = {label: [timed_run(commands[label]) for _ in range(repeat)] for label in runs}
+    return {label: Timing(min(t.wall for t in tries), min(t.cpu for t in tries)) for label, tries in timings.items()}
 
 
 def measure(name: str, count: int, repeat: int, assets: Path, work: Path) -> dict:
@@ -104,13 +113,16 @@ def main(argv=None) -> int:
     from tools.fetch_assets import fetch
     counts = [int(c) for c in args.calib.split(",")]
     assets = fetch(count=max(64, max(counts)))
-    print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}")
+    print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}"
+          f"{'CPU s: qcc':>12}{'no check':>10}{'ORT':>7}{'qcc/ORT':>9}{'no check/ORT':>14}")
     with tempfile.TemporaryDirectory(prefix="qcc-bench-process-") as tmp:
         for name in args.models.split(","):
             for count in counts:
                 t = measure(name, count, args.repeat, assets, Path(tmp))
-                print(f"{name:<8}{count:>6}{t['qcc']:>8.2f}{t['qcc --no-htp-check']:>21.2f}{t['ort']:>8.2f}"
-                      f"{t['qcc'] / t['ort']:>9.2f}{t['qcc --no-htp-check'] / t['ort']:>14.2f}", flush=True)
+                qcc, no_check, ort = t["qcc"], t["qcc --no-htp-check"], t["ort"]
+                print(f"{name:<8}{count:>6}{qcc.wall:>8.2f}{no_check.wall:>21.2f}{ort.wall:>8.2f}"
+                      f"{qcc.wall / ort.wall:>9.2f}{no_check.wall / ort.wall:>14.2f}{qcc.cpu:>12.2f}{no_check.cpu:>10.2f}"
+                      f"{ort.cpu:>7.2f}{qcc.cpu / ort.cpu:>9.2f}{no_check.cpu / ort.cpu:>14.2f}", flush=True)
     return 0
 
 
