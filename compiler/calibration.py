@@ -9,7 +9,7 @@ a Ray task) and merged in shard order: the same observers on any number of worke
 Counting every value is the largest part of a compile (det: 20 M values a sample), so:
 - values are binned ``CHUNK`` at a time, so the work arrays stay in cache instead of
   streaming a tensor-sized temporary through memory for each step, and counted with
-  ``np.add.at`` on intp indices, whose fast path beats ``np.bincount``;
+  ``np.bincount`` on intp indices (timings against ``np.add.at``: docs/measurements.md);
 - an activation that holds exactly another observed activation's values, each ``k``
   times, is not counted: its observer is that one's with the counts times ``k``
   (``derived_tensors``; table ``REPETITIONS``: Reshape, Flatten, Squeeze, Unsqueeze,
@@ -19,7 +19,7 @@ Counting every value is the largest part of a compile (det: 20 M values a sample
   histograms start at another ``origin``, and the float32 bin index ``x / w - origin``
   rounds a value just below a bin edge into the next bin depending on that origin, so a
   derived histogram would differ from the counted one in those bins.
-- one thread updates the observers: ``np.add.at`` holds the GIL and onnxruntime's
+- one thread updates the observers: the counting holds the GIL and onnxruntime's
   intra-op threads spin on the other core between runs, so a second thread gains nothing.
 
 Timings and what else was tried: docs/measurements.md.
@@ -130,7 +130,8 @@ class HistogramObserver(MinMaxObserver):
         dtype = np.float32 if abs(self.origin) + len(self.counts) < 2 ** 22 else np.float64
         scale, origin = dtype(2.0 ** -self.exponent), dtype(self.origin)
         # One spare bin: float32 rounding can put a value on the upper edge of the last bin.
-        counts = np.zeros(len(self.counts) + 1, dtype=np.intp)
+        bins = len(self.counts) + 1
+        counts = np.zeros(bins, dtype=np.intp)
         scaled, index32, index = _work_arrays(dtype)
         for start in range(0, x.size, CHUNK):
             part = x[start:start + CHUNK]
@@ -138,8 +139,8 @@ class HistogramObserver(MinMaxObserver):
             np.multiply(part, scale, out=scaled[:n], dtype=dtype)
             scaled[:n] -= origin
             np.copyto(index32[:n], scaled[:n], casting="unsafe")  # float -> int32 -> intp is faster than -> intp
-            np.copyto(index[:n], index32[:n])
-            np.add.at(counts, index[:n], 1)  # faster than np.bincount, and only intp indices take its fast path
+            np.copyto(index[:n], index32[:n])  # bincount casts other integers to intp itself, more slowly
+            counts += np.bincount(index[:n], minlength=bins)
         counts[-2] += counts[-1]
         self.counts += counts[:-1]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from compiler import targets
-from tools import bench
+from tools import bench, bench_process
 
 
 def test_samples_with_a_zero_fp32_output_are_left_out():
@@ -178,3 +178,13 @@ def test_htp_columns_come_per_architecture():
     assert line.rstrip().endswith("0.98900")
     with pytest.raises(SystemExit):
         bench.parse_args(["--htp", "--htp-arch", "68,v73"])
+
+
+def test_the_default_w8a8_row_shows_whole_process_time_against_ort():
+    rows = [bench.Row("det", "qcc", "htp W8A8", compile_seconds=3.0, cos_mean=0.99, task="iou", task_metric=0.9,
+                      process={"qcc": bench_process.Timing(4.5, 4.0), "ort": bench_process.Timing(5.0, 6.0)}),
+            bench.Row("det", "ort", "MinMax per-ch QDQ u8/s8", compile_seconds=2.0, cos_mean=0.98, task="iou")]
+    head, _, qcc, ort = bench.render(rows, []).splitlines()
+    assert head.endswith("process qcc/ORT")
+    assert qcc.endswith("0.90 (4.5/5.0 s)") and ort.endswith(" -")
+    assert bench.parse_args([]).process_time and not bench.parse_args(["--no-process-time"]).process_time

@@ -329,3 +329,45 @@ def test_histogram_bins_tensors_longer_than_a_chunk():
     index = (x * np.float32(2.0 ** -obs.exponent) - np.float32(obs.origin)).astype(np.intp)
     expected = np.bincount(index, minlength=len(obs.counts))
     np.testing.assert_array_equal(obs.counts, expected)
+
+
+class AddAtHistogram(HistogramObserver):
+    """The counting before np.bincount (np.add.at on the same indices): the reference the counts must equal."""
+
+    def update(self, x):
+        x, lo, hi = calibration._finite(x)
+        if not x.size:
+            return
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        if self.exponent is None:
+            span = max(hi, 0.0) - min(lo, 0.0)
+            finest = np.floor(np.log2(calibration.MIN_RANGE / self.capacity))
+            self.exponent = int(max(np.ceil(np.log2(span / self.capacity)), finest)) if span > 0 \
+                else calibration._FIRST_WIDTH_EXPONENT
+        self._cover(lo, hi)
+        dtype = np.float32 if abs(self.origin) + len(self.counts) < 2 ** 22 else np.float64
+        index = (x * dtype(2.0 ** -self.exponent)).astype(dtype) - dtype(self.origin)
+        counts = np.zeros(len(self.counts) + 1, dtype=np.intp)
+        np.add.at(counts, index.astype(np.int32).astype(np.intp), 1)
+        counts[-2] += counts[-1]
+        self.counts += counts[:-1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bincount_counts_as_add_at_did_through_growth_and_rebinning(seed):
+    rng = np.random.default_rng(seed)
+    new, old = HistogramObserver(bins=256), AddAtHistogram(bins=256)
+    for scale, offset, size in ((0.001, 0.0, 50), (1.0, 0.5, 3 * calibration.CHUNK + 7), (40.0, -10.0, 5000),
+                                (2.0, 0.0, 20000), (0.5, 3e6, 100)):  # grows, coarsens, then far from zero
+        x = (rng.standard_normal(size) * scale + offset).astype(np.float32)
+        x[rng.integers(0, size, 3)] = [np.nan, np.inf, -np.inf]
+        new.update(x)
+        old.update(x)
+        assert (new.exponent, new.origin, new.min, new.max) == (old.exponent, old.origin, old.min, old.max)
+        np.testing.assert_array_equal(new.counts, old.counts)
+    # Merged (as shards of a calibration are): still the same.
+    other_new, other_old = HistogramObserver(bins=256), AddAtHistogram(bins=256)
+    y = rng.standard_normal(1000).astype(np.float32)
+    other_new.update(y)
+    other_old.update(y)
+    np.testing.assert_array_equal(other_new.merge(new).counts, other_old.merge(old).counts)

@@ -12,7 +12,8 @@ from compiler.cli import main
 from compiler.config import QuantConfig
 from compiler.encoding import HTP_ARCHS
 from compiler.errors import QccError
-from compiler.ir import from_onnx, infer_shapes
+from compiler.data import Dataset, ImageOptions, specs_of
+from compiler.ir import from_onnx, infer_shapes, load
 from compiler.pass_manager import PassContext, PassManager, Pipeline, make_pass
 from compiler.qdq import arch_problems
 from tests.conftest import CONV_MODEL
@@ -41,14 +42,33 @@ def test_a_real_model_compiled_for_v68_reports_htp_beside_the_simulation(assets,
     (row,) = check["outputs"].values()
     assert row["htp_vs_fp32"]["cosine_mean"] > 0.98 and row["simulation_vs_fp32"]["cosine_mean"] > 0.98
     assert row["htp_vs_simulation"]["cosine_mean"] > 0.99 and row["htp_vs_simulation"]["max_steps"] >= 0
+    # The layer-by-layer search runs where HTP loses accuracy the simulation promised (here HTP is the closer).
+    search = check["divergence_search"]
+    assert search["ran"] == (row["htp_vs_fp32"]["cosine_mean"] < row["simulation_vs_fp32"]["cosine_mean"] - 0.002)
+    assert bool(check["first_divergences"]) <= search["ran"]
     # Where HTP parts from the simulation, layer by layer: tensors the compiled model quantizes, written by an op.
     compiled = onnx.load(out)
+    float_module = load(assets / "models" / "ppocr_cls.onnx", {"x": [1, 3, 48, 192]})
+    images = Dataset(assets / "text_cls", specs_of(float_module), count=1, image=ImageOptions((0.5,) * 3, (0.5,) * 3))
+    divergences = htp.first_divergences(compiled, images[0], "68")
     quantized = {node.input[0] for node in compiled.graph.node if node.op_type == "QuantizeLinear"}
     ops = {node.output[0]: node.op_type for node in compiled.graph.node}
-    assert check["first_divergences"]  # v68 computes cls's convolutions a few steps off the simulation
-    for divergence in check["first_divergences"]:
+    assert divergences  # v68 computes cls's convolutions a few steps off the simulation
+    for divergence in divergences:
         assert divergence["tensor"] in quantized and divergence["op"] == ops.get(divergence["tensor"], "input")
         assert divergence["cosine"] < htp.DIVERGENCE_COSINE
+
+
+def check_rows(device: float, simulation: float) -> dict:
+    return {"y": {"htp_vs_fp32": {"cosine_mean": device}, "simulation_vs_fp32": {"cosine_mean": simulation}}}
+
+
+def test_the_layer_by_layer_search_runs_where_htp_loses_what_the_simulation_promised():
+    assert htp.search_reason(check_rows(0.990, 0.995)) == {
+        "ran": True, "why": "on output y HTP's cosine to FP32 0.99000 is more than 0.002 below the simulation's 0.99500"}
+    for device, simulation in ((0.994, 0.995), (0.999, 0.990), (None, 0.995)):
+        search = htp.search_reason(check_rows(device, simulation))
+        assert not search["ran"] and "at most 0.002 below the simulation's on every output" in search["why"]
 
 
 def test_all_checks_every_generation_by_the_oldest_rules(work, capsys):
@@ -109,14 +129,16 @@ def test_profile_shows_where_the_time_went(work, capsys):
 
 def check_with(sim: float, device: float) -> dict:
     row = lambda cos: {"cosine_mean": cos, "cosine_min": cos, "sqnr_db": 20.0}
-    return {"arch": "73", "status": "ran", "samples": 4, "first_divergences": [],
-            "outputs": {"y": {"htp_vs_fp32": row(device), "simulation_vs_fp32": row(sim),
-                              "htp_vs_simulation": {**row(0.99), "max_steps": 3.0}}}}
+    outputs = {"y": {"htp_vs_fp32": row(device), "simulation_vs_fp32": row(sim),
+                     "htp_vs_simulation": {**row(0.99), "max_steps": 3.0}}}
+    return {"arch": "73", "status": "ran", "samples": 4, "first_divergences": [], "outputs": outputs,
+            "divergence_search": htp.search_reason(outputs)}
 
 
 def test_a_device_further_from_fp32_than_the_simulation_is_pointed_out():
     lines = htp.check_lines(check_with(0.995, 0.987), "held-out sample(s)")
-    assert lines[-1] == ("HTP v73: the device loses more than 0.002 cosine against the simulation on y (0.0080); "
-                         "--judge htp chooses calibration and bias correction on the device")
-    assert len(htp.check_lines(check_with(0.995, 0.994), "held-out sample(s)")) == 1
-    assert len(htp.check_lines(check_with(0.995, 0.999), "held-out sample(s)")) == 1
+    assert lines[1] == ("HTP v73: on output y HTP's cosine to FP32 0.98700 is more than 0.002 below the simulation's "
+                        "0.99500; --judge htp chooses calibration and bias correction on the device")
+    for device in (0.994, 0.999):
+        lines = htp.check_lines(check_with(0.995, device), "held-out sample(s)")
+        assert len(lines) == 2 and "layer-by-layer search not run" in lines[1] and "--judge" not in lines[1]

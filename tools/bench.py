@@ -32,7 +32,10 @@ text), plus the task's measure: top-1 agreement with FP32 (cls), IoU of the maps
 the recogniser on the classifier's text lines, resized to 48x320). ``--models orient`` adds a model that is
 not PP-OCR's: RapidAI's document orientation classifier (PP-LCNet, 4 classes, top-1) on the detector's
 pages resized to 224x224, normalised with ImageNet's mean and std. ``qcc/ORT`` is a qcc row's compile
-time over ``ort minmax``'s for the same model.
+time over ``ort minmax``'s for the same model, both in this process. ``process qcc/ORT`` (the ``htp W8A8``
+row) is the same comparison as a user sees it: ``qcc compile --target htp`` (its HTP check included) and
+ORT's quant_pre_process + quantize_static MinMax, each a whole process with its imports, on the same float
+model and calibration samples (tools/bench_process.py; about 10-30 s a model, ``--no-process-time`` skips it).
 
 A variant row (``--variant SPEC``) compiles the ``htp`` target's default pipeline at one activation width
 with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
@@ -62,7 +65,7 @@ Usage (from the repository root):
 
     python tools/bench.py [--models cls,det[,rec][,orient]] [--calib 32] [--eval 32] [--offset 0] [--htp] [--json OUT.json]
                           [--htp-arch 68,73,79] [--tools qcc-w8a8,qcc-w8a16,ort-minmax,ort-percentile,ort-qnn] [--save-dir DIR]
-                          [--ablation] [--variant SPEC ...]
+                          [--ablation] [--variant SPEC ...] [--no-process-time]
 
 ``--models``    which models (default cls,det)
 ``--calib N``   calibration samples (default 32)
@@ -80,6 +83,7 @@ Usage (from the repository root):
 ``--ablation``  also the ablation rows above (11 compiles per model and qcc tool; +brecq needs the torch extra
                 and takes about 25 s on cls, 4 minutes on det)
 ``--variant SPEC`` also this variant row (repeatable)
+``--no-process-time`` without the whole-process column
 
 The default run (both models, 32 + 32 samples, no --htp) took about 2 minutes on 2 shared cores;
 --htp adds 2-3 minutes. Compile times vary by 2x on a busy machine; compare them within one run.
@@ -175,6 +179,9 @@ class Row:
     task: str = ""
     samples: int = 0
     ratio_to_ort: float | None = None
+    # The default W8A8 row: whole-process times of `qcc compile --target htp` and of ORT's quantize_static
+    # (tools/bench_process.py), {"qcc": Timing, "ort": Timing}.
+    process: dict = field(default_factory=dict)
     htp: dict = field(default_factory=dict)
     error: str = ""
 
@@ -422,6 +429,12 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
                                                         [fp32[i] for i in first], arch) for arch in args.htp_archs}
         log(f"{model.name}: {variant.name} {row.compile_seconds:.1f}s cos {row.cos_mean:.5f}")
         rows.append(row)
+    if args.process_time and "qcc-w8a8" in [v.name for v in variants]:
+        from tools import bench_process
+        log(f"{model.name}: whole processes, qcc compile --target htp and ORT quantize_static ...")
+        seconds = bench_process.process_seconds(float_path, bench_process.write_samples(calib, work / f"{model.name}_calib"),
+                                                work, runs=("qcc", "ort"))
+        next(r for r in rows if r.config == TOOL_LABELS["qcc-w8a8"][1] and r.tool == "qcc").process = seconds
     ort_seconds = next((r.compile_seconds for r in rows if r.tool == "ort" and r.config.startswith("MinMax")), None)
     for r in rows:
         if r.tool == "qcc" and r.compile_seconds and ort_seconds:
@@ -433,13 +446,21 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def process_ratio(process: dict) -> str:
+    """'1.23 (4.1/3.3 s)': qcc's whole process over ORT's, and the two times."""
+    if not process:
+        return "-"
+    qcc, ort = process["qcc"].wall, process["ort"].wall
+    return f"{qcc / ort:.2f} ({qcc:.1f}/{ort:.1f} s)"
+
+
 def render(rows: list[Row], htp_archs: list) -> str:
     """The table; with ``htp_archs`` (--htp), per generation: HTP vs the CPU simulation (cosine, largest
     difference in output steps) and HTP vs FP32."""
     wide = max([32] + [len(r.config) + 2 for r in rows])  # variant configs can be long
     name = max([6] + [len(r.model) + 1 for r in rows])
     head = (f"{'model':<{name}}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
-            f"{'task':>12}{'qcc/ORT':>9}")
+            f"{'task':>12}{'qcc/ORT':>9}{'process qcc/ORT':>22}")
     for arch in htp_archs:
         label = f"v{arch} " if arch else "HTP "
         head += f"  {label + 'cos/CPU':>11}{'steps':>7}{label + 'cos/FP32':>13}"
@@ -450,7 +471,8 @@ def render(rows: list[Row], htp_archs: list) -> str:
             continue
         task = f"{TASK_LABELS.get(r.task, r.task)} {_fmt(r.task_metric, '.3f')}"
         line = (f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
-                f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}")
+                f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}"
+                f"{process_ratio(r.process):>22}")
         for arch in htp_archs:
             htp = r.htp.get(arch or "default", {})
             if "error" in htp:
@@ -477,6 +499,7 @@ def parse_args(argv):
     p.add_argument("--save-dir", metavar="DIR")
     p.add_argument("--ablation", action="store_true")
     p.add_argument("--variant", action="append", default=[], metavar="SPEC")
+    p.add_argument("--no-process-time", dest="process_time", action="store_false")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
     args.tool_list = [t.strip() for t in args.tools.split(",") if t.strip()]

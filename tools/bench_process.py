@@ -11,19 +11,25 @@ bench's: input shape pinned, canonicalized) and the same calibration samples wri
 
 Usage (from the repository root):
 
-    python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64] [--repeat 1]
+    python tools/bench_process.py [--models cls,det,rec,orient] [--calib 16,64[,256]] [--repeat 1]
 
-prints, per model and calibration count, each process's seconds and qcc/ORT. ``--repeat N`` keeps the
-fastest of N runs of each (the machine's other work adds noise). Measurements go to docs/measurements.md.
+prints, per model and calibration count, each process's wall-clock seconds and qcc/ORT, then the same in CPU
+seconds (user + system, all threads; less moved by the machine's other work than wall clock, but onnxruntime's
+spinning worker threads count in it). ``--repeat N`` keeps the least of N runs of each. The assets cache must hold as many images
+as the largest count (``python tools/fetch_assets.py --count 256`` renders 256, ``$QCC_ASSETS`` points at
+another cache). tools/bench.py's accuracy table takes its qcc/ORT process column from here
+(``process_seconds``). Measurements go to docs/measurements.md.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -53,28 +59,45 @@ def ort_quantize(float_path: str, calib_dir: str, out: str) -> None:
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-def timed_run(command: list[str]) -> float:
-    start = time.perf_counter()
+class Timing(NamedTuple):
+    wall: float  # seconds
+    cpu: float   # user + system seconds of the process and its threads: less moved by the machine's other work
+
+
+def timed_run(command: list[str]) -> Timing:
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"bench_process: {' '.join(command[:4])} ... failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return Timing(wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+
+def write_samples(samples: list[dict], folder: Path) -> Path:
+    """The samples as the .npy files both processes read (one input, ``x``)."""
+    folder.mkdir(exist_ok=True)
+    for i, sample in enumerate(samples):
+        np.save(folder / f"{i:04d}.npy", sample["x"])
+    return folder
+
+
+RUNS = ("qcc", "qcc --no-htp-check", "ort")
+
+
+def process_seconds(float_path: Path, calib_dir: Path, work: Path, repeat: int = 1, runs=RUNS) -> dict:
+    """{run: Timing} for each of ``runs`` (of RUNS): the least wall and CPU seconds of ``repeat`` whole processes."""
+    stem = work / float_path.name.split(".")[0]
+    qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", f"{stem}.qcc.onnx",
+           "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
+    ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir), f"{stem}.ort.onnx"]
+    commands = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
+    timings = {label: [timed_run(commands[label]) for _ in range(repeat)] for label in runs}
+    return {label: Timing(min(t.wall for t in tries), min(t.cpu for t in tries)) for label, tries in timings.items()}
 
 
 def measure(name: str, count: int, repeat: int, assets: Path, work: Path) -> dict:
-    model = bench.MODELS[name]
-    float_path, calib, _ = bench.prepare(model, assets, work, count, 1)
-    calib_dir = work / f"{name}_calib_{count}"
-    calib_dir.mkdir(exist_ok=True)
-    for i, sample in enumerate(calib):
-        np.save(calib_dir / f"{i:04d}.npy", sample["x"])
-    qcc = [sys.executable, "-m", "compiler.cli", "compile", str(float_path), "-o", str(work / f"{name}.qcc.onnx"),
-           "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
-    ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir),
-           str(work / f"{name}.ort.onnx")]
-    runs = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
-    return {label: min(timed_run(command) for _ in range(repeat)) for label, command in runs.items()}
+    float_path, calib, _ = bench.prepare(bench.MODELS[name], assets, work, count, 0)
+    return process_seconds(float_path, write_samples(calib, work / f"{name}_calib_{count}"), work, repeat)
 
 
 def main(argv=None) -> int:
@@ -89,14 +112,17 @@ def main(argv=None) -> int:
         return 0
     from tools.fetch_assets import fetch
     counts = [int(c) for c in args.calib.split(",")]
-    assets = fetch(count=max(64, max(counts) + 1))
-    print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}")
+    assets = fetch(count=max(64, max(counts)))
+    print(f"{'model':<8}{'calib':>6}{'qcc s':>8}{'qcc, no HTP check s':>21}{'ORT s':>8}{'qcc/ORT':>9}{'no check/ORT':>14}"
+          f"{'CPU s: qcc':>12}{'no check':>10}{'ORT':>7}{'qcc/ORT':>9}{'no check/ORT':>14}")
     with tempfile.TemporaryDirectory(prefix="qcc-bench-process-") as tmp:
         for name in args.models.split(","):
             for count in counts:
                 t = measure(name, count, args.repeat, assets, Path(tmp))
-                print(f"{name:<8}{count:>6}{t['qcc']:>8.2f}{t['qcc --no-htp-check']:>21.2f}{t['ort']:>8.2f}"
-                      f"{t['qcc'] / t['ort']:>9.2f}{t['qcc --no-htp-check'] / t['ort']:>14.2f}", flush=True)
+                qcc, no_check, ort = t["qcc"], t["qcc --no-htp-check"], t["ort"]
+                print(f"{name:<8}{count:>6}{qcc.wall:>8.2f}{no_check.wall:>21.2f}{ort.wall:>8.2f}"
+                      f"{qcc.wall / ort.wall:>9.2f}{no_check.wall / ort.wall:>14.2f}{qcc.cpu:>12.2f}{no_check.cpu:>10.2f}"
+                      f"{ort.cpu:>7.2f}{qcc.cpu / ort.cpu:>9.2f}{no_check.cpu / ort.cpu:>14.2f}", flush=True)
     return 0
 
 
