@@ -149,7 +149,7 @@ def render_text(report: dict, top: int) -> str:
         lines += ["", f"{len(report['fused'])} quantized tensors feed only a Relu/Clip (fused on HTP): compared after it"]
     if report["unmatched"]:
         lines += [f"{len(report['unmatched'])} DequantizeLinear outputs not compared (first: {report['unmatched'][0]}); "
-                  f"compare against the float model the quantizer started from (qcc compile writes it as OUT.float.onnx)"]
+                  f"compare against the float model insert-qdq quantized (qcc compile writes it as OUT.float.onnx)"]
     for failure in report["gate"]["failures"]:
         lines.append(f"FAIL {failure}")
     if report["gate"]["bars"] and not report["gate"]["failures"]:

@@ -1,4 +1,5 @@
-"""qcc compile writes OUT.float.onnx, the float model the quantizer started from: analyze compares like with like."""
+"""qcc compile writes OUT.float.onnx, the float model insert-qdq quantized (bias corrections included, so that
+OUT.encodings applied to it gives OUT.onnx): analyze compares like with like."""
 import json
 
 import numpy as np
@@ -8,15 +9,16 @@ from compiler.runtime import run_model
 from tests.test_compile_quantized import data, model, run  # noqa: F401 (fixtures)
 
 
-def test_float_reference_has_the_quantized_models_tensors_and_the_originals_outputs(model, data, tmp_path, capsys):  # noqa: F811
+def test_float_reference_has_the_quantized_models_tensors_and_nearly_the_originals_outputs(model, data, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out.onnx"
     code, err = run(["compile", model, "--target", "htp", "--calib-data", data[0], "-o", out], capsys)
     assert code == 0, err
     reference = onnx.load(tmp_path / "out.float.onnx")
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in reference.graph.node)
     samples = [{"x": np.load(f)} for f in sorted(data[1].iterdir())]
+    # The original's outputs, moved only by bias correction's per-channel shifts (here by at most 2.2e-4).
     for ref, got in zip(run_model(onnx.load(model), samples), run_model(reference, samples)):
-        np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["y"], ref["y"], rtol=0, atol=1e-3)
     assert "out.float.onnx" in json.loads((tmp_path / "out.report.json").read_text())["outputs"].values()
 
     code, err = run(["analyze", tmp_path / "out.float.onnx", out, "--data", data[0], "--json", tmp_path / "a.json", "-q"], capsys)
