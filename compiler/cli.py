@@ -49,11 +49,13 @@ def _add_quantization(parser) -> None:
                        help=f"the Hexagon NPU generation (target htp; default {DEFAULT_HTP_ARCH}: the oldest that takes "
                             "16-bit weights and computes 16-bit convolutions as the simulation does); 'all' compiles by "
                             "the oldest's rules and checks on every one")
-    group.add_argument("--judge", choices=("sim", "htp"),
-                       help="choose the calibration method and bias-correction mode among up to 9 candidates by their "
-                            "cosine vs FP32 on the quarter of --calib-data held back from calibration, measured in "
-                            "CPU simulation (sim: each candidate costs about one compile) or on the HTP backend of "
-                            "--htp-arch (htp: about 50x slower per sample)")
+    group.add_argument("--judge", choices=("auto", "off", "sim", "htp"), default="auto",
+                       help="choose the calibration method and bias-correction mode by the compiled model's cosine vs "
+                            "FP32 on the quarter of --calib-data held back from calibration. auto (default): the "
+                            "8-bit default (mse, sequential) against percentile with the empirical correction, in "
+                            "CPU simulation, on a target's W8A8 pipeline from 8 samples on (about one more compile); "
+                            "sim: up to 9 candidates in simulation; htp: the same on the HTP backend of --htp-arch "
+                            "(about 50x slower per sample); off: the default pipeline as is")
     group.add_argument("--no-htp-check", action="store_true",
                        help="do not run the compiled model on the QNN HTP backend (onnxruntime-qnn) at the end")
     group.add_argument("--htp-samples", type=int, default=2, metavar="N",

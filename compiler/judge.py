@@ -33,7 +33,11 @@ import numpy as np
 from compiler.errors import QccError
 from compiler.pass_manager import Pipeline
 
-JUDGES = ("sim", "htp")
+JUDGES = ("auto", "off", "sim", "htp")
+# --judge auto (qcc compile's default on a target's 8-bit pipeline): the width default against this one alone.
+# Over the fetched models each is the better of the two on some (docs/measurements.md, issue 16): mse with the
+# sequential correction on det and rec, percentile with the empirical one on cls and the orientation classifier.
+PAIRED = ("percentile", "empirical")
 JUDGED_METHODS = ("mse", "percentile", "minmax")
 JUDGED_MODES = ("sequential", "empirical")
 HELD_BACK_SHARE = 0.25  # of the calibration samples, when nothing else judges or evaluates
@@ -58,22 +62,37 @@ def candidates(pipeline: Pipeline, fixed_method: str | None = None) -> list[Cand
     if correction is not None:
         applicable = [m for m in JUDGED_MODES if not (mixed and m == "sequential")]
         modes = _first([correction.options.mode], applicable) + [None]
+    return _variants(pipeline, [(method, mode) for method in methods for mode in modes])
+
+
+def pair(pipeline: Pipeline) -> list[Candidate]:
+    """``--judge auto``'s candidates: the pipeline as given and PAIRED (only the given one when it is PAIRED
+    already or has no bias correction to switch)."""
+    calibrate, correction = pipeline.find("calibrate"), pipeline.find("bias-correction")
+    if calibrate is None or correction is None:
+        return []
+    given = (calibrate.options.method, correction.options.mode)
+    return _variants(pipeline, [given] + ([PAIRED] if given != PAIRED else []))
+
+
+def _variants(pipeline: Pipeline, choices: list[tuple]) -> list[Candidate]:
+    """``pipeline`` with calibrate's method and bias-correction's mode (None: left out) of each choice."""
+    calibrate, correction = pipeline.find("calibrate"), pipeline.find("bias-correction")
     result = []
-    for method in methods:
-        for mode in modes:
-            passes = []
-            for p in pipeline:
-                if p is calibrate:
-                    p = type(p)(dataclasses.replace(p.options, method=method))
-                elif p is correction:
-                    if mode is None:
-                        continue
-                    p = type(p)(dataclasses.replace(p.options, mode=mode))
-                passes.append(p)
-            variant = Pipeline(passes, pipeline.config)
-            variant.config_given = pipeline.config_given
-            label = f"calibrate={method}" + ("" if correction is None else f" bias-correction={mode or 'none'}")
-            result.append(Candidate(label, variant))
+    for method, mode in choices:
+        passes = []
+        for p in pipeline:
+            if p is calibrate:
+                p = type(p)(dataclasses.replace(p.options, method=method))
+            elif p is correction:
+                if mode is None:
+                    continue
+                p = type(p)(dataclasses.replace(p.options, mode=mode))
+            passes.append(p)
+        variant = Pipeline(passes, pipeline.config)
+        variant.config_given = pipeline.config_given
+        label = f"calibrate={method}" + ("" if correction is None else f" bias-correction={mode or 'none'}")
+        result.append(Candidate(label, variant))
     return result
 
 

@@ -126,7 +126,9 @@ class CompileRequest:
     htp_check: bool = True       # run the written model on the HTP backend (compile_file, when it is installed)
     htp_samples: int = 2
     profile: bool = False        # print where the time went (compile_file)
-    judge: str | None = None     # "sim" or "htp": choose calibration method and bias-correction mode (compiler.judge)
+    # "sim" or "htp": choose calibration method and bias-correction mode (compiler.judge); "auto" (qcc compile's
+    # default): between the 8-bit default and one alternative, where it applies; None or "off": no choice.
+    judge: str | None = None
     hold_back: bool = False      # keep every 4th calibration sample for evaluation and the HTP check (qcc compile)
     workers: int | None = None   # run the units of work as Ray tasks on a local Ray of this many workers
     ray_address: str | None = None  # ... or on the Ray cluster at this address (compiler.cluster)
@@ -183,7 +185,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         raise QccError("target_cos adds mixed precision to a target's pipeline; with passes, put promote-16bit "
                        "and insert-converts in the pipeline")
     pipeline = pipeline if pipeline is not None else request.pipeline()
-    calib, held = _calibration_samples(module, request)
+    calib, held, judging = _calibration_samples(module, request, pipeline)
     eval_data = _dataset(request.eval_data, module, request) if request.eval_data is not None else held
     if calib is None and any(p.name == "calibrate" for p in pipeline):
         raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
@@ -204,53 +206,69 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         seconds = time.perf_counter() - start + (after.seconds if after else 0.0)
         return CompileResult(target_module, manager, ctx, seconds, reference=ctx.reference)
 
-    if request.judge is None:
+    if judging is None:
         result = run(pipeline, module, dump_dir)
     else:
         from compiler import judge
-        if request.dump_after:
-            raise QccError("--dump-after dumps one pipeline's passes; --judge runs several: give one of them")
         say = log or ((lambda message: print(message, file=sys.stderr)) if not request.quiet else (lambda message: None))
         arch = pipeline.config.htp_arch if pipeline.config.htp_arch in HTP_ARCHS else None
         # The candidates differ from the first quantizing pass on: the float rewrites run once, and calibrate's
         # histograms (which serve every method) are counted once, on the module every candidate copies.
-        candidates = judge.candidates(pipeline, request.calib_method)
+        candidates = judge.pair(pipeline) if judging == "auto" else judge.candidates(pipeline, request.calib_method)
         common = Pipeline(pipeline[:judge.common_prefix(pipeline)], pipeline.config)
         base = run(common, module.clone(), None)
         judge.count_histograms(base.module, calib, runner, pipeline.find("calibrate").options.bins)
         result, result.judge = judge.choose(candidates, lambda candidate: run(candidate, base.module.clone(), None, base),
-                                            list(held), request.judge, arch, say)
+                                            list(held), "sim" if judging == "auto" else judging, arch, say)
     with timed(result.timings, "evaluation"):
         result.metrics = evaluate(original, result.module, eval_data) if eval_data is not None else {}
     result.held_back = len(held) if held is not None else 0
     return result
 
 
-def _calibration_samples(module: Module, request: CompileRequest) -> tuple:
-    """(calibration samples, held-back samples or None): every 4th sample held back with ``judge``, and with
-    ``hold_back`` when there are at least MIN_HELD_BACK_SAMPLES (else all calibrate; the check says so)."""
+def _calibration_samples(module: Module, request: CompileRequest, pipeline: Pipeline) -> tuple:
+    """(calibration samples, held-back samples or None, the judge that runs or None). Every 4th sample is held
+    back for ``judge`` sim/htp, for ``judge`` auto when it applies (``_auto_judges``), and with ``hold_back``
+    when there are at least MIN_HELD_BACK_SAMPLES (else all calibrate; the check says so)."""
     from compiler.data import split_indices
     from compiler.judge import HELD_BACK_SHARE, JUDGES, MIN_HELD_BACK_SAMPLES
+    if request.judge is not None and request.judge not in JUDGES:
+        raise QccError(f"--judge: '{request.judge}' is not one of {', '.join(JUDGES)}")
+    chosen = request.judge if request.judge in ("sim", "htp") else None
     if request.calib_data is None:
         if request.calib_count is not None:
             raise QccError("--calib-count needs --calib-data")
-        if request.judge is not None:
+        if chosen is not None:
             raise QccError("--judge needs --calib-data: it judges on calibration samples held back")
-        return None, None
-    if request.judge is not None and request.judge not in JUDGES:
-        raise QccError(f"--judge: '{request.judge}' is not one of {', '.join(JUDGES)}")
+        return None, None, None
     data = _dataset(request.calib_data, module, request, request.calib_count)
-    if (request.judge or request.hold_back) and not hasattr(data, "__len__"):
+    if not hasattr(data, "__len__"):
         data = list(data)
-    if not (request.judge or request.hold_back) or len(data) < MIN_HELD_BACK_SAMPLES:
-        if request.judge is not None:
+    if chosen is not None and request.dump_after:
+        raise QccError("--dump-after dumps one pipeline's passes; --judge runs several: give one of them")
+    if chosen is None and request.judge == "auto" and _auto_judges(request, pipeline, len(data)):
+        chosen = "auto"
+    if not (chosen or request.hold_back) or len(data) < MIN_HELD_BACK_SAMPLES:
+        if chosen is not None:
             raise QccError(f"--judge needs at least {MIN_HELD_BACK_SAMPLES} calibration samples to hold some back "
                            f"from calibration; got {len(data)}")
-        return data, None
+        return data, None, None
     keep, held = split_indices(len(data), HELD_BACK_SHARE)
     if isinstance(data, Dataset):
-        return data.subset([data.files[i] for i in keep]), data.subset([data.files[i] for i in held])
-    return [data[i] for i in keep], [data[i] for i in held]
+        return data.subset([data.files[i] for i in keep]), data.subset([data.files[i] for i in held]), chosen
+    return [data[i] for i in keep], [data[i] for i in held], chosen
+
+
+AUTO_JUDGE_SAMPLES = 8  # --judge auto holds back a quarter of the calibration samples from this many on
+
+
+def _auto_judges(request: CompileRequest, pipeline: Pipeline, samples: int) -> bool:
+    """``--judge auto`` judges the target's own 8-bit pipeline (no --passes, --calib-method, --target-cos or
+    --dump-after, which fix what it would choose or need one pipeline) with at least AUTO_JUDGE_SAMPLES samples."""
+    from compiler import judge
+    return (request.passes is None and request.calib_method is None and request.target_cos is None
+            and not request.dump_after and pipeline.config.act_bits == 8 and samples >= AUTO_JUDGE_SAMPLES
+            and len(judge.pair(pipeline)) > 1)
 
 
 @contextlib.contextmanager

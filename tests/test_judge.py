@@ -46,6 +46,40 @@ def test_a_fixed_method_and_mixed_precision_narrow_the_candidates():
     assert labels == ["calibrate=percentile bias-correction=empirical", "calibrate=percentile bias-correction=none"]
 
 
+def test_auto_pairs_the_8_bit_default_with_percentile_and_the_empirical_correction():
+    pipeline = get_target("htp").build()
+    assert [c.label for c in judge.pair(pipeline)] == ["calibrate=mse bias-correction=sequential",
+                                                       "calibrate=percentile bias-correction=empirical"]
+    paired = judge.pair(pipeline)[1].pipeline
+    assert [c.label for c in judge.pair(paired)] == ["calibrate=percentile bias-correction=empirical"]
+
+
+def test_auto_judges_a_targets_8_bit_pipeline_from_8_samples_on():
+    chose = lambda count, **options: compile_model(conv_module(), "htp", calib_data=samples(count), judge="auto",
+                                                   **options).judge
+    report = chose(8)
+    assert report["by"] == "CPU simulation" and [row["candidate"] for row in report["candidates"]] == [
+        "calibrate=mse bias-correction=sequential", "calibrate=percentile bias-correction=empirical"]
+    # What the user fixed, or a pipeline it does not pair, is compiled as is (and nothing is held back for it).
+    for count, options in ((7, {}), (8, {"calib_method": "minmax"}), (8, {"act_bits": 16}),
+                           (8, {"passes": "calibrate,bias-correction,propagate-encodings,insert-qdq"})):
+        assert chose(count, **options) == {}
+    assert len(compile_model(conv_module(), "htp", calib_data=samples(8), judge="auto",
+                             calib_method="minmax").context.calib_data) == 8
+
+
+def test_qcc_compile_judges_by_default_and_not_with_judge_off(work, capsys):
+    write_samples(work / "eight", 8)
+    assert main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp", "--no-htp-check",
+                 "--calib-data", str(work / "eight")]) == 0
+    assert "chosen of 2 candidates" in capsys.readouterr().err
+    assert json.loads((work / "o.report.json").read_text())["judge"]["by"] == "CPU simulation"
+    assert main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp", "--no-htp-check",
+                 "--calib-data", str(work / "eight"), "--judge", "off", "--force"]) == 0
+    assert "judge" not in capsys.readouterr().err
+    assert "judge" not in json.loads((work / "o.report.json").read_text())
+
+
 def test_a_float_pipeline_has_nothing_to_judge():
     with pytest.raises(QccError, match="does not quantize"):
         judge.candidates(get_target("cpu").build())
@@ -78,7 +112,7 @@ def test_the_judge_needs_samples_to_hold_back():
         compile_model(conv_module(), "htp", calib_data=samples(3), judge="sim")
     with pytest.raises(QccError, match="needs --calib-data"):
         compile_model(conv_module(), "htp", judge="sim")
-    with pytest.raises(QccError, match="not one of sim, htp"):
+    with pytest.raises(QccError, match="not one of auto, off, sim, htp"):
         compile_model(conv_module(), "htp", calib_data=samples(8), judge="device")
 
 
@@ -108,9 +142,10 @@ def test_compile_without_eval_data_checks_on_held_back_calibration_samples(work,
     assert "vs FP32 on 2 held-back calibration sample(s)" in err
     document = json.loads((work / "o.report.json").read_text())
     assert document["held_back_samples"] == 2 and document["calibration_samples"] == 6
-    # Given --eval-data, every calibration sample calibrates.
+    # Given --eval-data, and nothing to judge, every calibration sample calibrates.
     assert main(["compile", str(work / "m.onnx"), "-o", str(work / "o.onnx"), "--target", "htp", "--no-htp-check",
-                 "--calib-data", str(work / "eight"), "--eval-data", str(work / "data"), "--force", "-q"]) == 0
+                 "--calib-data", str(work / "eight"), "--eval-data", str(work / "data"), "--force", "-q",
+                 "--judge", "off"]) == 0
     document = json.loads((work / "o.report.json").read_text())
     assert document["held_back_samples"] == 0 and document["calibration_samples"] == 8
 

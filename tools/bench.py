@@ -47,8 +47,9 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 - ``bias=MODE``: bias-correction in MODE, with the sample count of the width whose default uses it;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
   (promote-16bit; share defaults to promote-16bit's own);
-- ``judge=sim`` / ``judge=htp``: as ``qcc compile --judge``: the calibration method and bias-correction mode
-  chosen on a quarter of the calibration samples held back (``judge=htp`` on ``arch=N``, default 73);
+- ``judge=sim`` / ``judge=htp`` / ``judge=off``: as ``qcc compile --judge``: the calibration method and
+  bias-correction mode chosen on a quarter of the calibration samples held back (``judge=htp`` on ``arch=N``,
+  default 73); without it a row compiles as ``qcc compile`` does (``--judge auto``);
 
 e.g. ``--variant "W8A8 calib=mse -cle -adaround"`` or ``--variant "W8A8 cos=0.999 share=1"``; its row's
 config is ``htp SPEC``.
@@ -244,7 +245,7 @@ def variant(spec: str) -> Variant:
     mixed, tuning, judge, arch = {}, {}, None, None
     for change in changes:
         sign, name = change[:1], change[1:]
-        if change in ("judge=sim", "judge=htp"):
+        if change in ("judge=sim", "judge=htp", "judge=off"):
             judge = change.split("=")[1]
             slug += f"-judge-{judge}"
         elif change.startswith("arch="):
@@ -317,12 +318,13 @@ def ablation_specs(tools: list[str]) -> list[str]:
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
             passes: str | None = None, judge: str | None = None) -> None:
-    """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead; ``judge`` as --judge."""
+    """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead; ``judge`` as --judge, by
+    default qcc compile's (auto: at W8A8 a quarter of the calibration samples is held back to choose on)."""
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
     pipeline = {"passes": passes} if passes else {"act_bits": act_bits}
-    result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge, **pipeline)
+    result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge or "auto", **pipeline)
     onnx.save(result.module.to_onnx(), out)
 
 
