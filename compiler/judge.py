@@ -114,50 +114,55 @@ def _first(given: list, others) -> list:
     return given + [o for o in others if o not in given]
 
 
-def score(compiled, reference, samples: list[dict], judge: str, arch: str | None) -> float | None:
-    """Mean over outputs of the per-sample cosine of ``compiled`` (ModelProto) against ``reference`` on
-    ``samples``; on HTP (``judge`` "htp", generation ``arch``) None when the backend refuses the model."""
+def score(compiled, fp32: list[dict], samples: list[dict], judge: str, arch: str | None) -> tuple:
+    """(mean over outputs of the per-sample cosine of ``compiled`` (ModelProto) against the FP32 outputs ``fp32``
+    on ``samples``, the compiled model's outputs); on HTP (``judge`` "htp", generation ``arch``) (None, None)
+    when the backend refuses the model."""
     from compiler.htp import compare_outputs, pinned_to_samples, run_htp
     from compiler.runtime import run_model
     if judge == "htp":
         try:
             got, _ = run_htp(pinned_to_samples(compiled, samples), samples, {"htp_arch": arch})
         except QccError:
-            return None
+            return None, None
     else:
         got = run_model(compiled, samples)
-    cosines = [row.cos_mean for row in compare_outputs(run_model(reference, samples), got) if row.cos_mean is not None]
-    return float(np.mean(cosines)) if cosines else None
+    cosines = [row.cos_mean for row in compare_outputs(fp32, got) if row.cos_mean is not None]
+    return (float(np.mean(cosines)) if cosines else None), got
 
 
 def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str, arch: str | None, log) -> tuple:
-    """Run (``run(pipeline)`` -> CompileResult) and score every candidate; (best result, report dict). Only
-    the best result so far is kept, so memory holds two compiled models at most."""
+    """Run (``run(pipeline)`` -> CompileResult) and score every candidate; (best result, report dict, (FP32
+    outputs, the best's CPU-simulated outputs or None on HTP) on ``samples``). Only the best result so far is
+    kept, so memory holds two compiled models at most."""
     if judge == "htp":
         from compiler.htp import qnn_module
         if arch is None:
             raise QccError("--judge htp needs an HTP generation: use --target htp (or quant{htp-arch=...})")
         qnn_module()  # not installed: one line saying how to install it, before any candidate compiles
     by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
-    rows, best, best_score, start = [], None, None, time.perf_counter()
+    from compiler.runtime import run_model
+    rows, best, best_score, start, fp32, outputs = [], None, None, time.perf_counter(), None, None
     for index, candidate in enumerate(candidate_list, 1):
         began = time.perf_counter()
         result = run(candidate.pipeline)
-        compiled = result.module.to_onnx()
-        reference = result.reference.to_onnx() if result.reference is not None else None
-        value = score(compiled, reference, samples, judge, arch) if reference is not None else None
+        value = got = None
+        if result.reference is not None:
+            # Every candidate's FP32 reference is the module the shared float rewrites left: run it once.
+            fp32 = fp32 or run_model(result.reference.to_onnx(), samples)
+            value, got = score(result.module.to_onnx(), fp32, samples, judge, arch)
         seconds = time.perf_counter() - began
         rows.append({"candidate": candidate.label, "pipeline": str(candidate.pipeline), "cosine": value,
                      "seconds": round(seconds, 3)})
         shown = "refused" if value is None else f"{value:.5f}"
         log(f"judge {index}/{len(candidate_list)} ({by}): {candidate.label}: cosine {shown} ({seconds:.1f}s)")
         if value is not None and (best_score is None or value > best_score):
-            best, best_score, chosen = result, value, candidate.label
+            best, best_score, chosen, outputs = result, value, candidate.label, got
     if best is None:
         raise QccError(f"--judge {judge}: no candidate ran on {by}")
     report = {"by": by, "samples": len(samples), "chosen": chosen, "cosine": best_score,
               "seconds": round(time.perf_counter() - start, 3), "candidates": rows}
-    return best, report
+    return best, report, (fp32, outputs if judge == "sim" else None)
 
 
 def judge_lines(report: dict) -> list[str]:

@@ -214,14 +214,22 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         arch = pipeline.config.htp_arch if pipeline.config.htp_arch in HTP_ARCHS else None
         # The candidates differ from the first quantizing pass on: the float rewrites run once, and calibrate's
         # histograms (which serve every method) are counted once, on the module every candidate copies.
+        judging_started = time.perf_counter()
         candidates = judge.pair(pipeline) if judging == "auto" else judge.candidates(pipeline, request.calib_method)
         common = Pipeline(pipeline[:judge.common_prefix(pipeline)], pipeline.config)
         base = run(common, module.clone(), None)
         judge.count_histograms(base.module, calib, runner, pipeline.find("calibrate").options.bins)
-        result, result.judge = judge.choose(candidates, lambda candidate: run(candidate, base.module.clone(), None, base),
-                                            list(held), "sim" if judging == "auto" else judging, arch, say)
+        judged_samples = list(held)
+        result, result.judge, (fp32, simulated) = judge.choose(
+            candidates, lambda candidate: run(candidate, base.module.clone(), None, base), judged_samples,
+            "sim" if judging == "auto" else judging, arch, say)
+        # What the judge measured is the time spent beside the chosen candidate's passes.
+        result.timings["judge (histograms, other candidates, scoring)"] = time.perf_counter() - judging_started - result.seconds
     with timed(result.timings, "evaluation"):
-        result.metrics = evaluate(original, result.module, eval_data) if eval_data is not None else {}
+        if judging is not None and eval_data is held and simulated is not None:  # the judge ran these very samples
+            result.metrics = output_metrics(zip(fp32, simulated))
+        elif eval_data is not None:
+            result.metrics = evaluate(original, result.module, eval_data)
     result.held_back = len(held) if held is not None else 0
     return result
 
@@ -386,18 +394,23 @@ def data_label(request: CompileRequest, result: CompileResult) -> str:
 
 def evaluate(reference: Module, candidate: Module, data) -> dict:
     """Per output: cosine mean/min over samples (near-zero FP32 outputs left out), SQNR dB over all."""
-    from compiler.layer_analysis import ErrorStats, Reference
     from compiler.runtime import make_session
     ref_session, got_session = make_session(reference), make_session(candidate)
     names = [o.name for o in ref_session.get_outputs()]
-    stats = {name: ErrorStats() for name in names}
-    skipped = {name: 0 for name in names}
-    count = 0
-    for sample in data:
-        for name, ref, got in zip(names, ref_session.run(names, sample), got_session.run(names, sample)):
+    return output_metrics((dict(zip(names, ref_session.run(names, sample))),
+                           dict(zip(names, got_session.run(names, sample)))) for sample in data)
+
+
+def output_metrics(pairs) -> dict:
+    """``evaluate``'s metrics from (FP32 outputs, compiled outputs) per sample, each a dict by output name."""
+    from compiler.layer_analysis import ErrorStats, Reference
+    stats, skipped, count = {}, {}, 0
+    for reference, compiled in pairs:
+        for name, ref in reference.items():
             meaningful = float(np.abs(ref).max(initial=0.0)) >= NEAR_ZERO
-            stats[name].update(Reference(ref.astype(np.float32)), got.astype(np.float32), with_cosine=meaningful)
-            skipped[name] += not meaningful
+            stats.setdefault(name, ErrorStats()).update(Reference(ref.astype(np.float32)),
+                                                        compiled[name].astype(np.float32), with_cosine=meaningful)
+            skipped[name] = skipped.get(name, 0) + (not meaningful)
         count += 1
     return {name: {"cosine_mean": s.cos, "cosine_min": s.cos_min, "sqnr_db": s.sqnr, "samples": count,
                    "near_zero_samples": skipped[name]} for name, s in stats.items()}

@@ -10,7 +10,8 @@ from compiler import judge
 from compiler.cli import main
 from compiler.errors import QccError
 from compiler.ir import from_onnx, infer_shapes
-from compiler.quantize import compile_model
+from compiler.quantize import compile_model, evaluate
+from compiler.runtime import run_model
 from compiler.targets import get_target
 from tests.conftest import CONV_MODEL
 
@@ -98,8 +99,10 @@ def test_the_judge_keeps_the_best_scoring_candidate_measured_on_held_back_sample
     assert str(result.manager.pipeline) == report["candidates"][scores.index(max(scores))]["pipeline"]
     # The score is the written model's cosine on the held-back samples, recomputed here from scratch.
     held = [data[i] for i in (3, 7)]
-    assert report["cosine"] == pytest.approx(judge.score(result.module.to_onnx(), result.reference.to_onnx(),
-                                                         held, "sim", None))
+    fp32 = run_model(result.reference.to_onnx(), held)
+    assert report["cosine"] == pytest.approx(judge.score(result.module.to_onnx(), fp32, held, "sim", None)[0])
+    # The held-back samples are also what the compile reports on: the same numbers as evaluating afresh.
+    assert result.metrics == evaluate(result.reference, result.module, held)
     # The chosen candidate went through every pass of its pipeline (the shared first ones once, before the rest).
     assert [r.name for r in result.manager.records] == [p.name for p in result.manager.pipeline]
     assert any(node.op == "QuantizeLinear" for node in result.module.graph.nodes)
