@@ -55,7 +55,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from compiler.encoding import MIN_RANGE, activation_encoding, fake_quantize
 from compiler.ir import Module, QccError, const_value
@@ -409,7 +408,7 @@ def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
     """Observers of ``shared.counted`` over samples [start, end) of ``shared.data``."""
     from compiler.runtime import make_session
     outputs = [name for name in shared.counted if name not in shared.inputs]
-    session = make_session(onnx.ModelProto.FromString(shared.model))
+    session = make_session(shared.model)
     observers = {name: make_observer(shared.method, shared.bins) for name in shared.counted}
     for index in range(*shard):
         sample = shared.data[index]

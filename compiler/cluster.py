@@ -66,6 +66,7 @@ class RayRunner:
         task = ray.remote(max_retries=RETRIES)(function)
         shared_ref = ray.put(shared)
         refs = [task.remote(shared_ref, item) for item in items]
+        index_of = {ref: index for index, ref in enumerate(refs)}
         try:
             with Progress(len(refs), label or function.__name__) as bar:
                 pending = list(refs)
@@ -73,7 +74,7 @@ class RayRunner:
                     ready, pending = ray.wait(pending, num_returns=1)
                     bar.advance(len(ready))
                     if each is not None:
-                        each(refs.index(ready[0]), ray.get(ready[0]))
+                        each(index_of[ready[0]], ray.get(ready[0]))
             return ray.get(refs)
         except KeyboardInterrupt:
             for ref in refs:

@@ -344,8 +344,7 @@ def check_chunk(shared: HtpInputs, item: tuple) -> tuple:
     arch, start, end = item
     samples = shared.samples[start:end]
     if arch is None:
-        return (run_model(onnx.ModelProto.FromString(shared.model), samples),
-                run_model(onnx.ModelProto.FromString(shared.reference), samples))
+        return run_model(shared.model, samples), run_model(shared.reference, samples)
     try:
         return run_htp(onnx.ModelProto.FromString(shared.model), samples, {"htp_arch": arch})
     except QccError as exc:

@@ -1,5 +1,5 @@
-"""``--judge sim|htp``: choose a compile's calibration method and bias-correction mode by the model each
-choice writes, measured on samples calibration did not see.
+"""``--judge auto|sim|htp``: choose a compile's calibration method and bias-correction mode by the model each
+choice writes, measured on calibration samples held back from calibration.
 
 The candidates are the pipeline as given and its variants along two axes, the decisions whose best value
 differs from model to model (docs/measurements.md, ablations):
@@ -10,17 +10,22 @@ differs from model to model (docs/measurements.md, ablations):
   ``sequential`` does not apply beside promote-16bit (it simulates one width; ``with_mixed_precision``),
   ``analytic`` needs batch-norm statistics fold-bn has folded away.
 
-Each candidate runs the whole pipeline on its own copy of the model, so what is judged is what would be
-written, mixed precision included. Its score is the mean over outputs of the per-sample cosine against the
-FP32 reference (the candidate's ``reference`` module), on the held-back samples:
+``sim`` and ``htp`` try all of them (``candidates``); ``auto``, qcc compile's default on a target's W8A8
+pipeline, only the pipeline as given against PAIRED (``pair``).
 
-- ``sim``: the QDQ model on onnxruntime's CPU (graph optimisations off), as every pass measures;
+Every candidate shares the float rewrites before the first quantizing pass (``common_prefix``: they run
+once) and calibrate's histograms (``count_histograms``: counted once); from there each runs the rest of its
+pipeline on its own copy, so what is judged is what would be written, mixed precision included. Its score
+is the mean over outputs of the per-sample cosine against the FP32 reference, on the held-back samples:
+
+- ``sim`` (and ``auto``): the QDQ model on onnxruntime's CPU (graph optimisations off), as every pass measures;
 - ``htp``: the QDQ model on the QNN HTP backend of the config's generation, CPU fallback off. A candidate
   the backend refuses scores nothing and is not chosen.
 
 The best score wins; on a tie the earlier candidate (the pipeline as given comes first). Cost: candidates x
-(one compile + one run over the held-back samples); an HTP run is about 50x a CPU one (a 320x320 detector
-image 1.1-1.4 s), so ``--judge htp`` on det with 4 held-back samples adds about 9 x 5 s of emulation.
+(the passes from calibrate on + one run over the held-back samples); an HTP run is about 50x a CPU one (a
+320x320 detector image 1.1-1.4 s), so ``--judge htp`` on det with 4 held-back samples adds about 9 x 5 s of
+emulation.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compiler.errors import QccError
-from compiler.pass_manager import Pipeline
+from compiler.pass_manager import PassKind, Pipeline
 
 JUDGES = ("auto", "off", "sim", "htp")
 # --judge auto (qcc compile's default on a target's 8-bit pipeline): the width default against this one alone.
@@ -99,7 +104,6 @@ def _variants(pipeline: Pipeline, choices: list[tuple]) -> list[Candidate]:
 def common_prefix(pipeline: Pipeline) -> int:
     """How many leading passes every candidate shares: the float-preserving ones before the first that
     quantizes (the judged passes come after it)."""
-    from compiler.pass_manager import PassKind
     return next((i for i, p in enumerate(pipeline) if p.kind is not PassKind.FLOAT_PRESERVING), len(pipeline))
 
 
@@ -140,8 +144,8 @@ def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str
         if arch is None:
             raise QccError("--judge htp needs an HTP generation: use --target htp (or quant{htp-arch=...})")
         qnn_module()  # not installed: one line saying how to install it, before any candidate compiles
-    by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
     from compiler.runtime import run_model
+    by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
     rows, best, best_score, start, fp32, outputs = [], None, None, time.perf_counter(), None, None
     for index, candidate in enumerate(candidate_list, 1):
         began = time.perf_counter()

@@ -172,9 +172,9 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
                   **options) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
     ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
-    With ``hold_back`` (or ``judge``) every 4th calibration sample is held back (compiler.judge): the judge's
-    samples, and the evaluation's when no ``eval_data`` is given. With ``judge`` each candidate pipeline runs
-    on a copy of ``module`` and the result is the chosen one's (``module`` is left as it was).
+    With ``hold_back``, or a ``judge`` that applies, every 4th calibration sample is held back (compiler.judge):
+    the judge's samples, and the evaluation's when no ``eval_data`` is given. When a judge runs, each candidate
+    pipeline runs on a copy of ``module`` and the result is the chosen one's (``module`` is left as it was).
     Writes nothing but ``dump_dir`` (the --dump-after dumps); ``pipeline`` is the request's, when the caller has
     parsed it already; ``runner`` runs the units of work (compiler.cluster; default: this process).
     ``qcc compile`` and the Python API both run this."""
@@ -190,7 +190,9 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
     if calib is None and any(p.name == "calibrate" for p in pipeline):
         raise QccError("the pipeline quantizes (calibrate) and needs --calib-data DIR: a folder of sample inputs "
                        "(.npy, .npz or images)")
-    original = module.clone() if eval_data is not None else None
+    # Judged candidates run on copies, so the module given stays the FP32 model to evaluate against.
+    original = module if judging is not None else module.clone() if eval_data is not None else None
+    fp32 = simulated = None  # the judge's FP32 and chosen outputs on the held-back samples, when it has them
 
     def run(candidate: Pipeline, target_module: Module, dumps: Path | None, after: CompileResult | None = None):
         """``candidate`` on ``target_module``; ``after``: the run of its first passes, which it goes on from."""
@@ -226,7 +228,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         # What the judge measured is the time spent beside the chosen candidate's passes.
         result.timings["judge (histograms, other candidates, scoring)"] = time.perf_counter() - judging_started - result.seconds
     with timed(result.timings, "evaluation"):
-        if judging is not None and eval_data is held and simulated is not None:  # the judge ran these very samples
+        if eval_data is held and simulated is not None:  # the judge ran these very samples
             result.metrics = output_metrics(zip(fp32, simulated))
         elif eval_data is not None:
             result.metrics = evaluate(original, result.module, eval_data)

@@ -29,16 +29,20 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-def make_session(model: Module | onnx.ModelProto, extra_outputs: list[str] | None = None) -> ort.InferenceSession:
-    """A CPU session; ``extra_outputs`` exposes intermediate tensors as graph outputs too."""
-    owned = isinstance(model, Module)
-    proto = model.to_onnx() if owned else model
-    if extra_outputs:
-        proto = expose_tensors(proto, extra_outputs, copy=not owned)
-    # The proto goes before onnxruntime copies the bytes: each copy of the weights alive at once costs the
-    # model's size again (calibrating a 321 MB model peaked 350 MB above the model's other copies).
-    data = proto.SerializeToString()
-    del proto
+def make_session(model: Module | onnx.ModelProto | bytes, extra_outputs: list[str] | None = None) -> ort.InferenceSession:
+    """A CPU session; ``extra_outputs`` exposes intermediate tensors as graph outputs too. A serialized model
+    (what Ray tasks receive) goes to onnxruntime as it is."""
+    if isinstance(model, bytes) and not extra_outputs:
+        data = model
+    else:
+        owned = isinstance(model, Module)
+        proto = model.to_onnx() if owned else onnx.ModelProto.FromString(model) if isinstance(model, bytes) else model
+        if extra_outputs:
+            proto = expose_tensors(proto, extra_outputs, copy=not owned)
+        # The proto goes before onnxruntime copies the bytes: each copy of the weights alive at once costs the
+        # model's size again (calibrating a 321 MB model peaked 350 MB above the model's other copies).
+        data = proto.SerializeToString()
+        del proto
     try:
         return ort.InferenceSession(data, session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -68,7 +72,7 @@ def expose_tensors(proto: onnx.ModelProto, names: list[str], copy: bool = True) 
     return proto
 
 
-def run_model(model: Module | onnx.ModelProto, samples: list[dict], outputs: list[str] | None = None) -> list[dict]:
+def run_model(model: Module | onnx.ModelProto | bytes, samples: list[dict], outputs: list[str] | None = None) -> list[dict]:
     session = make_session(model, extra_outputs=outputs)
     names = outputs or [o.name for o in session.get_outputs()]
     return [dict(zip(names, session.run(names, sample))) for sample in samples]
