@@ -6,7 +6,7 @@ bounded by one sample's activations whatever the number of samples. The samples 
 in fixed shards of ``SHARD_SAMPLES``, each observed on its own (in this process or as
 a Ray task) and merged in shard order: the same observers on any number of workers.
 
-Counting every value is the largest part of a compile (det: 20 M values a sample), so:
+Binning values is the largest part of a compile (det: 20 M values a sample), so:
 - values are binned ``CHUNK`` at a time, so the work arrays stay in cache instead of
   streaming a tensor-sized temporary through memory for each step, and counted with
   ``np.bincount`` on intp indices (timings against ``np.add.at``: docs/measurements.md);
@@ -32,9 +32,12 @@ Observers
   ``2 * bins`` bins are kept, and when data falls outside the covered span the
   width doubles, merging bin pairs exactly. So no first min-max pass is needed,
   the observed span always has between ``bins / 2`` and ``2 * bins`` bins, and two
-  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. Every value
-  goes into the histogram: a strided subsample (every k-th value) moved the percentile and
-  the histogram SQNR too far (docs/measurements.md).
+  histograms (e.g. from two workers) merge exactly: coarsen the finer one, add. A large
+  tensor is binned on a budget (``HISTOGRAM_VALUES`` over the calibration set, at least
+  ``SAMPLE_VALUES`` a sample): every k-th value, k odd, from an offset that moves on with
+  each sample, counted k times. A fixed offset had lost the same positions in every sample
+  and cost rec 0.005 of cosine; the moving one left every fetched model within its
+  sample-to-sample spread (docs/measurements.md).
 
 Range searches (each returns ``(lo, hi)``, widened to contain 0 by the encoding):
 - percentile ``p``: lo = the (100 - p)-th percentile, hi = the p-th (each tail
@@ -75,7 +78,7 @@ class MinMaxObserver:
     def empty(self) -> bool:
         return self.min > self.max
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, values: int | None = None) -> None:
         x, lo, hi = _finite(x)
         if x.size:
             self.min, self.max = min(self.min, lo), max(self.max, hi)
@@ -104,6 +107,7 @@ class HistogramObserver(MinMaxObserver):
         super().__init__()
         self.bins = bins
         self.capacity = 2 * bins
+        self.updates = 0
         self.exponent: int | None = None
         self.origin = 0
         self.counts = np.zeros(0, dtype=np.float64)
@@ -112,11 +116,19 @@ class HistogramObserver(MinMaxObserver):
     def width(self) -> float:
         return 2.0 ** self.exponent
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, values: int | None = None) -> None:
+        """Count ``x``; min and max always see every value. ``values``: bin about that many of them, every
+        k-th for the least odd k that gets there (odd: no aliasing with power-of-two rows), each counted k
+        times, so that a sample's weight in the histogram stays its size. The first binned value moves on by
+        one with each update: an outlier that sits at the same position in every sample (a channel of a
+        transformer's massive activations) is then binned in one sample of k, not in all or none."""
         x, lo, hi = _finite(x)
         if not x.size:
             return
         self.min, self.max = min(self.min, lo), max(self.max, hi)
+        stride = 1 if values is None or x.size <= values else -(-x.size // values) | 1
+        x = x[self.updates % stride::stride]
+        self.updates += 1
         if self.exponent is None:
             span = max(hi, 0.0) - min(lo, 0.0)
             # Bins finer than MIN_RANGE / capacity resolve nothing an encoding can (its range is at least MIN_RANGE),
@@ -141,7 +153,7 @@ class HistogramObserver(MinMaxObserver):
             np.copyto(index[:n], index32[:n])  # bincount casts other integers to intp itself, more slowly
             counts += np.bincount(index[:n], minlength=bins)
         counts[-2] += counts[-1]
-        self.counts += counts[:-1]
+        self.counts += counts[:-1] * stride
 
     def _cover(self, lo: float, hi: float) -> None:
         """Grow (and coarsen as needed) so that [lo, hi] falls inside the covered bins."""
@@ -195,6 +207,7 @@ class HistogramObserver(MinMaxObserver):
     def copy(self) -> "HistogramObserver":
         twin = HistogramObserver(self.bins)
         twin.min, twin.max, twin.exponent, twin.origin, twin.counts = self.min, self.max, self.exponent, self.origin, self.counts.copy()
+        twin.updates = self.updates
         return twin
 
     def repeated(self, times: int) -> "HistogramObserver":
@@ -358,6 +371,11 @@ def activation_tensors(module: Module) -> list[str]:
 
 
 SHARD_SAMPLES = 32  # calibration samples per unit of work; fixed, so the merge is the same on any number of workers
+# A histogram bins about HISTOGRAM_VALUES of a tensor's values over the whole calibration set, and at least
+# SAMPLE_VALUES of each sample's: binning is most of calibration's time, and beyond a few million values the
+# ranges the searches choose no longer move (docs/measurements.md). Min and max see every value.
+HISTOGRAM_VALUES = 1 << 22
+SAMPLE_VALUES = 1 << 16
 
 
 def collect(module: Module, data, tensors: list[str], method: str = "minmax", bins: int = 2048,
@@ -380,7 +398,8 @@ def collect(module: Module, data, tensors: list[str], method: str = "minmax", bi
     if total == 0:
         raise QccError("calibration data is empty")
     model = expose_tensors(module.to_onnx(), outputs, copy=False).SerializeToString()
-    shared = ShardInputs(model, data, counted, inputs, dict(module.input_defaults), method, bins)
+    values = max(SAMPLE_VALUES, HISTOGRAM_VALUES // total)
+    shared = ShardInputs(model, data, counted, inputs, dict(module.input_defaults), method, bins, values)
     shards = [(start, min(start + SHARD_SAMPLES, total)) for start in range(0, total, SHARD_SAMPLES)]
     label = f"{label} ({total} samples, {len(shards)} shard(s))"
     # Merged into fresh observers: a task's arrays come back read-only from Ray's object store.
@@ -402,6 +421,7 @@ class ShardInputs:
     input_defaults: dict
     method: str
     bins: int
+    values: int           # a histogram's binned values per sample (HistogramObserver.update)
 
 
 def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
@@ -415,13 +435,13 @@ def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
         for name in shared.counted:
             if name in shared.inputs:
                 if name in sample:
-                    observers[name].update(sample[name])
+                    observers[name].update(sample[name], shared.values)
                 elif name in shared.input_defaults:  # left out: the model's default feeds it
-                    observers[name].update(shared.input_defaults[name])
+                    observers[name].update(shared.input_defaults[name], shared.values)
                 else:
                     raise QccError(f"calibration sample {index}: missing input '{name}'")
         for name, value in zip(outputs, session.run(outputs, sample)):
-            observers[name].update(value)
+            observers[name].update(value, shared.values)
     return observers
 
 

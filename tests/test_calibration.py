@@ -331,6 +331,41 @@ def test_histogram_bins_tensors_longer_than_a_chunk():
     np.testing.assert_array_equal(obs.counts, expected)
 
 
+def test_a_value_budget_bins_every_kth_value_and_counts_it_k_times():
+    x = np.arange(1000, dtype=np.float32)
+    obs = HistogramObserver()
+    obs.update(x, values=100)  # stride 11: 10 gets there, and the stride is odd
+    assert obs.counts.sum() == 11 * len(range(0, 1000, 11))
+    assert (obs.min, obs.max) == (0.0, 999.0)  # min and max see every value
+    binned = np.floor(x[::11] / obs.width).astype(int) - obs.origin
+    np.testing.assert_array_equal(np.flatnonzero(obs.counts), np.unique(binned))
+    small = HistogramObserver()
+    small.update(x, values=1000)  # within the budget: every value
+    assert small.counts.sum() == 1000
+
+
+def test_a_value_budget_reaches_an_outlier_at_a_fixed_position_in_one_sample_of_k():
+    sample = np.zeros(99, dtype=np.float32)
+    sample[50] = 40.0  # the same position in every sample, as a transformer's outlier channel
+    obs = HistogramObserver()
+    for _ in range(9):
+        obs.update(sample, values=33)  # stride 3
+    assert obs.max == 40.0
+    assert obs.counts.sum() == 9 * 99
+    assert obs.counts[int(40.0 // obs.width) - obs.origin] == 3 * 3  # binned in 3 samples of 9, counted 3 times each
+
+
+def test_collect_bins_a_share_of_each_sample_that_keeps_the_whole_set_near_the_budget(monkeypatch):
+    monkeypatch.setattr(calibration, "HISTOGRAM_VALUES", 6 * 8)
+    monkeypatch.setattr(calibration, "SAMPLE_VALUES", 4)
+    module = _module()
+    observers, _ = collect(module, _samples(6), ["x", "c"], "mse")
+    # 32 values a sample, 8 binned (stride 5: 7 or 6 of them), each counted 5 times; min and max exact.
+    assert all(obs.counts.sum() in range(6 * 30, 6 * 35 + 1) for obs in observers.values())
+    every = collect(module, _samples(6), ["x"], "minmax")[0]["x"]
+    assert (observers["x"].min, observers["x"].max) == (every.min, every.max)
+
+
 class AddAtHistogram(HistogramObserver):
     """The counting before np.bincount (np.add.at on the same indices): the reference the counts must equal."""
 
