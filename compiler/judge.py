@@ -22,7 +22,8 @@ is the mean over outputs of the per-sample cosine against the FP32 reference, on
 - ``htp``: the QDQ model on the QNN HTP backend of the config's generation, CPU fallback off. A candidate
   the backend refuses scores nothing and is not chosen.
 
-The best score wins; on a tie the earlier candidate (the pipeline as given comes first). Cost: candidates x
+A candidate replaces the best so far only when it wins by more than the noise of the paired per-sample
+differences (``beats``): the pipeline as given comes first and keeps its place against a close second. Cost: candidates x
 (the passes from calibrate on + one run over the held-back samples); an HTP run is about 50x a CPU one (a
 320x320 detector image 1.1-1.4 s), so ``--judge htp`` on det with 4 held-back samples adds about 9 x 5 s of
 emulation.
@@ -47,6 +48,9 @@ JUDGED_METHODS = ("mse", "percentile", "minmax")
 JUDGED_MODES = ("sequential", "empirical")
 HELD_BACK_SHARE = 0.25  # of the calibration samples, when nothing else judges or evaluates
 MIN_HELD_BACK_SAMPLES = 4  # a folder this small calibrates on every sample
+# A challenger must beat the best so far by this many standard errors of the paired per-sample differences
+# (one-sided: about a 1-in-6 chance that a candidate no better than the best wins by noise).
+MARGIN_STANDARD_ERRORS = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,10 +123,11 @@ def _first(given: list, others) -> list:
 
 
 def score(compiled, fp32: list[dict], samples: list[dict], judge: str, arch: str | None) -> tuple:
-    """(mean over outputs of the per-sample cosine of ``compiled`` (ModelProto) against the FP32 outputs ``fp32``
-    on ``samples``, the compiled model's outputs); on HTP (``judge`` "htp", generation ``arch``) (None, None)
-    when the backend refuses the model."""
-    from compiler.htp import compare_outputs, pinned_to_samples, run_htp
+    """(per-sample scores: the mean over outputs of ``compiled``'s (ModelProto) cosine against the FP32 outputs
+    ``fp32`` on each of ``samples``, the compiled model's outputs); on HTP (``judge`` "htp", generation
+    ``arch``) (None, None) when the backend refuses the model."""
+    from compiler.htp import pinned_to_samples, run_htp
+    from compiler.layer_analysis import ErrorStats, Reference
     from compiler.runtime import run_model
     if judge == "htp":
         try:
@@ -131,8 +136,23 @@ def score(compiled, fp32: list[dict], samples: list[dict], judge: str, arch: str
             return None, None
     else:
         got = run_model(compiled, samples)
-    cosines = [row.cos_mean for row in compare_outputs(fp32, got) if row.cos_mean is not None]
-    return (float(np.mean(cosines)) if cosines else None), got
+    columns = []
+    for name in fp32[0]:
+        stats = ErrorStats()
+        for ref, out in zip(fp32, got):
+            stats.update(Reference(ref[name]), out[name].astype(ref[name].dtype, copy=False))
+        columns.append(stats.cosines)
+    return np.mean(columns, axis=0), got
+
+
+def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
+    """Whether ``challenger``'s per-sample scores beat ``best``'s on the same samples by more than the noise of
+    their paired differences d: mean(d) > MARGIN_STANDARD_ERRORS * std(d) / sqrt(n). On a few held-back
+    samples two close candidates swap places from one sample set to the next; the pipeline that came first
+    (the width default) keeps its place unless the other wins clearly."""
+    differences = challenger - best
+    spread = float(np.std(differences, ddof=1)) / np.sqrt(len(differences)) if len(differences) > 1 else 0.0
+    return float(np.mean(differences)) > MARGIN_STANDARD_ERRORS * spread
 
 
 def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str, arch: str | None, log) -> tuple:
@@ -146,22 +166,23 @@ def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str
         qnn_module()  # not installed: one line saying how to install it, before any candidate compiles
     from compiler.runtime import run_model
     by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
-    rows, best, best_score, start, fp32, outputs = [], None, None, time.perf_counter(), None, None
+    rows, best, best_scores, best_score, start, fp32, outputs = [], None, None, None, time.perf_counter(), None, None
     for index, candidate in enumerate(candidate_list, 1):
         began = time.perf_counter()
         result = run(candidate.pipeline)
-        value = got = None
+        scores = got = None
         if result.reference is not None:
             # Every candidate's FP32 reference is the module the shared float rewrites left: run it once.
             fp32 = fp32 or run_model(result.reference.to_onnx(), samples)
-            value, got = score(result.module.to_onnx(), fp32, samples, judge, arch)
+            scores, got = score(result.module.to_onnx(), fp32, samples, judge, arch)
+        value = None if scores is None else float(np.mean(scores))
         seconds = time.perf_counter() - began
         rows.append({"candidate": candidate.label, "pipeline": str(candidate.pipeline), "cosine": value,
-                     "seconds": round(seconds, 3)})
+                     "per_sample": None if scores is None else scores.tolist(), "seconds": round(seconds, 3)})
         shown = "refused" if value is None else f"{value:.5f}"
         log(f"judge {index}/{len(candidate_list)} ({by}): {candidate.label}: cosine {shown} ({seconds:.1f}s)")
-        if value is not None and (best_score is None or value > best_score):
-            best, best_score, chosen, outputs = result, value, candidate.label, got
+        if value is not None and (best is None or beats(scores, best_scores)):
+            best, best_scores, best_score, chosen, outputs = result, scores, value, candidate.label, got
     if best is None:
         raise QccError(f"--judge {judge}: no candidate ran on {by}")
     report = {"by": by, "samples": len(samples), "chosen": chosen, "cosine": best_score,

@@ -86,21 +86,34 @@ def test_a_float_pipeline_has_nothing_to_judge():
         judge.candidates(get_target("cpu").build())
 
 
-def test_the_judge_keeps_the_best_scoring_candidate_measured_on_held_back_samples():
+def test_a_challenger_must_win_by_more_than_the_noise_of_the_paired_differences():
+    best = np.array([0.990, 0.995, 0.980, 0.999])
+    assert judge.beats(best + 0.001, best)  # the same gain on every sample: no noise at all
+    assert not judge.beats(best, best)
+    noisy = best + np.array([0.004, -0.003, 0.003, -0.002])  # mean +0.0005, standard error 0.0018
+    assert np.mean(noisy) > np.mean(best) and not judge.beats(noisy, best)
+    assert judge.beats(best + np.array([0.004, 0.003, 0.005, 0.002]), best)
+
+
+def test_the_judge_keeps_the_candidate_that_wins_clearly_on_held_back_samples():
     data = samples(8)
     module = conv_module()
     result = compile_model(module, "htp", calib_data=data, judge="sim")
     report = result.judge
     assert report["by"] == "CPU simulation" and report["samples"] == 2 and result.held_back == 2
     assert len(result.context.calib_data) == 6
-    scores = [row["cosine"] for row in report["candidates"]]
-    assert report["cosine"] == max(scores)
-    assert report["chosen"] == report["candidates"][scores.index(max(scores))]["candidate"]
-    assert str(result.manager.pipeline) == report["candidates"][scores.index(max(scores))]["pipeline"]
+    rows = report["candidates"]
+    assert all(len(row["per_sample"]) == 2 and row["cosine"] == pytest.approx(np.mean(row["per_sample"])) for row in rows)
+    winner = rows[0]
+    for row in rows[1:]:
+        if judge.beats(np.array(row["per_sample"]), np.array(winner["per_sample"])):
+            winner = row
+    assert report["chosen"] == winner["candidate"] and report["cosine"] == winner["cosine"]
+    assert str(result.manager.pipeline) == winner["pipeline"]
     # The score is the written model's cosine on the held-back samples, recomputed here from scratch.
     held = [data[i] for i in (3, 7)]
     fp32 = run_model(result.reference.to_onnx(), held)
-    assert report["cosine"] == pytest.approx(judge.score(result.module.to_onnx(), fp32, held, "sim", None)[0])
+    assert report["cosine"] == pytest.approx(np.mean(judge.score(result.module.to_onnx(), fp32, held, "sim", None)[0]))
     # The held-back samples are also what the compile reports on: the same numbers as evaluating afresh.
     assert result.metrics == evaluate(result.reference, result.module, held)
     # The chosen candidate went through every pass of its pipeline (the shared first ones once, before the rest).
