@@ -58,8 +58,12 @@ def _add_quantization(parser) -> None:
                             "(about 50x slower per sample); off: the default pipeline as is")
     group.add_argument("--no-htp-check", action="store_true",
                        help="do not run the compiled model on the QNN HTP backend (onnxruntime-qnn) at the end")
-    group.add_argument("--htp-samples", type=int, default=2, metavar="N",
-                       help="samples for the HTP check (default 2; about a second each for a small image)")
+    group.add_argument("--htp-samples", type=int, default=1, metavar="N",
+                       help="samples for the HTP check (default 1; about a second each for a small image)")
+    group.add_argument("--htp-search", action="store_true",
+                       help="where the HTP check finds HTP more than 0.002 of cosine further from FP32 than the "
+                            "simulation, search layer by layer for the first tensors where the two part (about a "
+                            "second per 30 tensors)")
     group.add_argument("--encodings-format", choices=FORMATS, default="1.0.0",
                        help="layout of OUT.encodings (docs/encodings.md): 1.0.0, AIMET 2's lists (default; "
                             "qnn-onnx-converter's --custom_io breaks with it, aimet #4046); 2.0.0, QuantizeLinear's "
@@ -114,7 +118,7 @@ def _request(args):
         calib_data=args.calib_data, calib_count=args.calib_count, eval_data=args.eval_data,
         image=image_options(args), input_shapes=input_shapes(args.input_shape), verify=args.verify,
         dump_after=args.dump_after, dump_dir=args.dump_dir, encodings_format=args.encodings_format, quiet=args.quiet,
-        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, profile=args.profile,
+        htp_arch=args.htp_arch, htp_check=not args.no_htp_check, htp_samples=args.htp_samples, htp_search=args.htp_search, profile=args.profile,
         judge=args.judge, hold_back=args.eval_data is None, workers=args.workers, ray_address=args.ray_address)
 
 

@@ -264,12 +264,12 @@ def pinned_to_samples(model: onnx.ModelProto, samples: list[dict]) -> onnx.Model
 
 
 def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], archs: list[str],
-                  runner=None) -> list[dict]:
+                  runner=None, search: bool = False) -> list[dict]:
     """The compiled ``model`` on the HTP backend of each of ``archs`` (CPU fallback off), per output: HTP and the
     CPU simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
-    SQNR dB, largest difference in output steps); and the first tensors where the two part
-    (``first_divergences``, on the first sample). A model the backend refuses gives ``status`` "refused" and
-    the backend's reason. The runs (generations and the CPU x chunks of samples, then each generation's
+    SQNR dB, largest difference in output steps); and, with ``search``, where HTP loses accuracy
+    (``search_reason``), the first tensors where the two part (``first_divergences``, on the first sample).
+    A model the backend refuses gives ``status`` "refused" and the backend's reason. The runs (generations and the CPU x chunks of samples, then each generation's
     divergence search) are ``runner``'s units of work (compiler.cluster); each sample's result does not depend
     on which chunk ran it."""
     from compiler.cluster import LocalRunner
@@ -298,7 +298,7 @@ def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: l
             for row in compare_outputs(against, got, steps if label == "htp_vs_simulation" else None):
                 rows[row.name][label] = {"cosine_mean": row.cos_mean, "cosine_min": row.cos_min, "sqnr_db": row.sqnr_db,
                                          **({"max_steps": row.max_steps} if row.max_steps is not None else {})}
-        search = search_reason(rows)
+        search = search_reason(rows, search)
         checks.append({"arch": arch, "status": "ran", "samples": len(samples), "seconds_per_sample": seconds,
                        "outputs": rows, "divergence_search": search, "first_divergences": []})
         if search["ran"]:
@@ -310,9 +310,11 @@ def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: l
     return checks
 
 
-def search_reason(rows: dict) -> dict:
-    """Whether the layer-by-layer search runs, and why: it runs when on some output HTP's mean cosine to FP32
-    is more than DEVICE_GAP below the simulation's, i.e. the device loses accuracy the simulation promised.
+def search_reason(rows: dict, wanted: bool = True) -> dict:
+    """Whether the layer-by-layer search runs, and why: it runs when ``wanted`` (--htp-search) and on some
+    output HTP's mean cosine to FP32 is more than DEVICE_GAP below the simulation's, i.e. the device loses
+    accuracy the simulation promised. Not wanted, it is left out (it costs an HTP session and run per
+    EXPOSED_PER_SESSION tensors, more than the check itself) and the loss is still stated.
     When HTP is as close to FP32 as the simulation (or closer: it rounds some fused ops more finely), the two
     still part by rounding, which ``htp_vs_simulation`` states, but there is no loss to locate, and the search
     would cost an HTP session and run per EXPOSED_PER_SESSION tensors. Returns {"ran": whether it runs,
@@ -322,11 +324,11 @@ def search_reason(rows: dict) -> dict:
     losses = [name for name, (device, simulation) in cosines.items()
               if device is not None and simulation is not None and device < simulation - DEVICE_GAP]
     if not losses:
-        return {"ran": False, "why": f"HTP's cosine to FP32 is at most {DEVICE_GAP} below the simulation's on "
-                                     "every output"}
+        return {"ran": False, "loss": False, "why": f"HTP's cosine to FP32 is at most {DEVICE_GAP} below the "
+                                                    "simulation's on every output"}
     device, simulation = cosines[losses[0]]
-    return {"ran": True, "why": f"on output {losses[0]} HTP's cosine to FP32 {device:.5f} is more than "
-                                f"{DEVICE_GAP} below the simulation's {simulation:.5f}"}
+    return {"ran": wanted, "loss": True, "why": f"on output {losses[0]} HTP's cosine to FP32 {device:.5f} is more "
+                                                f"than {DEVICE_GAP} below the simulation's {simulation:.5f}"}
 
 
 @dataclass
@@ -418,11 +420,13 @@ def check_lines(check: dict, data: str) -> list[str]:
                      f"{htp['cosine_mean']:.5f} (min {htp['cosine_min']:.5f}), simulation vs FP32 {sim['cosine_mean']:.5f}; "
                      f"HTP vs simulation {agree['cosine_mean']:.5f}{steps}")
     search = check["divergence_search"]
-    if not search["ran"]:
+    if not search["loss"]:
         lines.append(f"HTP v{check['arch']}: layer-by-layer search not run: {search['why']}")
         return lines
     lines.append(f"HTP v{check['arch']}: {search['why']}; --judge htp chooses calibration and bias correction on "
-                 "the device")
+                 "the device" + ("" if search["ran"] else ", --htp-search finds where HTP parts from the simulation"))
+    if not search["ran"]:
+        return lines
     if check["first_divergences"]:
         parted = ", ".join(f"{d['tensor']} ({d['op']}, cosine {d['cosine']:.4f}"
                            + (f", {d['max_steps']:.0f} steps)" if d["max_steps"] is not None else ")")

@@ -124,7 +124,8 @@ class CompileRequest:
     quiet: bool = True
     htp_arch: str | None = None  # an HTP generation, or "all" (the rules of the oldest, checked on every one)
     htp_check: bool = True       # run the written model on the HTP backend (compile_file, when it is installed)
-    htp_samples: int = 2
+    htp_samples: int = 1
+    htp_search: bool = False     # where HTP loses accuracy the simulation promised, search layer by layer where
     profile: bool = False        # print where the time went (compile_file)
     # "sim" or "htp": choose calibration method and bias-correction mode (compiler.judge); "auto" (qcc compile's
     # default): between the 8-bit default and one alternative, where it applies; None or "off": no choice.
@@ -382,7 +383,7 @@ def htp_checks(result: CompileResult, request: CompileRequest, compiled, referen
     label = data_label(request, result) if held_out else \
         "calibration sample(s) (too few to hold some back: give --eval-data for held-out ones)"
     archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
-    checks = htp.device_checks(compiled, reference, samples, archs, ctx.runner)
+    checks = htp.device_checks(compiled, reference, samples, archs, ctx.runner, request.htp_search)
     return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
 
 

@@ -33,7 +33,7 @@ def test_a_real_model_compiled_for_v68_reports_htp_beside_the_simulation(assets,
     assert main(["compile", str(assets / "models" / "ppocr_cls.onnx"), "--target", "htp", "--htp-arch", "68",
                  "--input-shape", "x:1,3,48,192", "--calib-data", str(assets / "text_cls"), "--calib-count", "8",
                  "--eval-data", str(assets / "text_cls"), "--image-size", "48,192", "--image-mean", "0.5,0.5,0.5",
-                 "--image-std", "0.5,0.5,0.5", "-o", str(out), "-q"]) == 0
+                 "--image-std", "0.5,0.5,0.5", "--htp-samples", "2", "--htp-search", "-o", str(out), "-q"]) == 0
     document = json.loads(out.with_name("cls.report.json").read_text())
     assert "htp-arch=68" in document["pipeline"]
     (check,) = document["htp"]["checks"]
@@ -64,11 +64,13 @@ def check_rows(device: float, simulation: float) -> dict:
 
 
 def test_the_layer_by_layer_search_runs_where_htp_loses_what_the_simulation_promised():
-    assert htp.search_reason(check_rows(0.990, 0.995)) == {
-        "ran": True, "why": "on output y HTP's cosine to FP32 0.99000 is more than 0.002 below the simulation's 0.99500"}
+    loss = "on output y HTP's cosine to FP32 0.99000 is more than 0.002 below the simulation's 0.99500"
+    assert htp.search_reason(check_rows(0.990, 0.995)) == {"ran": True, "loss": True, "why": loss}
+    assert htp.search_reason(check_rows(0.990, 0.995), wanted=False) == {"ran": False, "loss": True, "why": loss}
     for device, simulation in ((0.994, 0.995), (0.999, 0.990), (None, 0.995)):
         search = htp.search_reason(check_rows(device, simulation))
-        assert not search["ran"] and "at most 0.002 below the simulation's on every output" in search["why"]
+        assert not search["ran"] and not search["loss"]
+        assert "at most 0.002 below the simulation's on every output" in search["why"]
 
 
 def test_all_checks_every_generation_by_the_oldest_rules(work, capsys):
@@ -78,6 +80,13 @@ def test_all_checks_every_generation_by_the_oldest_rules(work, capsys):
     assert "htp-arch=68" in document["pipeline"]
     assert [c["arch"] for c in document["htp"]["checks"]] == sorted(HTP_ARCHS, key=int)
     assert all(c["status"] == "ran" and c["samples"] == 1 for c in document["htp"]["checks"])
+
+
+def test_by_default_the_check_runs_one_sample_and_searches_nothing(work):
+    pytest.importorskip("onnxruntime_qnn")
+    assert compile_htp(work) == 0
+    (check,) = report(work)["htp"]["checks"]
+    assert check["samples"] == 1 and check["first_divergences"] == [] and not check["divergence_search"]["ran"]
 
 
 def test_the_check_is_printed_skipped_without_the_backend_and_off_on_request(work, capsys, monkeypatch):
@@ -127,18 +136,20 @@ def test_profile_shows_where_the_time_went(work, capsys):
     assert set(report(work)["timings"]) >= {"start-up", "load", "evaluation", "write compiled model"}
 
 
-def check_with(sim: float, device: float) -> dict:
+def check_with(sim: float, device: float, search: bool = True) -> dict:
     row = lambda cos: {"cosine_mean": cos, "cosine_min": cos, "sqnr_db": 20.0}
     outputs = {"y": {"htp_vs_fp32": row(device), "simulation_vs_fp32": row(sim),
                      "htp_vs_simulation": {**row(0.99), "max_steps": 3.0}}}
     return {"arch": "73", "status": "ran", "samples": 4, "first_divergences": [], "outputs": outputs,
-            "divergence_search": htp.search_reason(outputs)}
+            "divergence_search": htp.search_reason(outputs, search)}
 
 
 def test_a_device_further_from_fp32_than_the_simulation_is_pointed_out():
     lines = htp.check_lines(check_with(0.995, 0.987), "held-out sample(s)")
     assert lines[1] == ("HTP v73: on output y HTP's cosine to FP32 0.98700 is more than 0.002 below the simulation's "
                         "0.99500; --judge htp chooses calibration and bias correction on the device")
+    lines = htp.check_lines(check_with(0.995, 0.987, search=False), "held-out sample(s)")
+    assert len(lines) == 2 and lines[1].endswith("on the device, --htp-search finds where HTP parts from the simulation")
     for device in (0.994, 0.999):
         lines = htp.check_lines(check_with(0.995, device), "held-out sample(s)")
         assert len(lines) == 2 and "layer-by-layer search not run" in lines[1] and "--judge" not in lines[1]
