@@ -32,8 +32,13 @@ PARAMETER_INPUTS = {
     "Unsqueeze": {1}, "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "TopK": {1},
     "Range": {0, 1, 2}, "ConstantOfShape": {0},
 }
-WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization"})
-BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "InstanceNormalization"})
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+                        "LayerNormalization"})
+BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "InstanceNormalization", "LayerNormalization"})
+# Weights stored unsigned over [min(0, w), max(0, w)], per tensor: QNN's HTP LayerNorm refuses a signed scale (int8
+# symmetric, per tensor or per channel) beside an int32 bias, and takes uint8 (docs/htp-backend.md); AIMET's
+# HTP configs make LayerNormalization's weight asymmetric too.
+ASYMMETRIC_WEIGHT_OPS = frozenset({"LayerNormalization"})
 
 
 def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
@@ -163,9 +168,11 @@ class QdqLowering:
             if enc is not None and not _fits(enc, weight, weight_axis(node, weight) if enc.per_channel else None):
                 self.remark(node, f"encoding given for weight '{name}' does not match its shape {list(weight.shape)}; recomputed")
                 enc = None
+            if enc is None and node.op in ASYMMETRIC_WEIGHT_OPS:
+                enc = activation_encoding(min(0.0, float(weight.min())), max(0.0, float(weight.max())), self.config.weight_bits)
             if enc is None:
                 enc = weight_encoding(weight, self.config.weight_bits, axis)
-            if bias is not None and input_enc is not None and np.issubdtype(bias.dtype, np.floating):
+            if bias is not None and input_enc is not None and np.issubdtype(bias.dtype, np.floating) and enc.symmetric:
                 enc = self._fit_bias(node, enc, bias, input_enc)
             self.module.encodings[name] = enc
             node.inputs[1] = self._dequantized_constant(name, weight, enc)

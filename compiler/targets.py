@@ -3,8 +3,8 @@
 CPU and GPU take float models; DSP, HTP and HTA take quantized ones (QNN's rules). ``--passes``
 replaces a target's pipeline. A quantized target's pipeline (``Target.build``):
 
-    canonicalize (opset 14: HardSwish is an ONNX op from 14)
-    -> float rewrites: fold-bn, matmul-to-gemm, fuse-hardswish, fuse-gelu, fold-affine, replace-se, cle
+    canonicalize (opset 17: HardSwish is an ONNX op from 14, LayerNormalization from 17)
+    -> float rewrites: fold-bn, matmul-to-gemm, fuse-hardswish, fuse-gelu, fuse-layernorm, fold-affine, replace-se, cle
     -> calibrate{method} -> adaround{iterations=200 samples=8} -> brecq -> bias-correction{samples=8}
     -> propagate-encodings
     -> insert-qdq
@@ -34,8 +34,9 @@ class QuantDefaults:
     calib_method: str | None = None  # None: the activation width's default (WIDTH_DEFAULTS)
 
 
-QUANTIZED_CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=14}"
-FLOAT_REWRITES = ("fold-bn", "matmul-to-gemm", "fuse-hardswish", "fuse-gelu", "fold-affine", "replace-se", "cle")
+QUANTIZED_CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=17}"
+FLOAT_REWRITES = ("fold-bn", "matmul-to-gemm", "fuse-hardswish", "fuse-gelu", "fuse-layernorm", "fold-affine", "replace-se",
+                  "cle")
 # Annotating passes between calibrate and propagate-encodings, with fixed options. Bias correction on 8
 # samples did as well as on 32 (cls, two folds), in a quarter of the time.
 QUANT_TUNING = (("adaround", {"iterations": 200, "samples": 8}), ("brecq", {}), ("bias-correction", {"samples": 8}))

@@ -8,7 +8,7 @@ by all consumers, as onnxruntime's quantizer writes it. A graph output keeps its
                                           %t_dq = DequantizeLinear(%t_q, @t_scale, @t_zero_point)
                                           %u = MaxPool(%t_dq)
 
-Weights (Conv/ConvTranspose/Gemm/MatMul input 1, BatchNormalization/InstanceNormalization scale) are stored quantized,
+Weights (Conv/ConvTranspose/Gemm/MatMul input 1, Batch/Instance/LayerNormalization scale) are stored quantized,
 with no Q node: ``@w_quantized (int8) -> DequantizeLinear(axis) -> Conv``. Symmetric, per output
 channel (axis 0 for Conv and Gemm with transB=1, 1 for ConvTranspose and Gemm with transB=0);
 MatMul and InstanceNormalization weights per tensor (QNN has no per-channel MatMul; its HTP InstanceNorm
@@ -17,9 +17,12 @@ or opset < 13 (per-axis DequantizeLinear needs 13). A zero (padded) channel gets
 so its scale is valid and its weights quantize to 0. An encoding already in ``module.encodings`` for
 a weight (a loaded encodings file, AdaRound) is used as is.
 
-Biases (Conv/ConvTranspose/Gemm input 2, BatchNormalization/InstanceNormalization B): int32, zero point 0, scale
-s_in * s_w per channel. If a bias value would overflow int32, that channel's weight scale is raised
-until it fits (onnxruntime does the same).
+LayerNormalization's scale is unsigned over [min(0, w), max(0, w)], per tensor: HTP refuses a signed one beside an
+int32 bias.
+
+Biases (Conv/ConvTranspose/Gemm input 2, Batch/Instance/LayerNormalization B): int32, zero point 0, scale
+s_in * s_w per channel. If a bias value would overflow int32, that channel's symmetric weight scale is raised
+until it fits (onnxruntime does the same); LayerNormalization's unsigned scale is not raised.
 
 Other float constants feeding data inputs (Add/Mul/Div operands, ...) are quantized like
 activations at the activation bit-width from their own min/max (onnxruntime gives them the activation

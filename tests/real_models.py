@@ -12,12 +12,13 @@ from compiler.data import Dataset, ImageOptions, specs_of
 from compiler.ir import Module, load
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 
-CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=14}"
+CANONICALIZE = "fold-constants,cleanup,upgrade-opset{version=17}"  # the quantized targets'
 
 MODELS = {
     # name: (input shape, image folder, normalisation PP-OCR's preprocessing uses)
     "cls": ([1, 3, 48, 192], "text_cls", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)),
     "det": ([1, 3, 320, 320], "text_det", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)),
+    "rec": ([1, 3, 48, 320], "text_cls", ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)),
 }
 
 
