@@ -65,9 +65,10 @@ from compiler.outputs import write_file
 FORMATS = ("1.0.0", "2.0.0", "0.6.1")
 
 # Ops whose output Qualcomm's tools do not quantize: it is the input re-read (aimet_onnx's
-# op_outputs_to_ignore, and MaxPool, whose output AIMET ties to its input's quantizer).
+# op_outputs_to_ignore; MaxPool, whose output AIMET ties to its input's quantizer; Slice, whose output
+# quantizer AIMET 2.42's HTP v73 sim leaves disabled: rec's attention heads).
 OUTPUT_IS_INPUT_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Gather",
-                                 "Tile", "Split", "MaxPool"})
+                                 "Tile", "Split", "MaxPool", "Slice"})
 # Producer + activation pairs QNN's converter and AIMET's HTP config (its supergroups) run as one op.
 FUSED_PAIRS = frozenset({("Conv", "Relu"), ("Conv", "Clip"), ("ConvTranspose", "Relu"), ("Gemm", "Relu"),
                          ("Add", "Relu")})

@@ -126,3 +126,16 @@ def test_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(QccError, match="bad.encodings: cannot read encodings"):
         read_encodings(bad)
+
+
+def test_a_slice_output_on_its_input_grid_is_left_out_as_aimet_keeps_no_quantizer_there():
+    text = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,2,4,4] x) => (float[1,1,4,4] s) <float[2,2,1,1] w = {1.0, -2.0, 0.5, 3.0}, int64[1] zero = {0},
+                                           int64[1] one = {1}, int64[1] axis = {1}> {
+  c = Conv(x, w)
+  s = Slice(c, zero, one, axis)
+}"""
+    module = _compile(from_onnx(infer_shapes(onnx.parser.parse_model(text))))
+    activations = qdq_encodings(module)[0]
+    assert activations["s"] == activations["c"]  # Slice shares its input's encoding
+    assert set(left_out_activations(module, activations)) == {"s"}
