@@ -179,11 +179,6 @@ def screen_chunk(shared: tuple, changes: list[dict]) -> list[float]:
     return [sim.measure({**base, **change}, count).error for change in changes]
 
 
-def per_byte(error: float, share: float) -> float:
-    """A unit's error over the byte share it moves; a unit that moves no bytes ranks by its error's sign alone."""
-    return error / share if share > 0 else math.copysign(math.inf, error)
-
-
 class SearchCurve:
     """The simulation as the search uses it: ``measure(encodings)`` judges on the samples from ``judged_from`` on
     and records the point (share of activation bytes at 16 bits -> cosine) on the accuracy/cost curve;
@@ -360,7 +355,9 @@ class Promote16Bit(Pass):
         damage = {tuple(unit): error - top_error for unit, error in zip(units, errors)}
         top_share = share_of(everything)
         saved = {tuple(u): top_share - share_of({**everything, **{n: base[n] for n in u}}) for u in units}
-        order = sorted(units, key=lambda u: per_byte(damage[tuple(u)], saved[tuple(u)]))
+        # A damage at or below zero is none the screen can see: those units go back to 8 bits biggest first.
+        order = sorted(units, key=lambda u: (max(damage[tuple(u)], 0.0) / saved[tuple(u)] if saved[tuple(u)] > 0 else math.inf,
+                                             -saved[tuple(u)]))
         state = lambda k: {**base, **{n: everything[n] for u in order[k:] for n in u}}
         low = next((k for k in range(len(order) + 1) if share_of(state(k)) <= self.options.budget), len(order))
         measured = {low: sim.measure(state(low)).cos}
@@ -397,7 +394,8 @@ class Promote16Bit(Pass):
         Returns (the ordered units, how many to promote, cosine per measured prefix length)."""
         target = self.options.target_cos
         bytes_of = {tuple(u): share_of({**encodings, **widened(u)}) - share_of(encodings) for u in units}
-        helpful = sorted((u for u in units if cost[tuple(u)] > 0), key=lambda u: -per_byte(cost[tuple(u)], bytes_of[tuple(u)]))
+        helpful = sorted((u for u in units if cost[tuple(u)] > 0),
+                         key=lambda u: -cost[tuple(u)] / bytes_of[tuple(u)] if bytes_of[tuple(u)] > 0 else -math.inf)
         chosen = []
         prefix = lambda k: {**encodings, **{n: e for u in chosen[:k] for n, e in widened(u).items()}}
         for unit in helpful:
