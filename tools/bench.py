@@ -47,7 +47,8 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 - ``bias=MODE``: bias-correction in MODE, with the sample count of the width whose default uses it;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
   (promote-16bit; share defaults to promote-16bit's own); ``share=litemp``: the byte share the model's last
-  ``litemp=F`` row reached, so the two compare at equal bytes;
+  ``litemp=F`` row reached, so the two compare at equal bytes (with ``cos=1``, which no point reaches, the
+  budget is filled: the curve's point at that share);
 - ``litemp=F`` (W8A8): the LiteMP-style baseline, promote-16bit{layers=F}: the F most sensitive share of the
   activations at 16 bits (ranked by promote-16bit's own measure), no search;
 - ``judge=sim`` / ``judge=htp`` / ``judge=off``: as ``qcc compile --judge``: the calibration method and
@@ -349,7 +350,8 @@ def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape
     result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge or "auto",
                            hold_back=mixed, **pipeline)
     onnx.save(result.module.to_onnx(), out)
-    return result.module.cache.get("promote-16bit", {})
+    # promote-16bit leaves no record when the 8-bit model meets its target already: nothing at 16 bits.
+    return result.module.cache.get("promote-16bit", {"share_16bit": 0.0} if mixed else {})
 
 
 class _Reader:
