@@ -27,7 +27,7 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    alone at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples;
    units are ranked by cost over the bytes promoting them adds (the greedy answer to filling a byte
    budget). Units that cost nothing are never promoted.
-4. Choose. Costliest first, the units that fit the budget (``budget``: the share of activation bytes
+4. Choose. Costliest per byte first, the units that fit the budget (``budget``: the share of activation bytes
    at 16 bits, ``byte_share``: a 16-bit tensor moves each element's second byte; all activations at 16
    bits make 1; the converts' bytes are reported beside it) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
    samples and outputs) reaches ``target-cos`` is promoted: prefixes of 1, 2, 4, ... units until
@@ -35,13 +35,16 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    the target, the best prefix measured is promoted and the remaining units are ranked again
    against the new state (a unit that did not matter next to a worse one may matter now), up to
    ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
-   still miss it) stop it.
+   still miss it) stop it. When every activation at 16 bits reaches the target, the search starts
+   there instead: the tie groups go back to 8 bits in the order of the damage each causes alone per
+   byte it saves (damage at or below zero first, biggest first), and bisection finds the longest
+   prefix that keeps the target.
 5. Apply. Promoted tensors get ``act_bits=16`` and the encoding a 16-bit pipeline gives them
    (``sixteen_bit_encodings``: min-max range, then propagate-encodings' rules; fixed ranges
    exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them
    down to for an 8-bit reader.
 
-``layers`` > 0 is the LiteMP-style baseline instead of steps 4-5's search: the units costliest alone
+``layers`` > 0 is the LiteMP-style baseline instead of step 4's search: the units costliest alone
 (step 3's cost, not per byte) go to 16 bits until that share of the activation tensors is there;
 ``target-cos`` and ``budget`` are not read.
 
