@@ -71,10 +71,12 @@ def config_arch(htp_arch: str | None) -> str | None:
     return min(HTP_ARCHS, key=int) if htp_arch == ALL_ARCHS else htp_arch
 
 
-def with_mixed_precision(pipeline: Pipeline, target_cos: float, max_16bit_share: float | None = None) -> Pipeline:
+def with_mixed_precision(pipeline: Pipeline, target_cos: float | None, max_16bit_share: float | None = None,
+                         layers: float | None = None) -> Pipeline:
     """A quantizing pipeline with promote-16bit right before insert-qdq and insert-converts after it: HTP
     computes each op at one width, so the tensors that cross between 8 and 16 bits get explicit converts.
-    A sequential bias correction becomes the float-input (empirical) one."""
+    A sequential bias correction becomes the float-input (empirical) one. ``layers``: promote-16bit's
+    LiteMP-style fixed share of the activations instead of a target (``target_cos`` None)."""
     names = [p.name for p in pipeline]
     if "insert-qdq" not in names:
         raise QccError("--target-cos: the pipeline does not quantize (no insert-qdq); use a quantized target "
@@ -92,9 +94,8 @@ def with_mixed_precision(pipeline: Pipeline, target_cos: float, max_16bit_share:
         if p.name == "bias-correction" and p.options.mode == "sequential":
             samples = int(dict(QUANT_TUNING)["bias-correction"]["samples"])
             result[i] = type(p)(dataclasses.replace(p.options, mode="empirical", samples=samples))
-    options = {"target-cos": str(target_cos)}
-    if max_16bit_share is not None:
-        options["budget"] = str(max_16bit_share)
+    given = (("target-cos", target_cos), ("budget", max_16bit_share), ("layers", layers))
+    options = {key: str(value) for key, value in given if value is not None}
     index = names.index("insert-qdq")
     result[index:index + 1] = [make_pass("promote-16bit", options), result[index], make_pass("insert-converts")]
     check_contracts(result)

@@ -23,10 +23,11 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    (compiler.encoding.SHARED_ENCODING_OPS: Concat inputs and output, MaxPool, Reshape, ...; no
    convert inside a data-movement chain), a producer fused with its Relu/Clip (no convert inside the
    fused op), and BIT_WIDTH_TIES (MatMul's two activation inputs: 8x8 or 16x16).
-3. Rank by cost. A unit's cost is the output error it causes: error(as is) - error(this unit alone
-   at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples.
-   Units that cost nothing are never promoted.
-4. Choose. Costliest first, the units that fit the budget (``budget``: the share of activation bytes
+3. Rank by cost per byte. A unit's cost is the output error it causes: error(as is) - error(this unit
+   alone at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples;
+   units are ranked by cost over the bytes promoting them adds (the greedy answer to filling a byte
+   budget). Units that cost nothing are never promoted.
+4. Choose. Costliest per byte first, the units that fit the budget (``budget``: the share of activation bytes
    at 16 bits, ``byte_share``: a 16-bit tensor moves each element's second byte; all activations at 16
    bits make 1; the converts' bytes are reported beside it) form a list; the shortest prefix of it whose output cosine (mean over ``samples``
    samples and outputs) reaches ``target-cos`` is promoted: prefixes of 1, 2, 4, ... units until
@@ -34,11 +35,18 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    the target, the best prefix measured is promoted and the remaining units are ranked again
    against the new state (a unit that did not matter next to a worse one may matter now), up to
    ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
-   still miss it) stop it.
+   still miss it) stop it. When every activation at 16 bits reaches the target, the search starts
+   there instead: the tie groups go back to 8 bits in the order of the damage each causes alone per
+   byte it saves (damage at or below zero first, biggest first), and bisection finds the longest
+   prefix that keeps the target.
 5. Apply. Promoted tensors get ``act_bits=16`` and the encoding a 16-bit pipeline gives them
    (``sixteen_bit_encodings``: min-max range, then propagate-encodings' rules; fixed ranges
    exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them
    down to for an 8-bit reader.
+
+``layers`` > 0 is the LiteMP-style baseline instead of step 4's search: the units costliest alone
+(step 3's cost, not per byte) go to 16 bits until that share of the activation tensors is there;
+``target-cos`` and ``budget`` are not read.
 
 Stats: output cosine before and after, tensors promoted, the byte share and tensor count at 16 bits, the
 activation bytes at 8 bits, converts HTP will run. A
@@ -216,6 +224,7 @@ class Promote16Bit(Pass):
         samples: int = 16
         screen_samples: int = 2
         rounds: int = 3
+        layers: float = 0.0
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -223,6 +232,8 @@ class Promote16Bit(Pass):
             raise QccError(f"promote-16bit: target-cos must be in (0, 1], got {opts.target_cos}")
         if not 0 <= opts.budget <= 1:
             raise QccError(f"promote-16bit: budget must be in [0, 1], got {opts.budget}")
+        if not 0 <= opts.layers <= 1:
+            raise QccError(f"promote-16bit: layers must be in [0, 1], got {opts.layers}")
         if opts.samples < 1 or opts.screen_samples < 1:
             raise QccError("promote-16bit: samples and screen-samples must be at least 1")
         if has_qdq(module.graph):
@@ -254,7 +265,7 @@ class Promote16Bit(Pass):
         start = sim.measure(encodings)
         stats = {"cos-before": start.cos, "activations": total, "activation-bytes-8bit": sum(sizes.values()),
                  "chosen-on": f"{len(held)} held-back samples" if held else f"{len(ranked)} calibration samples"}
-        if start.cos >= opts.target_cos:
+        if start.cos >= opts.target_cos and not opts.layers:
             return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
 
         simulated = {name for name, _ in sim.pairs}
@@ -264,7 +275,14 @@ class Promote16Bit(Pass):
         best_case = sim.measure(everything)
         cos, evaluations, chosen, removed = start.cos, 2, [], {}
         budget_full = False
-        if best_case.cos >= opts.target_cos:
+        if opts.layers:
+            chosen, removed = self._most_sensitive(sim, encodings, wide, units, widened, ctx.runner,
+                                                   math.ceil(opts.layers * total))
+            evaluations += len(units) + 2
+            encodings = {**encodings, **{n: e for u in chosen for n, e in widened(u).items()}}
+            wide = wide.union(*chosen)
+            cos = sim.measure(encodings).cos
+        elif best_case.cos >= opts.target_cos:
             groups = tie_groups(module, {n for u in units for n in u})
             kept, kept_cos, shares, spent = self._demote(sim, encodings, everything, groups, share_of, ctx.runner)
             evaluations += spent
@@ -272,7 +290,7 @@ class Promote16Bit(Pass):
                 chosen, cos, removed = kept, kept_cos, shares
                 encodings = {**encodings, **{n: e for u in kept for n, e in widened(u).items()}}
                 wide = wide.union(*kept)
-        for round_index in range(opts.rounds if cos < opts.target_cos else 0):
+        for round_index in range(opts.rounds if cos < opts.target_cos and not opts.layers else 0):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
             errors = sim.screen(encodings, [widened(u) for u in remaining], opts.screen_samples, ctx.runner,
@@ -291,14 +309,14 @@ class Promote16Bit(Pass):
             cos = measured[count]
             if cos >= opts.target_cos or budget_full:
                 break
-        if cos < min(opts.target_cos, best_case.cos) and share_of(everything) <= opts.budget:
+        if cos < min(opts.target_cos, best_case.cos) and share_of(everything) <= opts.budget and not opts.layers:
             # Short of the target, with a budget that holds every activation at 16 bits: never below all 16 bits.
             rest = [u for u in units if not set(u) <= wide]
             removed.update({tuple(u): 0.0 for u in rest})
             chosen += rest
             encodings, wide, cos = everything, wide.union(*rest), best_case.cos
         count = len(chosen)
-        if cos < opts.target_cos:
+        if cos < opts.target_cos and not opts.layers:
             limits = [f"even with every activation at 16 bits it is {best_case.cos:.6f}: the weights limit it "
                       f"(per-channel, bias correction, AdaRound)"] if best_case.cos < opts.target_cos else []
             if budget_full:
@@ -330,7 +348,7 @@ class Promote16Bit(Pass):
     def _demote(self, sim, base: dict, everything: dict, units: list, share_of, runner) -> tuple[list, float, dict, int]:
         """From every activation at 16 bits (which reaches the target), the ``units`` (disjoint groups that share
         a width) to keep there: each unit's damage when it alone goes back to 8 bits (screen samples) orders
-        them, least damage first; the longest prefix whose demotion keeps the target within the budget is
+        them, least damage per byte saved first; the longest prefix whose demotion keeps the target within the budget is
         found by bisection. Returns (units kept, their cosine, unit -> its damage as a share of the 8-bit
         model's error, evaluations); no units when the budget admits no state that reaches the target."""
         screen = self.options.screen_samples
@@ -338,7 +356,11 @@ class Promote16Bit(Pass):
         errors = sim.screen(everything, [{n: base[n] for n in unit} for unit in units], screen, runner,
                             "promote-16bit: ranking from 16 bits")
         damage = {tuple(unit): error - top_error for unit, error in zip(units, errors)}
-        order = sorted(units, key=lambda u: damage[tuple(u)])
+        top_share = share_of(everything)
+        saved = {tuple(u): top_share - share_of({**everything, **{n: base[n] for n in u}}) for u in units}
+        # A damage at or below zero is none the screen can see: those units go back to 8 bits biggest first.
+        order = sorted(units, key=lambda u: (max(damage[tuple(u)], 0.0) / saved[tuple(u)] if saved[tuple(u)] > 0 else math.inf,
+                                             -saved[tuple(u)]))
         state = lambda k: {**base, **{n: everything[n] for u in order[k:] for n in u}}
         low = next((k for k in range(len(order) + 1) if share_of(state(k)) <= self.options.budget), len(order))
         measured = {low: sim.measure(state(low)).cos}
@@ -354,12 +376,29 @@ class Promote16Bit(Pass):
         kept = list(reversed(order[low:]))  # costliest first
         return kept, measured[low], {tuple(u): max(damage[tuple(u)], 0.0) / max(base_error, 1e-30) for u in kept}, spent
 
+    def _most_sensitive(self, sim, encodings, wide, units, widened, runner, tensors: int) -> tuple[list, dict]:
+        """The units whose promotion alone removes the most output error (screen samples), costliest first,
+        until ``tensors`` activations are at 16 bits; returns (units, unit -> the share of the error it removes)."""
+        screen = self.options.screen_samples
+        baseline = sim.measure(encodings, screen).error
+        errors = sim.screen(encodings, [widened(u) for u in units], screen, runner, "promote-16bit: ranking")
+        cost = {tuple(u): (baseline - error) / max(baseline, 1e-30) for u, error in zip(units, errors)}
+        chosen, wide = [], set(wide)
+        for unit in sorted(units, key=lambda u: -cost[tuple(u)]):
+            if len(wide) >= tensors:
+                break
+            chosen.append(unit)
+            wide.update(unit)
+        return chosen, {tuple(u): cost[tuple(u)] for u in chosen}
+
     def _choose(self, sim, encodings, units, cost, widened, share_of, cos_now) -> tuple[list, int, dict]:
-        """The costliest units first, as many as the budget holds; prefixes of 1, 2, 4, ... units are measured
+        """The costliest units per byte first, as many as the budget holds; prefixes of 1, 2, 4, ... units are measured
         until one reaches the target, then bisection finds the shortest; short of the target, the best prefix.
         Returns (the ordered units, how many to promote, cosine per measured prefix length)."""
         target = self.options.target_cos
-        helpful = sorted((u for u in units if cost[tuple(u)] > 0), key=lambda u: -cost[tuple(u)])
+        bytes_of = {tuple(u): share_of({**encodings, **widened(u)}) - share_of(encodings) for u in units}
+        helpful = sorted((u for u in units if cost[tuple(u)] > 0),
+                         key=lambda u: -cost[tuple(u)] / bytes_of[tuple(u)] if bytes_of[tuple(u)] > 0 else -math.inf)
         chosen = []
         prefix = lambda k: {**encodings, **{n: e for u in chosen[:k] for n, e in widened(u).items()}}
         for unit in helpful:

@@ -188,3 +188,17 @@ def test_the_default_w8a8_row_shows_whole_process_time_against_ort():
     assert head.endswith("process qcc/ORT")
     assert qcc.endswith("0.90 (4.5/5.0 s)") and ort.endswith(" -")
     assert bench.parse_args([]).process_time and not bench.parse_args(["--no-process-time"]).process_time
+
+
+def test_a_litemp_variant_fixes_a_share_of_layers_and_ours_can_take_its_bytes():
+    row = bench.variant("W8A8 litemp=0.1")
+    options = dict(passes_and_options(row.passes))["promote-16bit"]
+    assert options.layers == 0.1 and row.config == "htp W8A8 litemp=0.1"
+    ours = bench.variant("W8A8 cos=0.999 share=litemp")
+    assert ours.share_from_litemp
+    assert dict(passes_and_options(bench.with_budget(ours.passes, 0.3)))["promote-16bit"].budget == 0.3
+    for spec in ("W8A8 litemp=0.1 cos=0.999", "W8A8 litemp=0.1 share=litemp"):
+        with pytest.raises(bench.QccError, match="takes no cos=C"):
+            bench.variant(spec)
+    with pytest.raises(bench.QccError, match="needs cos=C"):
+        bench.variant("W8A8 share=litemp")

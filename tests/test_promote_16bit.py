@@ -175,7 +175,8 @@ def test_the_costly_tensor_is_promoted(promoted):
     assert result.stats["share-16bit"] == sum(sizes[n] for n in wide) / sum(sizes.values()) <= 0.75
     assert result.stats["convert-share"] == (sizes["x"] * 2 / sum(sizes.values()) if result.stats["converts"] else 0)
     record = module.cache["promote-16bit"]
-    assert 0 < record["promoted"][0]["output_error_share"] <= 1 and "c" in record["promoted"][0]["tensors"]
+    costly = next(entry for entry in record["promoted"] if "c" in entry["tensors"])
+    assert 0 < costly["output_error_share"] <= 1
 
 
 def test_second_run_changes_nothing(promoted):
@@ -286,3 +287,18 @@ def test_short_of_the_target_with_room_for_everything_it_never_ends_below_all_16
     assert result.stats["cos-after"] == result.stats["cos-all-16bit"] < 1
     assert result.stats["share-16bit"] == 1
     assert any("even with every activation at 16 bits" in r.message for r in ctx.remarks)
+
+
+def test_layers_promotes_the_most_sensitive_share_without_a_search(promoted):
+    """The LiteMP-style baseline: the units costliest alone go to 16 bits until a quarter of the 4 activations
+    (one tensor) is there; the target (unreachable here) is not read, so no remark about it."""
+    before, _, ctx, _ = promoted
+    module = before.clone()
+    ctx.remarks.clear()
+    result = make_pass("promote-16bit", {"target-cos": "1", "layers": "0.25"}).run(module, ctx)
+    wide = {n for n, e in module.encodings.items() if e.bw == 16}
+    assert result.modified and "c" in wide and len(wide) < 4
+    assert result.stats["cos-after"] > result.stats["cos-before"]
+    assert not any("< 1" in r.message for r in ctx.remarks)
+    with pytest.raises(QccError, match="layers must be in"):
+        make_pass("promote-16bit", {"layers": "2"}).run(before.clone(), ctx)

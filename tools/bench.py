@@ -46,13 +46,19 @@ with changes; SPEC is the width, ``W8A8`` or ``W8A16``, then any of
 - ``calib=METHOD``: calibrate{method=METHOD} instead of the width's default method;
 - ``bias=MODE``: bias-correction in MODE, with the sample count of the width whose default uses it;
 - ``cos=C`` (W8A8) and ``share=S``: mixed precision as ``qcc compile --target-cos C --max-16bit-share S``
-  (promote-16bit; share defaults to promote-16bit's own);
+  (promote-16bit; share defaults to promote-16bit's own); ``share=litemp``: the byte share the model's last
+  ``litemp=F`` row reached, so the two compare at equal bytes (with ``cos=1``, which no point reaches, the
+  budget is filled: the curve's point at that share);
+- ``litemp=F`` (W8A8): the LiteMP-style baseline, promote-16bit{layers=F}: the F most sensitive share of the
+  activations at 16 bits (ranked by promote-16bit's own measure), no search;
 - ``judge=sim`` / ``judge=htp`` / ``judge=off``: as ``qcc compile --judge``: the calibration method and
   bias-correction mode chosen on a quarter of the calibration samples held back (``judge=htp`` on ``arch=N``,
   default 73); without it a row compiles as ``qcc compile`` does (``--judge auto``);
 
 e.g. ``--variant "W8A8 calib=mse -cle -adaround"`` or ``--variant "W8A8 cos=0.999 share=1"``; its row's
-config is ``htp SPEC``.
+config is ``htp SPEC``. A mixed-precision row compiles as ``qcc compile`` without --eval-data does: a quarter
+of the calibration samples held back, promote-16bit choosing on them; its ``16-bit`` column is the share of
+activation bytes at 16 bits.
 ``--ablation`` adds, for each qcc tool of ``--tools`` (qcc-w8a8, qcc-w8a16), the variants with one change:
 each of fuse-hardswish, fold-affine, replace-se, cle, adaround, brecq, bias-correction toggled (``-PASS`` if the
 default has it, else ``+PASS``), then each calibration method other than the default among minmax,
@@ -161,6 +167,7 @@ class Variant:
     config: str
     passes: str | None = None
     judge: str | None = None  # qcc compile --judge
+    share_from_litemp: bool = False  # promote-16bit's budget: the byte share of the model's last litemp=F row
 
     @classmethod
     def of_tool(cls, tool: str) -> "Variant":
@@ -180,6 +187,7 @@ class Row:
     task: str = ""
     samples: int = 0
     ratio_to_ort: float | None = None
+    share_16bit: float | None = None  # promote-16bit's share of activation bytes at 16 bits
     # The default W8A8 row: whole-process times of `qcc compile --target htp` and of ORT's quantize_static
     # (tools/bench_process.py), {"qcc": Timing, "ort": Timing}.
     process: dict = field(default_factory=dict)
@@ -242,7 +250,7 @@ def variant(spec: str) -> Variant:
     bits = QCC_TOOLS[tool]
     installed = load_passes()
     left_out, method, slug = set(width_defaults(bits).left_out), None, tool
-    mixed, tuning, judge, arch = {}, {}, None, None
+    mixed, tuning, judge, arch, share_from_litemp = {}, {}, None, None, False
     for change in changes:
         sign, name = change[:1], change[1:]
         if change in ("judge=sim", "judge=htp", "judge=off"):
@@ -257,7 +265,10 @@ def variant(spec: str) -> Variant:
         elif change.startswith("bias="):
             tuning["bias-correction"] = bias_correction_options(change.split("=", 1)[1])
             slug += f"-bias-{tuning['bias-correction']['mode']}"
-        elif change.split("=", 1)[0] in ("cos", "share") and "=" in change:
+        elif change == "share=litemp":
+            share_from_litemp = True
+            slug += "-share-litemp"
+        elif change.split("=", 1)[0] in ("cos", "share", "litemp") and "=" in change:
             key, value = change.split("=", 1)
             try:
                 mixed[key] = float(value)
@@ -274,15 +285,25 @@ def variant(spec: str) -> Variant:
             slug += f"-{'no' if sign == '-' else 'with'}-{name}"
         else:
             raise QccError(f"variant '{spec}': '{change}' is none of calib=METHOD, bias=MODE, -PASS, +PASS, cos=C, "
-                           f"share=S, judge=sim|htp, arch=N (optional passes: {', '.join(OPTIONAL_PASSES)})")
+                           f"share=S|litemp, litemp=F, judge=sim|htp, arch=N (optional passes: {', '.join(OPTIONAL_PASSES)})")
     # An unknown calibration method fails here, not after the first compiles.
     pipeline = TARGETS["htp"].build(act_bits=bits, calib_method=method, left_out=frozenset(left_out), tuning=tuning,
                                     htp_arch=arch)
+    if "litemp" in mixed and ({"cos", "share"} & set(mixed) or share_from_litemp):
+        raise QccError(f"variant '{spec}': litemp=F is a fixed share of the layers; it takes no cos=C or share=S")
+    if (mixed or share_from_litemp) and "cos" not in mixed and "litemp" not in mixed:
+        raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
     if mixed:
-        if "cos" not in mixed:
-            raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
-        pipeline = with_mixed_precision(pipeline, mixed["cos"], mixed.get("share"))
-    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline), judge)
+        pipeline = with_mixed_precision(pipeline, mixed.get("cos"), mixed.get("share"), mixed.get("litemp"))
+    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline), judge, share_from_litemp)
+
+
+def with_budget(passes: str, share: float) -> str:
+    """The pipeline text ``passes`` with promote-16bit's budget set to ``share``."""
+    from compiler.pass_manager import Pipeline, parse_pipeline
+    pipeline = parse_pipeline(passes)
+    return str(Pipeline([type(p)(dataclasses.replace(p.options, budget=share)) if p.name == "promote-16bit" else p
+                         for p in pipeline], pipeline.config))
 
 
 def bias_correction_options(mode: str) -> dict:
@@ -317,15 +338,20 @@ def ablation_specs(tools: list[str]) -> list[str]:
 
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
-            passes: str | None = None, judge: str | None = None) -> None:
+            passes: str | None = None, judge: str | None = None) -> dict:
     """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead; ``judge`` as --judge, by
-    default qcc compile's (auto: at W8A8 a quarter of the calibration samples is held back to choose on)."""
+    default qcc compile's (auto: at W8A8 a quarter of the calibration samples is held back to choose on; with
+    promote-16bit, as qcc compile without --eval-data, too). Returns promote-16bit's record, if it ran."""
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
     pipeline = {"passes": passes} if passes else {"act_bits": act_bits}
-    result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge or "auto", **pipeline)
+    mixed = bool(passes) and "promote-16bit" in passes
+    result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge or "auto",
+                           hold_back=mixed, **pipeline)
     onnx.save(result.module.to_onnx(), out)
+    # promote-16bit leaves no record when the 8-bit model meets its target already: nothing at 16 bits.
+    return result.module.cache.get("promote-16bit", {"share_16bit": 0.0} if mixed else {})
 
 
 class _Reader:
@@ -410,7 +436,15 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
         start = time.perf_counter()
         try:
             if tool in QCC_TOOLS:
-                run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, variant.passes, variant.judge)
+                passes = variant.passes
+                if variant.share_from_litemp:
+                    litemp = [r for r in rows if r.share_16bit is not None and "litemp=" in r.config]
+                    if not litemp:
+                        raise QccError(f"variant '{variant.config}': share=litemp needs a litemp=F row before it")
+                    passes = with_budget(passes, litemp[-1].share_16bit)
+                    row.config += f" ({litemp[-1].share_16bit:.3f})"
+                promoted = run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, passes, variant.judge)
+                row.share_16bit = promoted.get("share_16bit")
             else:
                 # onnxruntime's calibrators print progress on stdout, where the table goes.
                 with contextlib.redirect_stdout(sys.stderr):
@@ -461,7 +495,7 @@ def render(rows: list[Row], htp_archs: list) -> str:
     difference in output steps) and HTP vs FP32."""
     wide = max([32] + [len(r.config) + 2 for r in rows])  # variant configs can be long
     name = max([6] + [len(r.model) + 1 for r in rows])
-    head = (f"{'model':<{name}}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
+    head = (f"{'model':<{name}}{'tool':<5}{'config':<{wide}}{'compile s':>10}{'16-bit':>7}{'cos mean':>10}{'cos min':>10}{'SQNR dB':>9}"
             f"{'task':>12}{'qcc/ORT':>9}{'process qcc/ORT':>22}")
     for arch in htp_archs:
         label = f"v{arch} " if arch else "HTP "
@@ -472,7 +506,7 @@ def render(rows: list[Row], htp_archs: list) -> str:
             lines.append(f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}  failed: {r.error}")
             continue
         task = f"{TASK_LABELS.get(r.task, r.task)} {_fmt(r.task_metric, '.3f')}"
-        line = (f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.cos_mean, '.5f'):>10}"
+        line = (f"{r.model:<{name}}{r.tool:<5}{r.config:<{wide}}{_fmt(r.compile_seconds, '.1f'):>10}{_fmt(r.share_16bit, '.3f'):>7}{_fmt(r.cos_mean, '.5f'):>10}"
                 f"{_fmt(r.cos_min, '.5f'):>10}{_fmt(r.sqnr_db, '.1f', 'inf'):>9}{task:>12}{_fmt(r.ratio_to_ort, '.2f'):>9}"
                 f"{process_ratio(r.process):>22}")
         for arch in htp_archs:
