@@ -122,27 +122,73 @@ def _first(given: list, others) -> list:
     return given + [o for o in others if o not in given]
 
 
-def score(compiled, fp32: list[dict], samples: list[dict], judge: str, arch: str | None) -> tuple:
+# Bytes of held-back samples and their FP32 outputs kept between candidates; beyond it they are read and run
+# again for each candidate, so the judge's memory does not grow with the number of samples.
+HELD_BACK_MEMORY = 64 << 20
+
+
+class HeldBack:
+    """The held-back samples with their FP32 outputs (``reference``, a ModelProto), each computed when first
+    asked for and kept while the kept ones fit in HELD_BACK_MEMORY bytes."""
+
+    def __init__(self, samples, reference):
+        self.samples, self.reference = samples, reference
+        self.session, self.kept, self.bytes = None, {}, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[dict, dict]:
+        """(sample ``index``, its FP32 outputs by name)."""
+        if index in self.kept:
+            return self.kept[index]
+        from compiler.runtime import make_session
+        self.session = self.session or make_session(self.reference)
+        sample = self.samples[index]
+        names = [o.name for o in self.session.get_outputs()]
+        pair = sample, dict(zip(names, self.session.run(names, sample)))
+        size = sum(np.asarray(v).nbytes for part in pair for v in part.values())
+        if self.bytes + size <= HELD_BACK_MEMORY:
+            self.kept[index], self.bytes = pair, self.bytes + size
+        return pair
+
+
+def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
     """(per-sample scores: the mean over outputs of ``compiled``'s (ModelProto) cosine against the FP32 outputs
-    ``fp32`` on each of ``samples``, the compiled model's outputs); on HTP (``judge`` "htp", generation
-    ``arch``) (None, None) when the backend refuses the model."""
-    from compiler.htp import pinned_to_samples, run_htp
+    on each held-back sample, the evaluation metrics of ``compiled`` on them (quantize.output_metrics)),
+    computed one sample at a time; on HTP (``judge`` "htp", generation ``arch``) (None, None) when the backend
+    refuses the model."""
+    from compiler.htp import htp_session, pinned_to_samples
     from compiler.layer_analysis import ErrorStats, Reference
-    from compiler.runtime import run_model
-    if judge == "htp":
-        try:
-            got, _ = run_htp(pinned_to_samples(compiled, samples), samples, {"htp_arch": arch})
-        except QccError:
+    from compiler.quantize import output_metrics
+    from compiler.runtime import make_session
+    try:
+        session = htp_session(pinned_to_samples(compiled, [held[0][0]]), {"htp_arch": arch}) if judge == "htp" \
+            else make_session(compiled)
+    except QccError:
+        if judge == "htp":
             return None, None
-    else:
-        got = run_model(compiled, samples)
-    columns = []
-    for name in fp32[0]:
-        stats = ErrorStats()
-        for ref, out in zip(fp32, got):
-            stats.update(Reference(ref[name]), out[name].astype(ref[name].dtype, copy=False))
-        columns.append(stats.cosines)
-    return np.mean(columns, axis=0), got
+        raise
+    names = [o.name for o in session.get_outputs()]
+    scores = []
+
+    def pairs():
+        for index in range(len(held)):
+            sample, reference = held[index]
+            try:
+                got = dict(zip(names, session.run(names, sample)))
+            except Exception as exc:
+                raise QccError(f"--judge {judge}: the compiled model failed to run: {str(exc).splitlines()[0]}") from None
+            cosines = []
+            for name in reference:
+                stats = ErrorStats()
+                stats.update(Reference(reference[name]), got[name].astype(reference[name].dtype, copy=False))
+                cosines.extend(stats.cosines)
+            scores.append(float(np.mean(cosines)))
+            yield reference, got
+
+    metrics = output_metrics(pairs())
+    return np.array(scores), metrics
 
 
 def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
@@ -155,26 +201,26 @@ def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
     return float(np.mean(differences)) > MARGIN_STANDARD_ERRORS * spread
 
 
-def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str, arch: str | None, log) -> tuple:
-    """Run (``run(pipeline)`` -> CompileResult) and score every candidate; (best result, report dict, (FP32
-    outputs, the best's CPU-simulated outputs or None on HTP) on ``samples``). Only the best result so far is
-    kept, so memory holds two compiled models at most."""
+def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str | None, log) -> tuple:
+    """Run (``run(pipeline)`` -> CompileResult) and score every candidate on the held-back ``samples`` (a
+    Dataset or a list); (best result, report dict, the best's evaluation metrics on ``samples`` in CPU
+    simulation, or None on HTP). Only the best result so far is kept, so memory holds two compiled models
+    at most, and the samples with their FP32 outputs up to HELD_BACK_MEMORY bytes."""
     if judge == "htp":
         from compiler.htp import qnn_module
         if arch is None:
             raise QccError("--judge htp needs an HTP generation: use --target htp (or quant{htp-arch=...})")
         qnn_module()  # not installed: one line saying how to install it, before any candidate compiles
-    from compiler.runtime import run_model
     by = f"HTP v{arch}" if judge == "htp" else "CPU simulation"
-    rows, best, best_scores, best_score, start, fp32, outputs = [], None, None, None, time.perf_counter(), None, None
+    rows, best, best_scores, best_score, start, held, metrics = [], None, None, None, time.perf_counter(), None, None
     for index, candidate in enumerate(candidate_list, 1):
         began = time.perf_counter()
         result = run(candidate.pipeline)
-        scores = got = None
+        scores = measured = None
         if result.reference is not None:
             # Every candidate's FP32 reference is the module the shared float rewrites left: run it once.
-            fp32 = fp32 or run_model(result.reference.to_onnx(), samples)
-            scores, got = score(result.module.to_onnx(), fp32, samples, judge, arch)
+            held = held or HeldBack(samples, result.reference.to_onnx())
+            scores, measured = score(result.module.to_onnx(), held, judge, arch)
         value = None if scores is None else float(np.mean(scores))
         seconds = time.perf_counter() - began
         rows.append({"candidate": candidate.label, "pipeline": str(candidate.pipeline), "cosine": value,
@@ -182,12 +228,12 @@ def choose(candidate_list: list[Candidate], run, samples: list[dict], judge: str
         shown = "refused" if value is None else f"{value:.5f}"
         log(f"judge {index}/{len(candidate_list)} ({by}): {candidate.label}: cosine {shown} ({seconds:.1f}s)")
         if value is not None and (best is None or beats(scores, best_scores)):
-            best, best_scores, best_score, chosen, outputs = result, scores, value, candidate.label, got
+            best, best_scores, best_score, chosen, metrics = result, scores, value, candidate.label, measured
     if best is None:
         raise QccError(f"--judge {judge}: no candidate ran on {by}")
     report = {"by": by, "samples": len(samples), "chosen": chosen, "cosine": best_score,
               "seconds": round(time.perf_counter() - start, 3), "candidates": rows}
-    return best, report, (fp32, outputs if judge == "sim" else None)
+    return best, report, metrics if judge == "sim" else None
 
 
 def judge_lines(report: dict) -> list[str]:

@@ -194,7 +194,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
                        "(.npy, .npz or images)")
     # Judged candidates run on copies, so the module given stays the FP32 model to evaluate against.
     original = module if judging is not None else module.clone() if eval_data is not None else None
-    fp32 = simulated = None  # the judge's FP32 and chosen outputs on the held-back samples, when it has them
+    judged_metrics = None  # the chosen candidate's metrics on the held-back samples, when the judge has them
 
     def run(candidate: Pipeline, target_module: Module, dumps: Path | None, after: CompileResult | None = None):
         """``candidate`` on ``target_module``; ``after``: the run of its first passes, which it goes on from."""
@@ -223,15 +223,14 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         common = Pipeline(pipeline[:judge.common_prefix(pipeline)], pipeline.config)
         base = run(common, module.clone(), None)
         judge.count_histograms(base.module, calib, runner, pipeline.find("calibrate").options.bins)
-        judged_samples = list(held)
-        result, result.judge, (fp32, simulated) = judge.choose(
-            candidates, lambda candidate: run(candidate, base.module.clone(), None, base), judged_samples,
+        result, result.judge, judged_metrics = judge.choose(
+            candidates, lambda candidate: run(candidate, base.module.clone(), None, base), held,
             "sim" if judging == "auto" else judging, arch, say)
         # What the judge measured is the time spent beside the chosen candidate's passes.
         result.timings["judge (histograms, other candidates, scoring)"] = time.perf_counter() - judging_started - result.seconds
     with timed(result.timings, "evaluation"):
-        if eval_data is held and simulated is not None:  # the judge ran these very samples
-            result.metrics = output_metrics(zip(fp32, simulated))
+        if eval_data is held and judged_metrics is not None:  # the judge ran these very samples
+            result.metrics = judged_metrics
         elif eval_data is not None:
             result.metrics = evaluate(original, result.module, eval_data)
     result.held_back = len(held) if held is not None else 0

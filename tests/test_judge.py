@@ -11,7 +11,6 @@ from compiler.cli import main
 from compiler.errors import QccError
 from compiler.ir import from_onnx, infer_shapes
 from compiler.quantize import compile_model, evaluate
-from compiler.runtime import run_model
 from compiler.targets import get_target
 from tests.conftest import CONV_MODEL
 
@@ -86,6 +85,21 @@ def test_a_float_pipeline_has_nothing_to_judge():
         judge.candidates(get_target("cpu").build())
 
 
+def test_held_back_samples_beyond_the_memory_budget_are_run_again_not_kept(monkeypatch):
+    data = samples(6)
+    reference = conv_module().to_onnx()
+    first = judge.HeldBack(data, reference)
+    sizes = first[0][0]["x"].nbytes + sum(v.nbytes for v in first[0][1].values())
+    monkeypatch.setattr(judge, "HELD_BACK_MEMORY", 2 * sizes)
+    held = judge.HeldBack(data, reference)
+    pairs = [held[i] for i in range(6)]
+    assert sorted(held.kept) == [0, 1] and held.bytes == 2 * sizes
+    again = held[5]
+    assert again[1].keys() == pairs[5][1].keys()
+    assert all(np.array_equal(again[1][name], pairs[5][1][name]) for name in again[1])
+    assert held.kept[0] is held[0]  # kept ones are not run again
+
+
 def test_a_challenger_must_win_by_more_than_the_noise_of_the_paired_differences():
     best = np.array([0.990, 0.995, 0.980, 0.999])
     assert judge.beats(best + 0.001, best)  # the same gain on every sample: no noise at all
@@ -112,8 +126,8 @@ def test_the_judge_keeps_the_candidate_that_wins_clearly_on_held_back_samples():
     assert str(result.manager.pipeline) == winner["pipeline"]
     # The score is the written model's cosine on the held-back samples, recomputed here from scratch.
     held = [data[i] for i in (3, 7)]
-    fp32 = run_model(result.reference.to_onnx(), held)
-    assert report["cosine"] == pytest.approx(np.mean(judge.score(result.module.to_onnx(), fp32, held, "sim", None)[0]))
+    rescored = judge.score(result.module.to_onnx(), judge.HeldBack(held, result.reference.to_onnx()), "sim", None)[0]
+    assert report["cosine"] == pytest.approx(np.mean(rescored))
     # The held-back samples are also what the compile reports on: the same numbers as evaluating afresh.
     assert result.metrics == evaluate(result.reference, result.module, held)
     # The chosen candidate went through every pass of its pipeline (the shared first ones once, before the rest).
