@@ -1,11 +1,13 @@
-"""AIMET reads what qcc writes (issue 20): on PP-OCR cls compiled for HTP at W8A8 and W8A16, in every encodings
-format, aimet-onnx's QuantizationSimModel on OUT.float.onnx (HTP v73 config) takes OUT.encodings and simulates
+"""AIMET reads what qcc writes (issue 20): on PP-OCR cls and the document orientation classifier compiled for
+HTP at W8A8 and W8A16, in every encodings format, aimet-onnx's QuantizationSimModel on OUT.float.onnx (HTP v73 config) takes OUT.encodings and simulates
 what OUT.onnx computes, and ``encodings_to_onnx_qdq`` rebuilds OUT.onnx from the two files.
 
 Strict loading holds for every encoding but the int32 biases: AIMET's HTP configs disable bias quantizers
 (``"bias": {"is_quantized": "False"}``), so its loader reports each bias encoding as an enabled mismatch, and
 AIMET's own ``sim.export(export_int32_bias=True)`` does not reload strictly either (docs/encodings.md). Skipped
-when aimet-onnx (``pip install .[aimet]``) is not installed.
+when aimet-onnx (``pip install .[aimet]``) is not installed. det and rec are measured by script, not here: det's
+simulation parts from OUT.onnx where AIMET rounds a tie away from zero and QuantizeLinear to even (a test
+below shows AIMET's rule), rec's where AIMET makes a dynamic MatMul's second input symmetric (docs/encodings.md).
 """
 import json
 import os
@@ -23,32 +25,48 @@ onnx = pytest.importorskip("onnx")
 FORMATS = ("1.0.0", "2.0.0", "0.6.1")
 WIDTHS = {"W8A8": ("8", "int8"), "W8A16": ("16", "int16")}
 SIM_COSINE = 0.999
+TIE_ROUNDING_COSINE = 0.99
 REBUILT_COSINE = 0.9999
 
 
+# model -> (file, image folder, input shape, mean, std, calibration images, the Conv and Gemm biases)
+MODELS = {
+    "cls": ("ppocr_cls.onnx", "text_cls", [1, 3, 48, 192], (0.5,) * 3, (0.5,) * 3, 16, 54),
+    "orient": ("doc_orientation.onnx", "text_det", [1, 3, 224, 224], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8, 33),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def compiled(assets, tmp_path_factory):
-    """{(width, format): OUT path prefix} of cls compiled for HTP on 16 text images, for every width and format."""
-    folder = tmp_path_factory.mktemp("aimet")
+def compiled(assets, tmp_path_factory, model):
+    """{(width, format): OUT path prefix} of ``model`` compiled for HTP, for every width and format."""
+    file, folder, shape, mean, std, count, _ = MODELS[model]
+    work = tmp_path_factory.mktemp(f"aimet-{model}")
     prefixes = {}
     for width, (act_bits, _) in WIDTHS.items():
         for fmt in FORMATS:
-            out = folder / f"cls-{width}-{fmt.replace('.', '_')}.onnx"
-            assert main(["compile", str(assets / "models" / "ppocr_cls.onnx"), "-o", str(out), "--target", "htp", "-q",
-                         "--no-htp-check", "--calib-data", str(assets / "text_cls"), "--calib-count", "16",
-                         "--image-size", "48,192", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5,0.5,0.5",
+            out = work / f"{model}-{width}-{fmt.replace('.', '_')}.onnx"
+            assert main(["compile", str(assets / "models" / file), "-o", str(out), "--target", "htp", "-q",
+                         "--no-htp-check", "--calib-data", str(assets / folder), "--calib-count", str(count),
+                         "--input-shape", "x:" + ",".join(map(str, shape)),
+                         "--image-mean", ",".join(map(str, mean)), "--image-std", ",".join(map(str, std)),
                          "--act-bits", act_bits, "--encodings-format", fmt]) == 0
             prefixes[width, fmt] = str(out.with_suffix(""))
     return prefixes
 
 
 @pytest.fixture(scope="module")
-def images(assets):
+def images(assets, model):
     from compiler.data import Dataset, ImageOptions, specs_of
     from compiler.ir import load
-    module = load(assets / "models" / "ppocr_cls.onnx", {"x": [1, 3, 48, 192]})
-    options = ImageOptions(mean=(0.5,) * 3, std=(0.5,) * 3)
-    return [sample["x"] for sample in Dataset(assets / "text_cls", specs_of(module), count=24, image=options)][16:]
+    file, folder, shape, mean, std, count, _ = MODELS[model]
+    module = load(assets / "models" / file, {"x": shape})
+    samples = Dataset(assets / folder, specs_of(module), count=count + 8, image=ImageOptions(mean=mean, std=std))
+    return [samples[i]["x"] for i in range(count, count + 8)]
 
 
 def _sim(prefix: str, activation_type: str):
@@ -89,11 +107,11 @@ def _cosines(reference, candidate, images) -> list:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_aimet_loads_the_file_strictly_but_for_int32_biases(compiled, width, fmt):
+def test_aimet_loads_the_file_strictly_but_for_int32_biases(compiled, model, width, fmt):
     prefix = compiled[width, fmt]
     document = json.loads(open(prefix + ".encodings").read())
     biases = _bias_names(document)
-    assert len(biases) == 54  # every Conv and Gemm, fc_0.b_0 included
+    assert len(biases) == MODELS[model][-1]  # every Conv and Gemm (cls: fc_0.b_0 included)
     sim = _sim(prefix, WIDTHS[width][1])
     enabled = {name for name, quantizer in sim.qc_quantize_op_dict.items() if quantizer and quantizer.enabled}
     assert {e["name"] for e in _entries(document)} - biases == enabled  # the file's quantizers are AIMET's, one for one
@@ -110,7 +128,13 @@ def test_aimet_simulates_and_rebuilds_what_the_qdq_model_computes(compiled, imag
     ours = make_session(onnx.load(prefix + ".onnx"))
     sim = _sim(prefix, WIDTHS[width][1])
     quantsim.load_encodings_to_sim(sim, prefix + ".encodings", strict=False)
-    assert min(_cosines(ours, sim.session, images)) >= SIM_COSINE
+    agreement = _cosines(ours, sim.session, images)
+    if width == "W8A8":
+        # AIMET rounds a tie away from zero, QuantizeLinear to even (the last test): at 8 bits a one-step
+        # difference carries to the output on some images (orient: 0.99999 or more on five of 8, 0.993 on the worst).
+        assert np.median(agreement) >= SIM_COSINE and min(agreement) >= TIE_ROUNDING_COSINE
+    else:
+        assert min(agreement) >= SIM_COSINE
     rebuilt = quantsim.encodings_to_onnx_qdq(prefix + ".float.onnx", prefix + ".encodings")
     assert min(_cosines(ours, make_session(rebuilt), images)) >= REBUILT_COSINE
 
@@ -123,3 +147,30 @@ def test_aimets_own_int32_bias_export_does_not_reload_strictly(compiled, tmp_pat
     sim.export(str(tmp_path), "aimet", export_int32_bias=True)
     with pytest.raises(AssertionError, match="settings not matching"):
         quantsim.load_encodings_to_sim(_sim(prefix, "int8"), str(tmp_path / "aimet.encodings"), strict=True)
+
+
+def test_aimet_rounds_a_tie_away_from_zero_where_quantizelinear_rounds_to_even(tmp_path):
+    """Why AIMET's simulation of det parts from OUT.onnx at 8 bits (docs/encodings.md): the same encodings,
+    another rounding of ties."""
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    config = os.path.join(os.path.dirname(aimet_onnx.__file__), "common", "quantsim_config", "htp_quantsim_config_v73.json")
+    sim = quantsim.QuantizationSimModel(model, param_type="int8", activation_type="int8", config_file=config)
+    unit = {"dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": False, "bw": 8, "scale": [1.0], "offset": [0]}
+    document = {"version": "1.0.0", "activation_encodings": [{"name": n, **unit} for n in ("x", "m", "y")],
+                "param_encodings": [{"name": "w", "dtype": "INT", "enc_type": "PER_TENSOR", "is_sym": True, "bw": 8,
+                                     "scale": [1 / 127], "offset": [-128]}]}
+    (tmp_path / "ties.encodings").write_text(json.dumps(document))
+    quantsim.load_encodings_to_sim(sim, str(tmp_path / "ties.encodings"), strict=False)
+    ties = np.array([[0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5]], np.float32)
+    np.testing.assert_array_equal(sim.session.run(None, {"x": ties})[0], [[1, 2, 3, 4, 5, 6, 7, 8]])
+    quantize = helper.make_model(helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"])], "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])], [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, 8])],
+        [onnx.numpy_helper.from_array(np.float32(1.0), "s"), onnx.numpy_helper.from_array(np.uint8(0), "z")]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    np.testing.assert_array_equal(make_session(quantize).run(None, {"x": ties})[0], [[0, 2, 2, 4, 4, 6, 6, 8]])
