@@ -91,7 +91,12 @@ def process_seconds(float_path: Path, calib_dir: Path, work: Path, repeat: int =
            "--target", "htp", "--calib-data", str(calib_dir), "--force", "-q"]
     ort = [sys.executable, str(Path(__file__).resolve()), "--ort", str(float_path), str(calib_dir), f"{stem}.ort.onnx"]
     commands = {"qcc": qcc, "qcc --no-htp-check": qcc + ["--no-htp-check"], "ort": ort}
-    timings = {label: [timed_run(commands[label]) for _ in range(repeat)] for label in runs}
+    # Round-robin over the runs, so that the machine's slower minutes (other work, throttling) fall on every
+    # run alike rather than on all repeats of one.
+    timings = {label: [] for label in runs}
+    for _ in range(repeat):
+        for label in runs:
+            timings[label].append(timed_run(commands[label]))
     return {label: Timing(min(t.wall for t in tries), min(t.cpu for t in tries)) for label, tries in timings.items()}
 
 
