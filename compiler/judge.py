@@ -155,12 +155,11 @@ class HeldBack:
 
 def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
     """(per-sample scores: the mean over outputs of ``compiled``'s (ModelProto) cosine against the FP32 outputs
-    on each held-back sample, the evaluation metrics of ``compiled`` on them (quantize.output_metrics)),
+    on each held-back sample, the evaluation metrics of ``compiled`` on them (layer_analysis.output_metrics)),
     computed one sample at a time; on HTP (``judge`` "htp", generation ``arch``) (None, None) when the backend
     refuses the model."""
     from compiler.htp import htp_session, pinned_to_samples
-    from compiler.layer_analysis import ErrorStats, Reference
-    from compiler.quantize import output_metrics
+    from compiler.layer_analysis import ErrorStats, Reference, output_metrics
     from compiler.runtime import make_session
     try:
         session = htp_session(pinned_to_samples(compiled, [held[0][0]]), {"htp_arch": arch}) if judge == "htp" \

@@ -446,6 +446,24 @@ class Reference:
         self.energy = _dot(self.values, self.values)
 
 
+NEAR_ZERO = 1e-3  # an FP32 output whose largest magnitude is below this has no direction to compare: no cosine
+
+
+def output_metrics(pairs) -> dict:
+    """Per output name: cosine mean and min over samples (near-zero FP32 outputs left out), SQNR dB over all,
+    from (FP32 outputs, compiled outputs) per sample, each a dict by output name; one sample at a time."""
+    stats, skipped, count = {}, {}, 0
+    for reference, compiled in pairs:
+        for name, ref in reference.items():
+            meaningful = float(np.abs(ref).max(initial=0.0)) >= NEAR_ZERO
+            stats.setdefault(name, ErrorStats()).update(Reference(ref.astype(np.float32)),
+                                                        compiled[name].astype(np.float32), with_cosine=meaningful)
+            skipped[name] = skipped.get(name, 0) + (not meaningful)
+        count += 1
+    return {name: {"cosine_mean": s.cos, "cosine_min": s.cos_min, "sqnr_db": s.sqnr, "samples": count,
+                   "near_zero_samples": skipped[name]} for name, s in stats.items()}
+
+
 class ErrorStats:
     """Streaming comparison of a tensor against its reference over samples."""
 

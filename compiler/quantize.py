@@ -33,8 +33,6 @@ from compiler.outputs import OutputSet
 from compiler.pass_manager import PassContext, PassManager, Pipeline, check_contracts, make_pass, parse_pipeline
 from compiler.targets import QUANT_TUNING, get_target
 
-NEAR_ZERO = 1e-3
-
 
 def build_pipeline(request: "CompileRequest") -> Pipeline:
     """--passes as given (--act-bits/--weight-bits set its quantization config unless its text has one),
@@ -397,26 +395,12 @@ def data_label(request: CompileRequest, result: CompileResult) -> str:
 
 def evaluate(reference: Module, candidate: Module, data) -> dict:
     """Per output: cosine mean/min over samples (near-zero FP32 outputs left out), SQNR dB over all."""
+    from compiler.layer_analysis import output_metrics
     from compiler.runtime import make_session
     ref_session, got_session = make_session(reference), make_session(candidate)
     names = [o.name for o in ref_session.get_outputs()]
     return output_metrics((dict(zip(names, ref_session.run(names, sample))),
                            dict(zip(names, got_session.run(names, sample)))) for sample in data)
-
-
-def output_metrics(pairs) -> dict:
-    """``evaluate``'s metrics from (FP32 outputs, compiled outputs) per sample, each a dict by output name."""
-    from compiler.layer_analysis import ErrorStats, Reference
-    stats, skipped, count = {}, {}, 0
-    for reference, compiled in pairs:
-        for name, ref in reference.items():
-            meaningful = float(np.abs(ref).max(initial=0.0)) >= NEAR_ZERO
-            stats.setdefault(name, ErrorStats()).update(Reference(ref.astype(np.float32)),
-                                                        compiled[name].astype(np.float32), with_cosine=meaningful)
-            skipped[name] = skipped.get(name, 0) + (not meaningful)
-        count += 1
-    return {name: {"cosine_mean": s.cos, "cosine_min": s.cos_min, "sqnr_db": s.sqnr, "samples": count,
-                   "near_zero_samples": skipped[name]} for name, s in stats.items()}
 
 
 def summary_lines(metrics: dict, data: str = "held-out sample(s)") -> list[str]:
