@@ -66,6 +66,20 @@ def activation_encoding(vmin: float, vmax: float, bw: int = 8) -> Encoding:
     return Encoding(bw=bw, scale=(float(np.float32(scale)),), offset=(offset,))
 
 
+def symmetric_grid_encoding(vmin: float, vmax: float, bw: int = 8) -> Encoding:
+    """An unsigned encoding on the symmetric grid covering [vmin, vmax]: scale = max|x| / (2^(bw-1) - 1),
+    offset -2^(bw-1), codes k * scale for k in [-2^(bw-1), 2^(bw-1) - 1], AIMET's symmetric activation
+    grid; stored unsigned (zero point 2^(bw-1)), as QNN's HTP takes activations. max|x| is at least
+    MIN_RANGE / 2."""
+    absmax = max(abs(float(vmin)), abs(float(vmax)), MIN_RANGE / 2)
+    return Encoding(bw=bw, scale=(float(np.float32(absmax / (2 ** (bw - 1) - 1))),), offset=(-(2 ** (bw - 1)),))
+
+
+def on_symmetric_grid(enc: Encoding) -> bool:
+    """Whether an unsigned per-tensor encoding's codes are symmetric about zero (offset -2^(bw-1))."""
+    return enc.dtype == "int" and not enc.symmetric and not enc.per_channel and enc.offset[0] == -(2 ** (enc.bw - 1))
+
+
 def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> Encoding:
     """Symmetric signed encoding; per channel along ``axis`` (None for per tensor).
 

@@ -19,6 +19,12 @@ grid, which is what the QDQ model does (quantizing twice on one grid is quantizi
 Constants they quantize that the QDQ model keeps float get an encoding that holds their value exactly:
 Clip's min and max (AIMET quantizes them at the activation width), over [min(0, v), max(0, v)].
 
+The activation a MatMul of two activations reads as its second input (directly or through data-movement
+ops) is written symmetric (``is_sym``, offset -2^(bw-1)): AIMET quantizes it so, and HTP's MatMul requires it
+at 16 bits. propagate-encodings put it on that grid; the QDQ model stores it unsigned with zero point
+2^(bw-1) (HTP v73 refuses signed activations there: docs/htp-backend.md), the same codes, and a file read
+back (``apply_encodings``) is stored the same way.
+
 1.0.0 (default, AIMET 2 ``sim.export``)::
 
     {"version": "1.0.0",
@@ -58,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from compiler.encoding import Encoding, activation_encoding, encoding_from_qdq
+from compiler.encoding import Encoding, activation_encoding, encoding_from_qdq, on_symmetric_grid
 from compiler.ir import Module, QccError, const_value
 from compiler.outputs import write_file
 
@@ -96,12 +102,38 @@ def qdq_encodings(module: Module) -> tuple[dict, dict]:
 
 def tool_encodings(module: Module) -> tuple[dict, dict]:
     """(activation encodings, parameter encodings) of the QDQ ``module`` for the graph Qualcomm's tools see:
-    ``qdq_encodings`` less the tensors they keep no quantizer for, plus the Clip bounds they quantize
-    (the rule in this module's docstring)."""
+    ``qdq_encodings`` less the tensors they keep no quantizer for, plus the Clip bounds they quantize, and
+    symmetric where they quantize symmetric (the rules in this module's docstring)."""
     activations, params = qdq_encodings(module)
     left_out = set(left_out_activations(module, activations))
     params = {**params, **_clip_bound_encodings(module, activations)}
-    return {n: e for n, e in activations.items() if n not in left_out}, params
+    symmetric = _second_matmul_inputs(module)
+    return {n: _as_symmetric(e) if n in symmetric and on_symmetric_grid(e) else e
+            for n, e in activations.items() if n not in left_out}, params
+
+
+def _as_symmetric(enc: Encoding) -> Encoding:
+    """The same grid as a symmetric encoding (offset -2^(bw-1) in both conventions)."""
+    return Encoding(bw=enc.bw, scale=enc.scale, offset=enc.offset, symmetric=True)
+
+
+def _second_matmul_inputs(module: Module) -> set:
+    """Encoding names of the activations a MatMul of two activations reads as its second input, directly or
+    through data-movement ops (OUTPUT_IS_INPUT_OPS): AIMET quantizes that input symmetric, and HTP's MatMul
+    requires it at 16 bits (propagate-encodings puts them on the symmetric grid)."""
+    outputs = {t.name for t in module.graph.outputs}
+    names = set()
+    for node in module.graph.nodes:
+        tensor = node.inputs[1] if node.op == "MatMul" and len(node.inputs) > 1 else None
+        while tensor is not None:
+            dq = tensor.inputs[0] if tensor.inputs else None
+            quantize = dq.inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs else None
+            if quantize is None or quantize.op != "QuantizeLinear":
+                break
+            names.add(_activation_name(quantize, outputs))
+            producer = quantize.inputs[0].inputs[0] if quantize.inputs[0].inputs else None
+            tensor = producer.inputs[0] if producer is not None and producer.op in OUTPUT_IS_INPUT_OPS else None
+    return names
 
 
 def left_out_activations(module: Module, activations: dict) -> dict:
@@ -362,6 +394,8 @@ def apply_encodings(module: Module, activations: dict, params: dict) -> dict:
 
 
 def _set_activation(module: Module, name: str, enc: Encoding) -> None:
+    if enc.symmetric and enc.dtype == "int":  # qcc stores activations unsigned: the same grid, zero point 2^(bw-1)
+        enc = Encoding(bw=enc.bw, scale=enc.scale, offset=enc.offset)
     module.encodings[name] = enc
     module.annotate(name, act_bits=enc.bw)
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from compiler.calibration import is_float
 from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, Encoding,
-                               activation_encoding, fixed_ranges, range_encoding, saturation_bounds,
-                               union_encoding)
+                               activation_encoding, fixed_ranges, on_symmetric_grid, range_encoding,
+                               saturation_bounds, symmetric_grid_encoding, union_encoding)
 from compiler.ir import Module, const_value
 from compiler.patterns import constant_operand, has_single_consumer
 
@@ -118,6 +118,15 @@ class _Propagation:
                 encodings[source.name] = activation_encoding(max(lo, bounds[0]), min(hi, bounds[1]), enc.bw)
                 changed.add(source.name)
                 clamped += 1
+        symmetric = 0
+        for name in dynamic_matmul_second_inputs(module, groups):
+            enc = encodings.get(name)
+            if enc is None or enc.dtype != "int" or enc.per_channel or on_symmetric_grid(enc):
+                continue
+            encodings[name] = symmetric_grid_encoding(float(enc.min[0]), float(enc.max[0]), enc.bw)
+            decided.add(name)
+            changed.add(name)
+            symmetric += 1
         mapped = 0
         for node in module.graph.toposort().nodes:  # in order: a chain (Mul then Add) maps the mapped grid
             affine = scalar_affine(node)
@@ -135,8 +144,9 @@ class _Propagation:
                 encodings[result] = target
                 changed.add(result)
                 mapped += 1
-        return {"changed": len(changed), "groups": len(groups), "shared": len(changed) - fused - clamped - mapped,
-                "fused": fused, "saturation-clamped": clamped, "affine-mapped": mapped}
+        return {"changed": len(changed), "groups": len(groups),
+                "shared": len(changed) - fused - clamped - symmetric - mapped, "fused": fused,
+                "saturation-clamped": clamped, "matmul-symmetric": symmetric, "affine-mapped": mapped}
 
     def _group_encodings(self, members: list[str], links: list[list[str]], encodings: dict, fixed: dict) -> dict:
         """Member -> its encoding: the union of the group's ranges, or a fixed range that covers them.
@@ -168,6 +178,19 @@ class _Propagation:
             elif len(part) > 1:
                 result.update({m: _union(part, encodings, bw) for m in part})
         return result
+
+
+def dynamic_matmul_second_inputs(module: Module, groups: list) -> list[str]:
+    """The tensors whose encoding a MatMul of two activations reads as its second input: that input and the
+    members of its shared-encoding group."""
+    names = []
+    for node in module.graph.nodes:
+        if node.op != "MatMul" or len(node.inputs) < 2 or const_value(node.inputs[1]) is not None:
+            continue
+        second = node.inputs[1].name
+        members = next((members for members in groups if second in members), [second])
+        names += [name for name in members if name not in names]
+    return names
 
 
 def _union(members: list[str], encodings: dict, bw: int):

@@ -36,6 +36,12 @@
    encoding an earlier rule set, or whose mapped grid would not hold zero, keeps its own. On PP-OCR
    det W8A8 this raised the output SQNR on every fold tried (docs/measurements.md).
 
+5. A MatMul's second input that is an activation (attention's K and V), with its shared-encoding group,
+   goes on the symmetric grid: scale max|x| / (2^(bw-1) - 1), offset -2^(bw-1) (stored unsigned, zero
+   point 2^(bw-1)). HTP's MatMul opdef requires that input symmetric at 16 bits (and at 8 bits before v73);
+   AIMET quantizes it symmetric at every width (its loader refuses a file that says otherwise). PP-OCR
+   rec on HTP v73 (2 lines): W8A8 0.97976 -> 0.98094, W8A16 0.99918 -> 0.99930 against FP32.
+
 Runs between calibrate and insert-qdq; a graph that already has QDQ nodes is left alone.
 """
 from __future__ import annotations

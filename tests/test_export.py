@@ -6,8 +6,9 @@ import onnx.parser
 import pytest
 
 from compiler.encoding import qdq_params
+from compiler.encodings_check import check_encodings
 from compiler.export import (apply_encodings, encodings_document, left_out_activations, qdq_encodings, read_encodings,
-                             write_encodings)
+                             tool_encodings, write_encodings)
 from compiler.ir import QccError, const_value, from_onnx, infer_shapes
 from compiler.pass_manager import PassContext, PassManager, parse_pipeline
 from compiler.runtime import sample_inputs
@@ -139,3 +140,35 @@ g (float[1,2,4,4] x) => (float[1,1,4,4] s) <float[2,2,1,1] w = {1.0, -2.0, 0.5, 
     activations = qdq_encodings(module)[0]
     assert activations["s"] == activations["c"]  # Slice shares its input's encoding
     assert set(left_out_activations(module, activations)) == {"s"}
+
+
+ATTENTION = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,4,8] x) => (float[1,4,4] y) <float[8,8] wq = {0.5,-1,0.25,1,0.5,-0.5,-0.25,0.75, 1,0.1,0.2,0.3,-0.4,0.5,0.6,-0.7,
+  0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8, -0.1,-0.2,0.3,0.4,-0.5,0.6,0.7,0.8, 0.3,0.1,-0.2,0.5,0.4,-0.6,0.2,0.1,
+  0.2,-0.3,0.4,0.1,0.6,0.5,-0.1,0.3, -0.5,0.2,0.1,0.3,0.2,0.1,0.4,-0.2, 0.1,0.3,0.5,-0.2,0.1,0.2,0.3,0.4},
+  float[8,8] wk = {0.2,0.1,-0.3,0.4,0.5,0.1,0.2,0.3, 0.1,-0.2,0.3,0.4,0.5,0.6,-0.1,0.2, 0.3,0.4,0.1,0.2,-0.3,0.1,0.5,0.2,
+  0.4,0.3,0.2,0.1,0.2,0.3,0.4,0.5, -0.1,0.2,0.3,-0.4,0.1,0.2,0.3,0.1, 0.2,0.1,0.5,0.3,0.1,-0.2,0.1,0.4,
+  0.1,0.4,0.2,0.1,0.3,0.1,-0.2,0.3, 0.5,0.2,0.1,0.3,0.2,0.4,0.1,0.9}> {
+  q = MatMul(x, wq)
+  k = MatMul(x, wk)
+  kt = Transpose <perm = [0, 2, 1]> (k)
+  y = MatMul(q, kt)
+}"""
+
+
+@pytest.mark.parametrize("fmt", ["1.0.0", "2.0.0", "0.6.1"])
+def test_a_second_matmul_input_is_written_symmetric_and_read_back_as_the_same_unsigned_grid(tmp_path, fmt):
+    attention = lambda: from_onnx(infer_shapes(onnx.parser.parse_model(ATTENTION)))
+    module = _compile(attention(), "calibrate{method=minmax},propagate-encodings,insert-qdq")
+    activations = tool_encodings(module)[0]
+    assert activations["k"].symmetric and activations["k"].offset == (-128,)  # kt, a Transpose of k, is left out
+    assert not activations["q"].symmetric and not activations["y"].symmetric
+    quantize = next(n for n in module.graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == "k")
+    assert const_value(quantize.inputs[2]).dtype == np.uint8 and const_value(quantize.inputs[2]) == 128
+    path = tmp_path / "m.encodings"
+    write_encodings(module, path, fmt)
+    assert check_encodings(module, *read_encodings(path)) == []
+    fresh = attention()
+    apply_encodings(fresh, *read_encodings(path))
+    PassManager(parse_pipeline("insert-qdq"), quiet=True).run(fresh, PassContext(log=lambda m: None))
+    assert fresh.to_onnx().graph.SerializeToString() == module.to_onnx().graph.SerializeToString()
