@@ -298,16 +298,17 @@ def qdq_params(enc: Encoding) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stored_values(x: np.ndarray, enc: Encoding) -> np.ndarray:
-    """``x`` quantized with ``enc``, in the storage type DequantizeLinear reads. An int32 bias is divided as
-    QuantizeLinear divides, in float32: where |x / scale| passes 2^24 (tiny weight scales) float64 would give
-    other integers than a consumer that applies the encodings file to the float bias (AIMET's
-    encodings_to_onnx_qdq: det's output at cosine 0.99974 instead of equal)."""
+    """``x`` quantized with ``enc``, in the storage type DequantizeLinear reads, divided as QuantizeLinear
+    divides: in float32. A consumer that applies the encodings file to the float tensor (AIMET's
+    encodings_to_onnx_qdq, the converter) gets the same integers; in float64 a weight within a float32 ulp
+    of a half step rounded the other way (rec W8A8: a Conv one step off, the output at cosine 0.9983), and an
+    int32 bias past 2^24 steps (tiny weight scales) another integer (det at 0.99974)."""
+    scale, offset = _broadcast(enc, np.ndim(x))
+    codes = np.round(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32)).astype(np.float64)
     if enc.bw == 32 and enc.symmetric:
-        scale = np.asarray(_broadcast(enc, np.ndim(x))[0], dtype=np.float32)
-        codes = np.round(np.asarray(x, dtype=np.float32) / scale).astype(np.float64)
         return np.clip(codes, -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
     shift = 2 ** (enc.bw - 1) if enc.symmetric else 0
-    return np.asarray(quantize(np.asarray(x, dtype=np.float64), enc) - shift).astype(storage_dtype(enc))
+    return (np.clip(codes - offset, 0, 2 ** enc.bw - 1) - shift).astype(storage_dtype(enc))
 
 
 def encoding_from_qdq(scale: np.ndarray, zero_point: np.ndarray, axis: int | None, bw: int | None = None) -> Encoding:
