@@ -1,13 +1,14 @@
-"""AIMET reads what qcc writes (issue 20): on PP-OCR cls and the document orientation classifier compiled for
-HTP at W8A8 and W8A16, in every encodings format, aimet-onnx's QuantizationSimModel on OUT.float.onnx (HTP v73 config) takes OUT.encodings and simulates
-what OUT.onnx computes, and ``encodings_to_onnx_qdq`` rebuilds OUT.onnx from the two files.
+"""AIMET reads what qcc writes (issue 20): on every fetched model (PP-OCR cls, det, rec and the document
+orientation classifier) compiled for HTP at W8A8 and W8A16, in every encodings format, aimet-onnx's
+QuantizationSimModel on OUT.float.onnx (HTP v73 config) takes OUT.encodings and simulates what OUT.onnx
+computes, and ``encodings_to_onnx_qdq`` rebuilds OUT.onnx from the two files.
 
 Strict loading holds for every encoding but the int32 biases: AIMET's HTP configs disable bias quantizers
 (``"bias": {"is_quantized": "False"}``), so its loader reports each bias encoding as an enabled mismatch, and
-AIMET's own ``sim.export(export_int32_bias=True)`` does not reload strictly either (docs/encodings.md). Skipped
-when aimet-onnx (``pip install .[aimet]``) is not installed. det and rec are measured by script, not here: det's
+AIMET's own ``sim.export(export_int32_bias=True)`` does not reload strictly either (docs/encodings.md); in
+0.6.1 also a per-channel weight of one channel (the format cannot tell it from per tensor). At W8A8 the
 simulation parts from OUT.onnx where AIMET rounds a tie away from zero and QuantizeLinear to even (a test
-below shows AIMET's rule), rec's where AIMET makes a dynamic MatMul's second input symmetric (docs/encodings.md).
+below shows both rules). Skipped when aimet-onnx (``pip install .[aimet]``) is not installed.
 """
 import json
 import os
@@ -25,15 +26,25 @@ onnx = pytest.importorskip("onnx")
 FORMATS = ("1.0.0", "2.0.0", "0.6.1")
 WIDTHS = {"W8A8": ("8", "int8"), "W8A16": ("16", "int16")}
 SIM_COSINE = 0.999
-TIE_ROUNDING_COSINE = 0.99
 REBUILT_COSINE = 0.9999
 
 
-# model -> (file, image folder, input shape, mean, std, calibration images, the Conv and Gemm biases)
+# model -> (file, image folder, input shape, mean, std, calibration images, the int32 biases (every Conv, Gemm
+# and LayerNormalization))
 MODELS = {
     "cls": ("ppocr_cls.onnx", "text_cls", [1, 3, 48, 192], (0.5,) * 3, (0.5,) * 3, 16, 54),
     "orient": ("doc_orientation.onnx", "text_det", [1, 3, 224, 224], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 8, 33),
+    "det": ("ppocr_det.onnx", "text_det", [1, 3, 320, 320], (0.5,) * 3, (0.5,) * 3, 8, 64),
+    "rec": ("ppocr_rec.onnx", "text_cls", [1, 3, 48, 320], (0.5,) * 3, (0.5,) * 3, 16, 52),
 }
+# At W8A8, AIMET's simulation against OUT.onnx: (median, worst) over 8 images at least. AIMET rounds a tie away
+# from zero, QuantizeLinear to even (the last test): a one-step difference carries furthest on the models
+# that are themselves furthest from FP32 at 8 bits (det 0.991, rec 0.98 there). Measured 2026-12-04: cls
+# >= 0.9997; orient five of 8 >= 0.99999, worst 0.993; det 0.9943-0.9988; rec 0.9758-0.9990.
+TIE_ROUNDING_BOUNDS = {"cls": (0.999, 0.999), "orient": (0.999, 0.99), "det": (0.995, 0.99), "rec": (0.99, 0.97)}
+# 0.6.1 lists one entry per channel, so a per-channel weight of one output channel (det's last ConvTranspose)
+# reads as per tensor where AIMET keeps a per-channel quantizer: its strict load reports that one tensor.
+SINGLE_CHANNEL_WEIGHTS = {"det": {"conv2d_transpose_1.w_0"}}
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -115,24 +126,25 @@ def test_aimet_loads_the_file_strictly_but_for_int32_biases(compiled, model, wid
     sim = _sim(prefix, WIDTHS[width][1])
     enabled = {name for name, quantizer in sim.qc_quantize_op_dict.items() if quantizer and quantizer.enabled}
     assert {e["name"] for e in _entries(document)} - biases == enabled  # the file's quantizers are AIMET's, one for one
-    quantsim.load_encodings_to_sim(sim, _without(document, biases), strict=True)
+    single = SINGLE_CHANNEL_WEIGHTS.get(model, set()) if fmt == "0.6.1" else set()
+    if not single:
+        quantsim.load_encodings_to_sim(sim, _without(document, biases), strict=True)
     mismatches = quantsim.load_encodings_to_sim(_sim(prefix, WIDTHS[width][1]), document, strict=False)
-    assert {m.quantizer_name for m in mismatches} == biases
-    assert all(m.enabled_mismatch == (False, True) for m in mismatches)
+    assert {m.quantizer_name for m in mismatches} == biases | single
+    assert all(m.enabled_mismatch == (False, True) for m in mismatches if m.quantizer_name in biases)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("width", WIDTHS)
-def test_aimet_simulates_and_rebuilds_what_the_qdq_model_computes(compiled, images, width, fmt):
+def test_aimet_simulates_and_rebuilds_what_the_qdq_model_computes(compiled, images, model, width, fmt):
     prefix = compiled[width, fmt]
     ours = make_session(onnx.load(prefix + ".onnx"))
     sim = _sim(prefix, WIDTHS[width][1])
     quantsim.load_encodings_to_sim(sim, prefix + ".encodings", strict=False)
     agreement = _cosines(ours, sim.session, images)
     if width == "W8A8":
-        # AIMET rounds a tie away from zero, QuantizeLinear to even (the last test): at 8 bits a one-step
-        # difference carries to the output on some images (orient: 0.99999 or more on five of 8, 0.993 on the worst).
-        assert np.median(agreement) >= SIM_COSINE and min(agreement) >= TIE_ROUNDING_COSINE
+        median, worst = TIE_ROUNDING_BOUNDS[model]
+        assert np.median(agreement) >= median and min(agreement) >= worst
     else:
         assert min(agreement) >= SIM_COSINE
     rebuilt = quantsim.encodings_to_onnx_qdq(prefix + ".float.onnx", prefix + ".encodings")
