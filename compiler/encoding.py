@@ -306,9 +306,9 @@ def stored_values(x: np.ndarray, enc: Encoding) -> np.ndarray:
     scale, offset = _broadcast(enc, np.ndim(x))
     codes = np.round(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32)).astype(np.float64)
     if enc.bw == 32 and enc.symmetric:
-        return np.clip(codes, -(2 ** 31), 2 ** 31 - 1).astype(np.int32)
+        return np.asarray(np.clip(codes, -(2 ** 31), 2 ** 31 - 1)).astype(np.int32)
     shift = 2 ** (enc.bw - 1) if enc.symmetric else 0
-    return (np.clip(codes - offset, 0, 2 ** enc.bw - 1) - shift).astype(storage_dtype(enc))
+    return np.asarray(np.clip(codes - offset, 0, 2 ** enc.bw - 1) - shift).astype(storage_dtype(enc))
 
 
 def encoding_from_qdq(scale: np.ndarray, zero_point: np.ndarray, axis: int | None, bw: int | None = None) -> Encoding:

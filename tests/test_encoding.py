@@ -209,3 +209,18 @@ def test_an_int32_bias_is_divided_as_quantize_linear_divides():
     enc = Encoding(bw=32, scale=(float(scale),), offset=(-(2 ** 31),), symmetric=True)
     as_float64 = np.round(bias.astype(np.float64) / np.float64(scale))
     assert stored_values(bias, enc)[0] == np.round(bias / scale)[0] != as_float64[0]
+
+
+def test_a_weight_is_divided_as_quantize_linear_divides_and_a_scalar_stays_an_array():
+    # A weight within a float32 ulp of a half step: float64 division rounds it one way, QuantizeLinear's float32
+    # division (and so a consumer applying the encodings file) the other.
+    scale = np.float32(0.1)
+    enc = Encoding(bw=8, scale=(float(scale),), offset=(-(2 ** 7),), symmetric=True)
+    candidates = (np.arange(1, 200000, dtype=np.float32) * np.float32(1e-5)).astype(np.float32)
+    as_float32 = np.round(candidates / scale)
+    as_float64 = np.round(candidates.astype(np.float64) / np.float64(scale))
+    differ = candidates[(as_float32 != as_float64) & (np.abs(as_float32) <= 127)]
+    assert differ.size  # such weights exist
+    np.testing.assert_array_equal(stored_values(differ, enc), np.round(differ / scale).astype(np.int8))
+    scalar = stored_values(np.float32(0.3), activation_encoding(0.0, 1.0))
+    assert isinstance(scalar, np.ndarray) and scalar.shape == () and scalar.dtype == np.uint8
