@@ -126,9 +126,8 @@ def _second_matmul_inputs(module: Module) -> set:
     for node in module.graph.nodes:
         tensor = node.inputs[1] if node.op == "MatMul" and len(node.inputs) > 1 else None
         while tensor is not None:
-            dq = tensor.inputs[0] if tensor.inputs else None
-            quantize = dq.inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" and dq.inputs[0].inputs else None
-            if quantize is None or quantize.op != "QuantizeLinear":
+            quantize = _quantize_restored_by(tensor)
+            if quantize is None:
                 break
             names.add(_activation_name(quantize, outputs))
             producer = quantize.inputs[0].inputs[0] if quantize.inputs[0].inputs else None
@@ -200,13 +199,19 @@ def _activation_name(quantize: gs.Node, outputs: set) -> str:
     return dq.outputs[0].name if dq is not None and dq.outputs[0].name in outputs else quantize.inputs[0].name
 
 
-def _restored_name(tensor, outputs: set) -> str | None:
-    """The encoding name of the activation a DequantizeLinear output restores (None if ``tensor`` is none)."""
+def _quantize_restored_by(tensor) -> gs.Node | None:
+    """The QuantizeLinear whose DequantizeLinear writes ``tensor`` (None if none does)."""
     dq = tensor.inputs[0] if tensor.inputs else None
     if dq is None or dq.op != "DequantizeLinear" or not dq.inputs[0].inputs:
         return None
     quantize = dq.inputs[0].inputs[0]
-    return _activation_name(quantize, outputs) if quantize.op == "QuantizeLinear" else None
+    return quantize if quantize.op == "QuantizeLinear" else None
+
+
+def _restored_name(tensor, outputs: set) -> str | None:
+    """The encoding name of the activation a DequantizeLinear output restores (None if ``tensor`` is none)."""
+    quantize = _quantize_restored_by(tensor)
+    return _activation_name(quantize, outputs) if quantize is not None else None
 
 
 def _quantized_output_name(tensor, outputs: set) -> str | None:

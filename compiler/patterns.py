@@ -45,6 +45,18 @@ def has_single_consumer(graph: gs.Graph, tensor) -> bool:
     return len(tensor.outputs) == 1 and not is_graph_output(graph, tensor)
 
 
+class Decline(Exception):
+    """Why a candidate is not the pattern a pass matches: the pass turns it into a remark."""
+
+
+def single_user(graph: gs.Graph, tensor, role: str) -> gs.Node:
+    """The one node reading ``tensor`` (an intermediate of a pattern, named ``role`` in the message); Decline
+    when others read it too or it is a graph output."""
+    if not has_single_consumer(graph, tensor):
+        raise Decline(f"{role} %{tensor.name} feeds other nodes or is a graph output")
+    return tensor.outputs[0]
+
+
 def const_input(node: gs.Node, index: int) -> np.ndarray | None:
     if index >= len(node.inputs) or not node.inputs[index].name:
         return None

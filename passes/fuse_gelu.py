@@ -26,21 +26,10 @@ import onnx_graphsurgeon as gs
 
 from compiler.ir import Module
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.patterns import has_single_consumer, producer
-from compiler.patterns import affine_of, close
+from compiler.patterns import Decline, affine_of, close, has_single_consumer, producer, single_user
 
 GELU_OPSET = 20  # Gelu is an ONNX op from here
 CONTRIB_DOMAIN = "com.microsoft"
-
-
-class Decline(Exception):
-    """Why an Erf is not the core of a Gelu this pass can fuse."""
-
-
-def single_user(graph: gs.Graph, tensor, role: str) -> gs.Node:
-    if not has_single_consumer(graph, tensor):
-        raise Decline(f"{role} %{tensor.name} feeds other nodes or is a graph output")
-    return tensor.outputs[0]
 
 
 def scales(node: gs.Node | None, var, factor: float) -> bool:

@@ -33,19 +33,9 @@ import onnx_graphsurgeon as gs
 
 from compiler.ir import Module, const_value, unique_name
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
-from compiler.patterns import has_single_consumer, is_graph_output, scalar, variable_and_scalar
+from compiler.patterns import Decline, has_single_consumer, is_graph_output, scalar, single_user, variable_and_scalar
 
 LAYERNORM_OPSET = 17  # LayerNormalization is an ONNX op from here
-
-
-class Decline(Exception):
-    """Why a mean subtraction is not the start of a LayerNorm this pass can fuse."""
-
-
-def single_user(graph: gs.Graph, tensor, role: str) -> gs.Node:
-    if not has_single_consumer(graph, tensor):
-        raise Decline(f"{role} %{tensor.name} feeds other nodes or is a graph output")
-    return tensor.outputs[0]
 
 
 def reduced_axes(node: gs.Node, opset: int) -> list | None:
