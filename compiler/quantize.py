@@ -451,13 +451,14 @@ def plan_quantized_outputs(outputs: OutputSet) -> None:
 
 def write_outputs(result: CompileResult, request: CompileRequest, outputs: OutputSet, compiled, float_model) -> list[Path]:
     """Stage OUT.onnx, OUT.encodings when quantized, OUT.float.onnx (the float model the encodings describe:
-    the float rewrites applied and bias correction's and AdaRound's weights, as insert-qdq received it, so
+    the float rewrites applied and bias correction's and AdaRound's weights, as insert-qdq received it, its
+    int32 biases at the values OUT.onnx stores (compiler.export.biases_as_stored), so
     that applying OUT.encodings to it gives OUT.onnx and ``qcc analyze OUT.float.onnx OUT.onnx`` compares
     like with like where CLE rescaled channels or fold-affine moved constants), OUT.report.json; commit them
     together. Each model is checked to load in onnxruntime first. ``compiled`` and ``float_model`` are
     ModelProtos (float_model None before any quantizing pass)."""
     from compiler.encoding import has_qdq
-    from compiler.export import encodings_json
+    from compiler.export import biases_as_stored, encodings_json
     from compiler.runtime import loadable_bytes
     module, times = result.module, result.timings
     with timed(times, "write compiled model"):
@@ -467,6 +468,7 @@ def write_outputs(result: CompileResult, request: CompileRequest, outputs: Outpu
             names["encodings"] = outputs.write("encodings", encodings_json(module, request.encodings_format)).name
         if float_model is not None:
             with timed(times, "write float model"):
+                biases_as_stored(float_model, module)
                 data = loadable_bytes(float_model, outputs.paths["float model"])
                 names["float_model"] = outputs.write("float model", data).name
     with timed(times, "write report and commit"):

@@ -8,7 +8,8 @@ Strict loading holds for every encoding but the int32 biases: AIMET's HTP config
 AIMET's own ``sim.export(export_int32_bias=True)`` does not reload strictly either (docs/encodings.md); in
 0.6.1 also a per-channel weight of one channel (the format cannot tell it from per tensor). At W8A8 the
 simulation parts from OUT.onnx where AIMET rounds a tie away from zero and QuantizeLinear to even (a test
-below shows both rules). Skipped when aimet-onnx (``pip install .[aimet]``) is not installed.
+below shows both rules), or where float32 rounding puts a value on the other side of a half step. Skipped
+when aimet-onnx (``pip install .[aimet]``) is not installed.
 """
 import json
 import os
@@ -38,10 +39,13 @@ MODELS = {
     "rec": ("ppocr_rec.onnx", "text_cls", [1, 3, 48, 320], (0.5,) * 3, (0.5,) * 3, 16, 52),
 }
 # At W8A8, AIMET's simulation against OUT.onnx: (median, worst) over 8 images at least. AIMET rounds a tie away
-# from zero, QuantizeLinear to even (the last test): a one-step difference carries furthest on the models
-# that are themselves furthest from FP32 at 8 bits (det 0.991, rec 0.98 there). Measured 2026-12-04: cls
-# >= 0.9997; orient five of 8 >= 0.99999, worst 0.993; det 0.9943-0.9988; rec 0.9758-0.9990.
-TIE_ROUNDING_BOUNDS = {"cls": (0.999, 0.999), "orient": (0.999, 0.99), "det": (0.995, 0.99), "rec": (0.99, 0.97)}
+# from zero, QuantizeLinear to even (the last test), and AIMET's arithmetic puts some values within a float32 ulp
+# of a half step on the other side (x / s = 113.49999: QuantizeLinear 113, AIMET 114). Each such step grows
+# layer by layer on an image the 8-bit model is unsure of (cls: 1 value in a 25k tensor, 26k values differ 20
+# layers on); OUT.float.onnx holds the int32 biases' values, or AIMET's float biases add many more (det's
+# median was 0.9974). Measured 2026-12-04: cls seven of 8 >= 0.99996, one 0.989; orient >= 0.99985; det
+# 0.9978-0.9991; rec 0.9948-0.9993.
+TIE_ROUNDING_BOUNDS = {"cls": (0.999, 0.98), "orient": (0.999, 0.999), "det": (0.998, 0.997), "rec": (0.998, 0.99)}
 # 0.6.1 lists one entry per channel, so a per-channel weight of one output channel (det's last ConvTranspose)
 # reads as per tensor where AIMET keeps a per-channel quantizer: its strict load reports that one tensor.
 SINGLE_CHANNEL_WEIGHTS = {"det": {"conv2d_transpose_1.w_0"}}

@@ -31,3 +31,20 @@ def test_float_target_writes_no_reference(model, tmp_path, capsys):  # noqa: F81
     code, err = run(["compile", model, "--target", "cpu", "-o", tmp_path / "out.onnx"], capsys)
     assert code == 0, err
     assert not (tmp_path / "out.float.onnx").exists()
+
+
+def test_float_reference_holds_each_int32_bias_at_the_value_the_qdq_model_adds(model, data, tmp_path, capsys):  # noqa: F811
+    """A consumer that leaves biases float (AIMET's HTP configs) adds exactly what OUT.onnx adds."""
+    out = tmp_path / "out.onnx"
+    code, err = run(["compile", model, "--target", "htp", "--calib-data", data[0], "-o", out], capsys)
+    assert code == 0, err
+    compiled, reference = onnx.load(out), onnx.load(tmp_path / "out.float.onnx")
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in compiled.graph.initializer}
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in reference.graph.initializer}
+    quantized = json.loads({p.key: p.value for p in compiled.metadata_props}["qcc.qdq-constants"])
+    biases = {name: codes for name, codes in quantized.items() if stored[codes].dtype == np.int32}
+    assert biases
+    scales = {n.input[0]: stored[n.input[1]] for n in compiled.graph.node if n.op_type == "DequantizeLinear"}
+    for name, codes in biases.items():
+        dequantized = stored[codes].astype(np.float32) * scales[codes].astype(np.float32)
+        np.testing.assert_array_equal(floats[name], dequantized, err_msg=name)
