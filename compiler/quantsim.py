@@ -21,7 +21,7 @@ from compiler.encoding import Encoding, fixed_ranges, qdq_params
 from compiler.ir import Module
 from compiler.layer_analysis import ErrorStats, GraphIndex, Reference, activation_quantizers, is_dq, is_q
 from compiler.propagation import propagate_encodings
-from compiler.qdq import MS_DOMAIN, convert_encoding, lowered_copy, rebiased, rebit, requantized_constant
+from compiler.qdq import INT32_MAX, MS_DOMAIN, convert_encoding, lowered_copy, rebiased, rebit, requantized_constant
 from compiler.runtime import make_session
 
 # Run-time quantizer parameters of MixedPrecisionSim, one vector entry per quantizer: name and type.
@@ -289,6 +289,30 @@ class MixedPrecisionSim:
             for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
                 stats.update(reference, got)
         return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)
+
+    def saturating_up_converts(self) -> list[tuple[str, str]]:
+        """(tensor, tensor its reader writes) for each 8-bit tensor whose reader's int32 bias would not fit at the
+        16-bit input scale a convert up gives it: s_in * s_w shrinks about 257 times, and a bias past 2^31 steps
+        saturates (16-bit weights on det's first Conv: biases clipped to +-2^31, the model at cosine 0.96 where
+        this simulation said 0.9996). promote-16bit gives such a pair one width, so no convert up reaches it."""
+        g = GraphIndex(self.qdq_model)
+        pairs = []
+        for name, user, _, writes in self.edges:
+            base = self.base[name]
+            consumer = g.nodes[user]
+            if base.bw >= 16 or len(consumer.input) < 3 or not all(x in g.producer for x in consumer.input[1:3]):
+                continue
+            weight_dq, bias_dq = (g.nodes[g.producer[x]] for x in consumer.input[1:3])
+            stored, scale = (g.constant(x) for x in bias_dq.input[:2])
+            weight_scale = g.constant(weight_dq.input[1]) if is_dq(weight_dq) else None
+            if not is_dq(bias_dq) or stored is None or scale is None or weight_scale is None or stored.dtype != np.int32:
+                continue
+            up = self._convert(base, 16, self.fixed.get(name), None)
+            values = stored.astype(np.float64) * np.asarray(scale, dtype=np.float64)
+            steps = np.abs(values) / (up.scale[0] * np.asarray(weight_scale, dtype=np.float64))
+            if np.max(steps, initial=0.0) > INT32_MAX:
+                pairs.append((name, writes))
+        return pairs
 
     def conversions(self, encodings: dict) -> set[tuple[str, int]]:
         """The converts insert-converts will insert: distinct (tensor, width) pairs read at another width."""

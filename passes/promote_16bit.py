@@ -22,7 +22,9 @@ tensor with the outputs of the ops that read it (plus what must share their widt
 2. Group. Tensors that must share a width move together: shared-encoding ops
    (compiler.encoding.SHARED_ENCODING_OPS: Concat inputs and output, MaxPool, Reshape, ...; no
    convert inside a data-movement chain), a producer fused with its Relu/Clip (no convert inside the
-   fused op), and BIT_WIDTH_TIES (MatMul's two activation inputs: 8x8 or 16x16).
+   fused op), BIT_WIDTH_TIES (MatMul's two activation inputs: 8x8 or 16x16), and an 8-bit tensor with the
+   output of a reader whose int32 bias a convert up to 16 bits would saturate (16-bit weights, mostly:
+   MixedPrecisionSim.saturating_up_converts).
 3. Rank by cost per byte. A unit's cost is the output error it causes: error(as is) - error(this unit
    alone at 16 bits), Σ ||q - f||² / Σ ||f||² over outputs, on the first ``screen-samples`` samples;
    units are ranked by cost over the bytes promoting them adds (the greedy answer to filling a byte
@@ -73,10 +75,12 @@ from compiler.quantsim import MixedPrecisionSim, pipeline_propagation
 CACHE_KEY = "promote-16bit"
 # Op -> input indices whose activations HTP needs at one bit-width (MatMul of two activations: 8x8 or 16x16).
 BIT_WIDTH_TIES = {"MatMul": (0, 1)}
-def tie_graph(module: Module, names: set[str]) -> nx.Graph:
-    """Tensors (among ``names``) joined when they must share one bit-width."""
+def tie_graph(module: Module, names: set[str], extra: list = ()) -> nx.Graph:
+    """Tensors (among ``names``) joined when they must share one bit-width; ``extra``: more (tensor, tensor) pairs
+    (MixedPrecisionSim.saturating_up_converts)."""
     ties = nx.Graph()
     ties.add_nodes_from(names)
+    ties.add_edges_from((a, b) for a, b in extra if a in names and b in names)
     for node in module.graph.nodes:
         rule = SHARED_ENCODING_OPS.get(node.op)
         if rule is not None:
@@ -93,16 +97,16 @@ def tie_graph(module: Module, names: set[str]) -> nx.Graph:
     return ties
 
 
-def tie_groups(module: Module, names: set[str]) -> list[list[str]]:
+def tie_groups(module: Module, names: set[str], extra: list = ()) -> list[list[str]]:
     """The groups of ``names`` that must share one width (tie_graph's components), in graph order: disjoint."""
     order = {t.name: i for i, node in enumerate(module.graph.nodes) for t in list(node.inputs) + list(node.outputs)}
-    groups = [sorted(c, key=lambda n: order.get(n, -1)) for c in nx.connected_components(tie_graph(module, names))]
+    groups = [sorted(c, key=lambda n: order.get(n, -1)) for c in nx.connected_components(tie_graph(module, names, extra))]
     return sorted(groups, key=lambda g: order.get(g[0], -1))
 
 
-def promotion_units(module: Module, names: set[str]) -> list[list[str]]:
+def promotion_units(module: Module, names: set[str], extra: list = ()) -> list[list[str]]:
     """Per tensor: itself and the outputs of the ops reading it, closed under the ties; deduplicated, in graph order."""
-    ties = tie_graph(module, names)
+    ties = tie_graph(module, names, extra)
     component = {n: frozenset(c) for c in nx.connected_components(ties) for n in c}
     order = {n: i for i, n in enumerate(t.name for node in module.graph.nodes for t in list(node.inputs) + list(node.outputs))}
     order.update({t.name: -1 for t in module.graph.inputs})
@@ -270,7 +274,9 @@ class Promote16Bit(Pass):
 
         simulated = {name for name, _ in sim.pairs}
         widened = lambda unit: {n: sim.wide[n] for n in unit if n not in wide}
-        units = [u for u in promotion_units(module, set(activations)) if not set(u) <= wide and set(u) <= simulated]
+        saturating = sim.sim.saturating_up_converts()
+        units = [u for u in promotion_units(module, set(activations), saturating)
+                 if not set(u) <= wide and set(u) <= simulated]
         everything = {**encodings, **{n: e for u in units for n, e in widened(u).items()}}
         best_case = sim.measure(everything)
         cos, evaluations, chosen, removed = start.cos, 2, [], {}
@@ -283,7 +289,7 @@ class Promote16Bit(Pass):
             wide = wide.union(*chosen)
             cos = sim.measure(encodings).cos
         elif best_case.cos >= opts.target_cos:
-            groups = tie_groups(module, {n for u in units for n in u})
+            groups = tie_groups(module, {n for u in units for n in u}, saturating)
             kept, kept_cos, shares, spent = self._demote(sim, encodings, everything, groups, share_of, ctx.runner)
             evaluations += spent
             if kept:
