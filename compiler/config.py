@@ -46,3 +46,7 @@ class QuantConfig:
         problem = HTP_ARCHS[self.htp_arch].weight_problem(self.weight_bits) if self.htp_arch in HTP_ARCHS else ""
         if problem:
             raise QccError(f"{CONFIG_NAME}: {problem}")
+        if self.htp_arch in HTP_ARCHS and self.weight_bits == 16 and self.act_bits < 16:
+            # Measured on v73: every Conv, ConvTranspose and Gemm of det stored W16A8 refused (docs/htp-backend.md).
+            raise QccError(f"{CONFIG_NAME}: 16-bit weights need 16-bit activations on HTP (act-bits=16; W16A8 layers "
+                           f"are refused), got act-bits={self.act_bits}")

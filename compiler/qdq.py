@@ -302,7 +302,9 @@ def lowered_copy(module: Module, config: QuantConfig, encodings: dict | None = N
 
 def arch_problems(module: Module, arch: HtpArch) -> list[str]:
     """Each layer of the QDQ ``module`` whose stored weight ``arch`` does not take, as one line naming the node
-    and the rule (16-bit weights on v68 and v69: their backend refuses the node)."""
+    and the rule: 16-bit weights on v68 and v69, and 16-bit weights beside 8-bit activations on any generation
+    (v73 refuses every Conv, ConvTranspose and Gemm of det stored W16A8: "Failed to add node";
+    docs/htp-backend.md)."""
     problems = []
     for node in module.graph.nodes:
         weight = node.inputs[1] if node.op in WEIGHT_OPS and len(node.inputs) > 1 else None
@@ -310,10 +312,23 @@ def arch_problems(module: Module, arch: HtpArch) -> list[str]:
         stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
         if stored is None or stored.dtype.kind not in "iu":
             continue
-        problem = arch.weight_problem(stored.dtype.itemsize * 8)
+        bits = stored.dtype.itemsize * 8
+        problem = arch.weight_problem(bits)
+        activation = _activation_bits(node.inputs[0]) if node.inputs else None
+        if not problem and bits == 16 and activation is not None and activation < 16:
+            problem = f"16-bit weight with {activation}-bit activations; HTP takes 16-bit weights at 16-bit activations only"
         if problem:
             problems.append(f"node '{node.name or node.outputs[0].name}' ({node.op}): {problem}")
     return problems
+
+
+def _activation_bits(tensor) -> int | None:
+    """The width a DequantizeLinear of an activation gives ``tensor`` (None for anything else)."""
+    dq = tensor.inputs[0] if tensor.inputs else None
+    if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 3 or isinstance(dq.inputs[0], gs.Constant):
+        return None
+    zero_point = const_value(dq.inputs[2])
+    return None if zero_point is None else np.dtype(zero_point.dtype).itemsize * 8
 
 
 # --- re-deriving encodings and stored constants at another width (insert-converts, mixed precision) ------

@@ -356,7 +356,8 @@ def check_arch(result: CompileResult) -> None:
     problems = arch_problems(result.module, arch) if arch is not None else []
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise QccError(f"{problems[0]}{more}; compile for a later --htp-arch or with --weight-bits 8")
+        raise QccError(f"{problems[0]}{more}; compile with --weight-bits 8, or 16-bit activations (--act-bits 16) "
+                       f"on a generation that takes 16-bit weights (--htp-arch 73 or later)")
 
 
 def htp_checks(result: CompileResult, request: CompileRequest, compiled, reference) -> dict:

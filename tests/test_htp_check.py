@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import onnx.parser
+import onnx_graphsurgeon as gs
 import pytest
 
 from compiler import htp
@@ -118,6 +119,27 @@ def test_a_layer_with_a_weight_the_generation_does_not_take_is_named():
     assert arch_problems(module, HTP_ARCHS["73"]) == []
     (problem,) = arch_problems(module, HTP_ARCHS["68"])
     assert "(Conv): 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)" in problem
+
+
+def test_sixteen_bit_weights_beside_8_bit_activations_are_refused_before_any_pass(work, capsys):
+    assert compile_htp(work, "--weight-bits", "16") == 2
+    err = capsys.readouterr().err
+    assert "quant: 16-bit weights need 16-bit activations on HTP" in err
+    assert "[1/" not in err and not (work / "o.onnx").exists()
+
+
+def test_a_layer_with_16_bit_weights_and_8_bit_activations_is_named():
+    """A QDQ model made elsewhere (or a layer annotated by hand) is checked too: v73 refuses W16A8 layers."""
+    module = from_onnx(infer_shapes(onnx.parser.parse_model(CONV_MODEL)))
+    samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
+    pipeline = Pipeline([make_pass("calibrate", {"method": "minmax"}), make_pass("insert-qdq")],
+                        QuantConfig(act_bits=16, weight_bits=16))
+    PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=samples, log=lambda m: None))
+    for node in module.graph.nodes:  # the activations' DequantizeLinear nodes read back at 8 bits
+        if node.op == "DequantizeLinear" and not isinstance(node.inputs[0], gs.Constant):
+            node.inputs[2] = gs.Constant(node.inputs[2].name + "_8bit", np.zeros((), np.uint8))
+    (problem,) = arch_problems(module, HTP_ARCHS["73"])
+    assert "(Conv): 16-bit weight with 8-bit activations; HTP takes 16-bit weights at 16-bit activations only" in problem
 
 
 def test_htp_arch_is_for_the_htp_target(work, capsys):

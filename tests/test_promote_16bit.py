@@ -91,6 +91,27 @@ def test_simulation_is_the_lowered_model_bit_for_bit(overflowing_bias):
         assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), wide
 
 
+def test_a_reader_whose_bias_a_convert_up_would_saturate_shares_its_inputs_width():
+    """c2's int32 bias overflows at a 16-bit input scale: c2 at 16 bits beside an 8-bit input would need its input
+    converted up and its bias saturated (the model at cosine 0.71 here), so every unit holds both or neither,
+    and what each unit writes is what the simulation measured."""
+    module, _ = calibrated(model(overflowing_bias=True))
+    data = samples(2, seed=5)
+    sim = MixedPrecisionSim(module, QuantConfig(), data)
+    saturating = sim.saturating_up_converts()
+    assert saturating == [("a", "c2")]
+    units = promotion_units(module, set(module.encodings), saturating)
+    assert all(("a" in unit) == ("c2" in unit) for unit in units)
+    reference = make_session(sim.float_model)
+    for unit in units:
+        simulated = sim.measure({**module.encodings, **{n: rebit(module.encodings[n], 16) for n in unit}})
+        real_module, _ = lowered(module, unit)
+        session, stats = make_session(real_module.to_onnx()), ErrorStats()
+        for sample in data:
+            stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
+        assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), unit
+
+
 def test_simulation_with_wider_16_bit_ranges_is_the_lowered_model_bit_for_bit():
     module, _ = calibrated()
     data = samples(2, seed=5)
