@@ -171,7 +171,9 @@ class QdqLowering:
             if enc is None and node.op in ASYMMETRIC_WEIGHT_OPS:
                 enc = activation_encoding(min(0.0, float(weight.min())), max(0.0, float(weight.max())), self.config.weight_bits)
             if enc is None:
-                enc = weight_encoding(weight, self.config.weight_bits, axis)
+                # A layer promote-16bit moved to 16-bit activations may take 16-bit weights (annotation weight_bits).
+                bits = int(self.module.annotations.get(node.inputs[1].name, {}).get("weight_bits", self.config.weight_bits))
+                enc = weight_encoding(weight, bits, axis)
             if bias is not None and input_enc is not None and np.issubdtype(bias.dtype, np.floating) and enc.symmetric:
                 enc = self._fit_bias(node, enc, bias, input_enc)
             self.module.encodings[name] = enc
@@ -287,11 +289,18 @@ def lower_to_qdq(module: Module, config: QuantConfig, remark: Callable[[object, 
     return QdqLowering(module, config, remark).run()
 
 
-def lowered_copy(module: Module, config: QuantConfig, encodings: dict | None = None) -> Module:
+def lowered_copy(module: Module, config: QuantConfig, encodings: dict | None = None,
+                 wide_weights: frozenset = frozenset(), constants: dict | None = None) -> Module:
     """A clone of ``module`` (its encodings updated with ``encodings``) lowered as insert-qdq lowers it, every
-    activation at the width of its encoding (so nothing is re-derived)."""
+    activation at the width of its encoding (so nothing is re-derived), the weights named in ``wide_weights``
+    at 16 bits and the constants named in ``constants`` holding those values."""
     qdq = module.clone()
     qdq.encodings.update(encodings or {})
+    for name in wide_weights:
+        qdq.annotate(name, weight_bits=16)
+    tensors = qdq.graph.tensors() if constants else {}
+    for name, value in (constants or {}).items():
+        tensors[name].values = value
     widths = [enc.bw for enc in qdq.encodings.values() if enc.dtype == "int" and not enc.symmetric]
     for name, enc in qdq.encodings.items():
         if enc.dtype == "int":

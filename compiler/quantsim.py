@@ -69,9 +69,12 @@ class MixedPrecisionSim:
     converts insert-converts would add, parameterised, so one session measures any choice of widths."""
 
     def __init__(self, module: Module, config: QuantConfig, samples: list[dict],
-                 reference: Module | None = None, sixteen_bit: dict | None = None):
+                 reference: Module | None = None, sixteen_bit: dict | None = None, wide_weights: frozenset = frozenset(),
+                 wide_biases: dict | None = None):
         """``reference``: the FP32 model to compare with (default: ``module``'s float graph);
-        ``sixteen_bit``: each activation's encoding when promoted (default: its range re-derived at 16 bits)."""
+        ``sixteen_bit``: each activation's encoding when promoted (default: its range re-derived at 16 bits);
+        ``wide_weights``: the weights that are 16-bit where their layer's output is (promote-16bit's wide layers);
+        ``wide_biases``: those layers' biases when their weights are 16-bit (the values before bias correction)."""
         self.fixed = fixed_ranges(module)
         self.base = dict(module.encodings)
         self.wide = {name: enc if enc.bw >= 16 else (sixteen_bit or {}).get(name) or rebit(enc, 16, self.fixed.get(name))
@@ -79,7 +82,11 @@ class MixedPrecisionSim:
         self.qdq_model = lowered_copy(module, config).to_onnx()
         # The same with every unsigned activation and activation-like constant at 16 bits: biases (scale
         # s_in * s_w) follow their input, constants are quantized from their float values.
-        self.wide_model = lowered_copy(module, config, self.wide).to_onnx()
+        self.wide_model = lowered_copy(module, config, self.wide, wide_weights, wide_biases).to_onnx()
+        # A layer whose input and output widths differ reads its weight at its output's width: the 16-bit weight
+        # (fitted to the 8-bit input's bias scale) behind a convert up, the 8-bit one behind a convert down.
+        self.up_model = lowered_copy(module, config, None, wide_weights, wide_biases).to_onnx() if wide_weights else self.qdq_model
+        self.down_model = lowered_copy(module, config, self.wide).to_onnx() if wide_weights else self.wide_model
         self.float_model = (reference or module).clone().to_onnx()
         g = GraphIndex(self.qdq_model)
         # (tensor, its DequantizeLinear): insert-qdq's Q reads the tensor, or for a graph output its DQ writes it.
@@ -161,16 +168,23 @@ class MixedPrecisionSim:
         constant is 16-bit (from its float value) when a node reading it computes at 16 bits
         (``constant_encodings``), and insert-converts rounds it to 8 bits for a node that does not."""
         wide = GraphIndex(self.wide_model)
+        up = GraphIndex(self.up_model) if self.up_model is not self.qdq_model else g
+        down = GraphIndex(self.down_model) if self.down_model is not self.wide_model else wide
         pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
         flag = {name: f"qcc_act{i}_wide" for i, (name, _) in enumerate(self.pairs)}
         writes = {user: w for _, user, _, w in self.edges}
+        # Each layer's weight as the lowerings name it: _read rewires the layer's inputs as it goes.
+        weight_of = {i: node.input[1] for i, node in enumerate(g.nodes) if len(node.input) > 1}
         for node in g.nodes:
             if not is_dq(node) or not g.is_constant(node.input[0]) or node.output[0] not in wide.producer:
                 continue
             base = [g.constant(name) for name in node.input]
             other = wide.nodes[wide.producer[node.output[0]]]
             widened = [wide.constant(name) for name in other.input]
-            if all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)):
+            variants = [(source, source.nodes[source.producer[node.output[0]]]) for source in (up, down)]
+            if all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)) and all(
+                    np.array_equal(source.constant(n), g.constant(m)) for source, dq in variants
+                    for n, m in zip(dq.input, node.input)):
                 continue
             users = g.consumers.get(node.output[0], [])
             if base[0].dtype.kind == "u" and len(base) == 3:
@@ -183,9 +197,12 @@ class MixedPrecisionSim:
                     continue
                 index = list(consumer.input).index(node.output[0])
                 tensor = self.pairs[pair_of[consumer.input[0]]][0]
-                # An int32 bias; else a weight whose scale insert-qdq raised for its bias, kept by insert-converts.
-                self._bias(model, replace, g, wide, consumer, user, index, tensor, flag,
-                           writes.get(user) if base[0].dtype == np.int32 else None, node, other)
+                if base[0].dtype == np.int32:
+                    self._bias(model, replace, (g, node), (wide, other), variants, consumer, user, index, tensor, flag,
+                               writes.get(user), weight_of[user])
+                else:  # a weight: 16-bit on a wide layer, or raised by insert-qdq for its bias
+                    self._weight(model, replace, (g, node), (wide, other), variants, consumer, user, index, tensor, flag,
+                                 writes.get(user))
 
     def _constant(self, model, replace, g, node, other, widened, users, reader_flags, flag_of, head) -> None:
         """Where(any reader wide, Where(this reader wide, 16-bit constant, rounded to 8 bits), constant)."""
@@ -212,27 +229,49 @@ class MixedPrecisionSim:
             self._read(replace, consumer, user, index, nodes, any_wide, choice, user_tag)
         head[:0] = [sixteen, eight]
 
-    def _bias(self, model, replace, g, wide, consumer, user, index, tensor, flag, writes, base_dq, wide_dq) -> None:
-        """Where(T wide, Where(node wide, wide bias, wide bias rebiased for 8 bits),
-                         Where(node wide, bias rebiased for 16 bits, bias))."""
+    def _bias(self, model, replace, base, wide, variants, consumer, user, index, tensor, flag, writes, weight_name) -> None:
+        """Where(T wide, Where(layer wide, wide bias, the down lowering's bias rebiased for the convert down),
+                         Where(layer wide, the up lowering's bias rebiased for the convert up, bias)).
+        ``base``, ``wide``: (GraphIndex, the bias's DequantizeLinear) of the 8- and 16-bit lowerings; ``variants``:
+        the same in the up and down lowerings (the layer's weight at its output's width)."""
         tag = f"qcc_bias_{user}_{index}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in base_dq.attribute}
-        nodes = [self._dequantize(model, f"{tag}_base", [g.constant(n) for n in base_dq.input], base_dq.domain, attrs),
-                 self._dequantize(model, f"{tag}_wide", [wide.constant(n) for n in wide_dq.input], wide_dq.domain, attrs)]
-        if writes is None:  # not a bias, or no quantized output: insert-converts leaves it alone
+        attrs = {a.name: helper.get_attribute_value(a) for a in base[1].attribute}
+        nodes = [self._dequantize(model, f"{tag}_{key}", [source.constant(n) for n in dq.input], dq.domain, attrs)
+                 for key, (source, dq) in (("base", base), ("wide", wide))]
+        if writes is None:  # no quantized output: insert-converts leaves the layer alone
             self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
             return
         # The converts' encodings, as _feeds and insert-converts derive them: the 8-bit range up, the 16-bit one down.
         base_enc, fixed = self.base[tensor], self.fixed.get(tensor)
         up = base_enc if base_enc.bw >= 16 else rebit(base_enc, 16, fixed)
         down = convert_encoding(self.wide[tensor], 8, fixed, self.narrow(tensor))
-        for key, source, dq, enc in (("up", g, base_dq, up), ("down", wide, wide_dq, down)):
+        for key, (source, dq), enc in zip(("up", "down"), variants, (up, down)):
             stored, scale, zero = (source.constant(n) for n in dq.input)
-            weight = source.nodes[source.producer[consumer.input[1]]] if consumer.input[1] in source.producer else None
+            weight = source.nodes[source.producer[weight_name]] if weight_name in source.producer else None
             if weight is None or not is_dq(weight) or source.constant(weight.input[1]) is None:
                 return
             values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
             nodes.append(self._dequantize(model, f"{tag}_{key}", [values, new_scale, zero], dq.domain, attrs))
+        nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
+                  helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
+        self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
+
+    def _weight(self, model, replace, base, wide, variants, consumer, user, index, tensor, flag, writes) -> None:
+        """Where(T wide, Where(layer wide, wide weight, down weight), Where(layer wide, up weight, weight)): the
+        weight each lowering stores (a scale insert-qdq raised for the bias's input scale, the width of a wide
+        layer); the 8- and 16-bit lowerings' alone when the layer's width does not choose it."""
+        tag = f"qcc_weight_{user}_{index}"
+        attrs = {a.name: helper.get_attribute_value(a) for a in base[1].attribute}
+        keyed = (("base", base), ("wide", wide), *zip(("up", "down"), variants))
+        values = {key: [source.constant(n) for n in dq.input] for key, (source, dq) in keyed}
+        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(values[a], values[b]))
+        chosen = ("base", "wide") if writes is None or (same("up", "base") and same("down", "wide")) else \
+            ("base", "wide", "up", "down")
+        nodes = [self._dequantize(model, f"{tag}_{key}", values[key], dq.domain, attrs)
+                 for key, (source, dq) in keyed if key in chosen]
+        if len(chosen) == 2:
+            self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
+            return
         nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
                   helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
         self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
@@ -295,16 +334,16 @@ class MixedPrecisionSim:
         16-bit input scale a convert up gives it: s_in * s_w shrinks about 257 times, and a bias past 2^31 steps
         saturates (16-bit weights on det's first Conv: biases clipped to +-2^31, the model at cosine 0.96 where
         this simulation said 0.9996). promote-16bit gives such a pair one width, so no convert up reaches it."""
-        g = GraphIndex(self.qdq_model)
+        g, lowering = GraphIndex(self.qdq_model), GraphIndex(self.up_model)  # a wide layer reads the up lowering's
         pairs = []
         for name, user, _, writes in self.edges:
             base = self.base[name]
             consumer = g.nodes[user]
-            if base.bw >= 16 or len(consumer.input) < 3 or not all(x in g.producer for x in consumer.input[1:3]):
+            if base.bw >= 16 or len(consumer.input) < 3 or not all(x in lowering.producer for x in consumer.input[1:3]):
                 continue
-            weight_dq, bias_dq = (g.nodes[g.producer[x]] for x in consumer.input[1:3])
-            stored, scale = (g.constant(x) for x in bias_dq.input[:2])
-            weight_scale = g.constant(weight_dq.input[1]) if is_dq(weight_dq) else None
+            weight_dq, bias_dq = (lowering.nodes[lowering.producer[x]] for x in consumer.input[1:3])
+            stored, scale = (lowering.constant(x) for x in bias_dq.input[:2])
+            weight_scale = lowering.constant(weight_dq.input[1]) if is_dq(weight_dq) else None
             if not is_dq(bias_dq) or stored is None or scale is None or weight_scale is None or stored.dtype != np.int32:
                 continue
             up = self._convert(base, 16, self.fixed.get(name), None)

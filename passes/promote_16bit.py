@@ -44,14 +44,20 @@ tensor with the outputs of the ops that read it (plus what must share their widt
 5. Apply. Promoted tensors get ``act_bits=16`` and the encoding a 16-bit pipeline gives them
    (``sixteen_bit_encodings``: min-max range, then propagate-encodings' rules; fixed ranges
    exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them
-   down to for an 8-bit reader.
+   down to for an 8-bit reader. With ``wide-weights`` (default) on a generation that takes 16-bit weights
+   (v73 on), each Conv, ConvTranspose, Gemm or MatMul layer at 16 bits takes 16-bit weights too (annotation
+   ``weight_bits``, which insert-qdq reads): HTP runs W16A16 layers beside W8A8 ones, not W16A8. The
+   simulation lowers the model four ways (activations at 8 or 16 bits, the wide layers' weights at 8 or 16)
+   and gives each layer the weight and bias of its (input width, output width), so what it measures is
+   still what insert-qdq and insert-converts write. The share counts activation bytes;
+   the stats give the weights' added bytes beside it.
 
 ``layers`` > 0 is the LiteMP-style baseline instead of step 4's search: the units costliest alone
 (step 3's cost, not per byte) go to 16 bits until that share of the activation tensors is there;
 ``target-cos`` and ``budget`` are not read.
 
 Stats: output cosine before and after, tensors promoted, the byte share and tensor count at 16 bits, the
-activation bytes at 8 bits, converts HTP will run. A
+16-bit weights and the bytes they add, the activation bytes at 8 bits, converts HTP will run. A
 remark per promoted unit says why (the share of the output error it removes alone), and ``module.cache["promote-16bit"]``
 holds the same as data; a second run with the same options finds it and changes nothing.
 """
@@ -62,10 +68,11 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
+import onnx_graphsurgeon as gs
 
 from compiler.calibration import activation_tensors, encoding_from_observer, statistics
-from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, SHARED_ENCODING_OPS, activation_encoding,
-                               fixed_ranges, has_qdq, range_encoding)
+from compiler.encoding import (ALL, FUSED_ACTIVATIONS, FUSIBLE_PRODUCERS, HTP_ARCHS, SHARED_ENCODING_OPS,
+                               activation_encoding, fixed_ranges, has_qdq, range_encoding)
 from compiler.ir import Module, QccError, const_value
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.propagation import propagate_encodings
@@ -118,6 +125,63 @@ def promotion_units(module: Module, names: set[str], extra: list = ()) -> list[l
         unit = frozenset().union(*(component[m] for m in members))
         units.setdefault(unit, sorted(unit, key=lambda n: order.get(n, 0)))
     return list(units.values())
+
+
+# Layers whose weight may be 16-bit on a generation that takes it (HTP runs them W16A16 only).
+WIDE_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def wide_weight_layers(module: Module, names: set[str], config) -> dict[str, tuple[str, str]]:
+    """{weight: (the layer's activation input, its output)} for the layers whose weight goes to 16 bits with their
+    activations: HTP v73 and later run a layer W16A16 (and refuse W16A8, docs/htp-backend.md), and on PP-OCR det
+    the 8-bit weights are most of what W8A16 loses (W8A16 0.99905, W16A16 0.99990 held-out). A float weight of
+    one layer (without an encoding of its own: AdaRound's) whose input and output are 8-bit activations in
+    ``names``; none when the generation refuses
+    16-bit weights or the config has them already. The weight is 16-bit when the layer's output is."""
+    arch = HTP_ARCHS.get(config.htp_arch)
+    if arch is None or 16 not in arch.weight_bits or config.weight_bits >= 16:
+        return {}
+    tensors = module.graph.tensors()
+    layers = {}
+    for node in module.graph.nodes:
+        if node.op not in WIDE_WEIGHT_OPS or len(node.inputs) < 2 or not node.outputs:
+            continue
+        source, weight, output = node.inputs[0].name, node.inputs[1], node.outputs[0].name
+        value = const_value(weight)
+        if (value is None or not np.issubdtype(value.dtype, np.floating) or len(tensors[weight.name].outputs) != 1
+                or weight.name in module.encodings  # rounded by AdaRound or BRECQ for its 8-bit grid
+                or source not in names or output not in names
+                or any(module.encodings[n].bw >= 16 for n in (source, output))):
+            continue
+        layers[weight.name] = (source, output)
+    return layers
+
+
+def uncorrected_biases(module: Module, reference: Module | None, layers: dict) -> dict[str, np.ndarray]:
+    """{bias: its value in ``reference``} for the ``layers`` (wide_weight_layers) whose bias bias-correction moved
+    (annotation ``bias_corrected`` on the output; zero where it gave the layer a bias): its shift undoes the 8-bit
+    weight's mean rounding error, which the 16-bit weight does not make. Kept at 16-bit weights, det's all-16
+    model stayed at 0.9954 where W16A16 compiled alone reaches 0.9999 (held-out)."""
+    if reference is None:
+        return {}
+    before = {node.name: node for node in reference.graph.nodes if node.name}
+    biases = {}
+    for node in module.graph.nodes:
+        if (len(node.inputs) < 3 or node.inputs[1].name not in layers or not isinstance(node.inputs[2], gs.Constant)
+                or not module.annotations.get(node.outputs[0].name, {}).get("bias_corrected")):
+            continue
+        original = before.get(node.name)
+        value = const_value(original.inputs[2]) if original is not None and len(original.inputs) > 2 else None
+        corrected = const_value(node.inputs[2])
+        biases[node.inputs[2].name] = (np.asarray(value, dtype=corrected.dtype).reshape(corrected.shape)
+                                       if value is not None and np.size(value) == corrected.size else np.zeros_like(corrected))
+    return biases
+
+
+def weight_bytes(module: Module, weights: list[str]) -> int:
+    """The bytes 16-bit storage adds to ``weights`` (one per element)."""
+    tensors = module.graph.tensors()
+    return int(sum(np.size(const_value(tensors[name])) for name in weights))
 
 
 def constant_encodings(module: Module, wide: set[str]) -> dict:
@@ -229,6 +293,7 @@ class Promote16Bit(Pass):
         screen_samples: int = 2
         rounds: int = 3
         layers: float = 0.0
+        wide_weights: bool = True
 
     def run(self, module: Module, ctx: PassContext) -> PassResult:
         opts = self.options
@@ -260,9 +325,11 @@ class Promote16Bit(Pass):
         total = len(activations)
         sizes = activation_sizes(module, activations)
         share_of = lambda chosen: byte_share(chosen, sizes)
+        wide_layers = wide_weight_layers(module, set(activations), ctx.config) if opts.wide_weights else {}
         # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
         sim = SearchCurve(MixedPrecisionSim(module, ctx.config, ranked + held, ctx.reference,
-                                            sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline))),
+                                            sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline)),
+                                            frozenset(wide_layers), uncorrected_biases(module, ctx.reference, wide_layers)),
                           share_of, len(ranked) if held else 0)
         encodings = dict(module.encodings)
         wide = {n for n in activations if encodings[n].bw >= 16}
@@ -342,13 +409,20 @@ class Promote16Bit(Pass):
             module.annotate(name, act_bits=16, **({"narrow": sim.narrow(name)} if old.bw < 16 and not old.symmetric else {}))
             module.encodings[name] = encodings[name]
         module.encodings.update(constant_encodings(module, wide))
+        wide_weights = [weight for weight, (_, output) in wide_layers.items() if output in wide]
+        for weight in wide_weights:
+            module.annotate(weight, weight_bits=16)
+        tensors = module.graph.tensors()
+        for name, value in uncorrected_biases(module, ctx.reference, set(wide_weights)).items():
+            tensors[name].values = value
         converts = len(sim.conversions(encodings))
         module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
                                    "curve": sorted(sim.points.items()),
                                    "cos_all_16bit": best_case.cos, "cos_after": cos, "share_16bit": share_of(encodings),
                                    "tensors_16bit": len(wide), "converts": converts, "promoted": promoted}
         return PassResult(True, {**stats, "cos-after": cos, "cos-all-16bit": best_case.cos, "promoted": len(changed),
-                                 "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "converts": converts,
+                                 "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "weights-16bit": len(wide_weights),
+                                 "weight-bytes-16bit": weight_bytes(module, wide_weights), "converts": converts,
                                  "convert-share": convert_share(encodings, sizes, sim), "evaluations": evaluations})
 
     def _demote(self, sim, base: dict, everything: dict, units: list, share_of, runner) -> tuple[list, float, dict, int]:

@@ -15,7 +15,7 @@ from passes.insert_converts import output_width
 from compiler.encoding import activation_encoding
 from compiler.config import QuantConfig
 from compiler.quantsim import MixedPrecisionSim
-from passes.promote_16bit import constant_encodings, promotion_units, sixteen_bit_encodings
+from passes.promote_16bit import constant_encodings, promotion_units, sixteen_bit_encodings, wide_weight_layers
 
 # Conv (bias) -> Relu -> Add(constant) -> Conv (bias) -> Mul(constant) -> Concat with x -> Conv: biases and
 # activation-like constants whose quantization follows a width, and a shared-encoding Concat.
@@ -110,6 +110,50 @@ def test_a_reader_whose_bias_a_convert_up_would_saturate_shares_its_inputs_width
         for sample in data:
             stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
         assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), unit
+
+
+def lowered_with_wide_weights(module, wide, layers):
+    """``lowered`` with the weights of the layers whose output is in ``wide`` at 16 bits, as promote-16bit annotates them."""
+    module = module.clone()
+    for weight, (_, output) in layers.items():
+        if output in wide:
+            module.annotate(weight, weight_bits=16)
+    return lowered(module, wide)
+
+
+def test_with_16_bit_weights_on_wide_layers_the_simulation_is_the_lowered_model_bit_for_bit():
+    """Each layer reads the weight and bias of its (input width, output width): the four lowerings, picked at run
+    time, against insert-qdq + insert-converts with the weights promote-16bit would annotate."""
+    module, _ = calibrated()
+    data = samples(2, seed=5)
+    layers = wide_weight_layers(module, set(module.encodings), QuantConfig())
+    assert set(layers) == {"w1", "w2", "w3"}
+    sim = MixedPrecisionSim(module, QuantConfig(), data, wide_weights=frozenset(layers))
+    reference = make_session(sim.float_model)
+    for wide in ([], ["c1", "r1"], ["a", "c2"], ["c2"], ["a"], ["m", "x", "cat"], ["y"], sorted(module.encodings)):
+        simulated = sim.measure({**module.encodings, **{n: rebit(module.encodings[n], 16) for n in wide}})
+        real_module, _ = lowered_with_wide_weights(module, wide, layers)
+        stored = {n.inputs[1].name: n.inputs[1].inputs[0].inputs[0].values.dtype for n in real_module.graph.nodes
+                  if n.op == "Conv"}
+        assert sorted(str(d) for d in stored.values()) == sorted(
+            "int16" if layers[w][1] in wide else "int8" for w in layers), wide
+        session, stats = make_session(real_module.to_onnx()), ErrorStats()
+        for sample in data:
+            stats.update(Reference(reference.run(["y"], sample)[0]), session.run(["y"], sample)[0])
+        assert (simulated.cos, simulated.error) == (stats.cos, stats.noise / stats.signal), wide
+
+
+def test_wide_layers_take_16_bit_weights_only_where_the_generation_takes_them():
+    module, _ = calibrated()
+    assert wide_weight_layers(module, set(module.encodings), QuantConfig(htp_arch="68")) == {}
+    assert wide_weight_layers(module, set(module.encodings), QuantConfig(htp_arch="none")) == {}
+    promoted_module = module.clone()
+    ctx = PassContext(calib_data=samples(), log=lambda message: None)
+    result = make_pass("promote-16bit", {"target-cos": "0.99999", "budget": "1"}).run(promoted_module, ctx)
+    assert result.stats["weights-16bit"] == sum(promoted_module.annotations.get(w, {}).get("weight_bits") == 16
+                                                for w in ("w1", "w2", "w3")) > 0
+    assert result.stats["weight-bytes-16bit"] == sum(int(np.prod(SHAPES[w])) for w in ("w1", "w2", "w3")
+                                                     if promoted_module.annotations.get(w, {}).get("weight_bits") == 16)
 
 
 def test_simulation_with_wider_16_bit_ranges_is_the_lowered_model_bit_for_bit():
@@ -211,7 +255,8 @@ def test_budget_is_respected(promoted):
     before, _, ctx, _ = promoted
     module = before.clone()
     ctx.remarks.clear()
-    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "0.25"}).run(module, ctx)
+    # With 16-bit weights on the promoted layers a quarter of the bytes would reach the target: without them nothing fits.
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "0.25", "wide-weights": "false"}).run(module, ctx)
     assert not result.modified and all(e.bw == 8 for e in module.encodings.values())
     assert any("budget (0.25) holds no more" in r.message for r in ctx.remarks)
 
@@ -228,7 +273,8 @@ def test_mixed_precision_runs_on_htp(promoted):
     _, module, _, _ = promoted
     final, _ = lowered(module)
     proto = final.to_onnx()
-    outputs, _ = htp.run_htp(proto, samples(1, seed=5))
+    # The config's generation (v73): the promoted layers hold 16-bit weights, which v68 refuses.
+    outputs, _ = htp.run_htp(proto, samples(1, seed=5), {"htp_arch": "73"})
     simulated = make_session(proto).run(["y"], samples(1, seed=5)[0])[0]
     stats = ErrorStats()
     stats.update(Reference(simulated), outputs[0]["y"])
@@ -291,7 +337,8 @@ def test_with_held_back_samples_it_ranks_on_calibration_and_chooses_on_the_held_
     result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "1"}).run(module, ctx)
     assert result.stats["chosen-on"] == "3 held-back samples"
     # The cosine it reports is the chosen model's on the held-back samples alone, measured here from scratch.
-    check = MixedPrecisionSim(before, QuantConfig(), held, before)
+    layers = wide_weight_layers(before, set(before.encodings), QuantConfig())
+    check = MixedPrecisionSim(before, QuantConfig(), held, before, wide_weights=frozenset(layers))
     assert result.stats["cos-after"] == pytest.approx(check.measure(module.encodings).cos, abs=1e-6)
     # Every state it measured is a point of the curve, in the report's remarks and the cache.
     curve = module.cache["promote-16bit"]["curve"]
