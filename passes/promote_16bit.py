@@ -242,6 +242,7 @@ def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | N
     return {name: enc for name, enc in probe.encodings.items() if enc.bw >= 16 and not enc.symmetric}
 
 
+TINY_UNIT_SHARE = 1e-3  # of the activation bytes: a unit below it is kept at 16 bits from the top unscreened
 SCREEN_CHUNKS_PER_WORKER = 4  # screening's units of work per worker: short enough to balance, long enough to pay a task
 
 
@@ -433,26 +434,38 @@ class Promote16Bit(Pass):
         model's error, evaluations); no units when the budget admits no state that reaches the target."""
         screen = self.options.screen_samples
         top_error, base_error = sim.measure(everything, screen).error, sim.measure(base, screen).error
-        errors = sim.screen(everything, [{n: base[n] for n in unit} for unit in units], screen, runner,
-                            "promote-16bit: ranking from 16 bits")
-        damage = {tuple(unit): error - top_error for unit, error in zip(units, errors)}
         top_share = share_of(everything)
         saved = {tuple(u): top_share - share_of({**everything, **{n: base[n] for n in u}}) for u in units}
+        # Units of less than TINY_UNIT_SHARE of the bytes are not screened: per byte they would go back to 8 bits
+        # last anyway (det: 33 of 120 groups, 1 % of the bytes, a quarter of the screening).
+        screened = [u for u in units if saved[tuple(u)] >= TINY_UNIT_SHARE]
+        errors = sim.screen(everything, [{n: base[n] for n in unit} for unit in screened], screen, runner,
+                            "promote-16bit: ranking from 16 bits")
+        damage = {tuple(u): math.inf for u in units}
+        damage.update({tuple(unit): error - top_error for unit, error in zip(screened, errors)})
         # A damage at or below zero is none the screen can see: those units go back to 8 bits biggest first.
         order = sorted(units, key=lambda u: (max(damage[tuple(u)], 0.0) / saved[tuple(u)] if saved[tuple(u)] > 0 else math.inf,
                                              -saved[tuple(u)]))
         state = lambda k: {**base, **{n: everything[n] for u in order[k:] for n in u}}
         low = next((k for k in range(len(order) + 1) if share_of(state(k)) <= self.options.budget), len(order))
         measured = {low: sim.measure(state(low)).cos}
-        spent = len(units) + 3
+        spent = len(screened) + 3
         if measured[low] < self.options.target_cos:
             return [], measured[low], {}, spent
         high = len(order)  # every unit back at 8 bits: the start, below the target
+        # Bisection on the screen samples brackets the longest prefix; each bracket's lower end is then confirmed
+        # on every sample, stepping back while it misses (det: 7 + 2 evaluations on 16 samples -> 7 on 2 and 2 on 16).
         while high - low > 1:
             middle = (low + high) // 2
-            measured[middle] = sim.measure(state(middle)).cos
             spent += 1
-            low, high = (middle, high) if measured[middle] >= self.options.target_cos else (low, middle)
+            low, high = (middle, high) if sim.measure(state(middle), screen).cos >= self.options.target_cos else (low, middle)
+        confirmed = min(measured)
+        while low > confirmed:
+            measured[low] = sim.measure(state(low)).cos
+            spent += 1
+            if measured[low] >= self.options.target_cos:
+                break
+            low = confirmed + (low - confirmed) // 2
         kept = list(reversed(order[low:]))  # costliest first
         return kept, measured[low], {tuple(u): max(damage[tuple(u)], 0.0) / max(base_error, 1e-30) for u in kept}, spent
 
