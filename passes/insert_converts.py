@@ -23,7 +23,8 @@ promote-16bit recorded one (annotation ``narrow``: the clipped calibrated range,
 shared by the ops of that width; each starts from a DequantizeLinear of its own (the QNN EP forms a
 Convert only from a DQ -> Q pair nothing else reads). Activation-like constants (unsigned, per
 tensor: Add/Mul/Div operands, which insert-qdq quantizes at the activation width) are stored again
-at the op's width, over the same range. Weights (signed) stay as they are (HTP runs A16W8); an
+at the op's width, over the same range. Weights stay as they are (HTP runs A16W8; LayerNormalization's
+unsigned scale too: HTP refuses a uint16 one beside an int32 bias); an
 int32 bias of an op whose input was converted is stored again with scale s_in * s_w for the new
 input scale (HTP reads it on that grid: a bias left at the old scale broke an SE layer's Gemm on HTP,
 docs/measurements.md). Ops without a quantized output, and
@@ -37,7 +38,7 @@ import onnx_graphsurgeon as gs
 
 from compiler.encoding import Encoding, encoding_from_qdq, fixed_ranges, qdq_params
 from compiler.ir import Module, const_value, unique_name
-from compiler.qdq import convert_encoding, rebiased, requantized_constant
+from compiler.qdq import WEIGHT_OPS, convert_encoding, rebiased, requantized_constant
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.patterns import is_graph_output
 
@@ -123,7 +124,9 @@ class InsertConverts(Pass):
                     if index == 0 and self._rebias(module, node, float(converts[key].inputs[0].inputs[1].values)):
                         stats["biases"] += 1
                     continue
-                stored = constant_at_width(dq, width)
+                # A weight keeps its storage: LayerNormalization's unsigned scale is not an activation-like
+                # constant, and HTP refuses it at uint16 beside the int32 bias (rec's 16-bit LayerNorms).
+                stored = constant_at_width(dq, width) if not (node.op in WEIGHT_OPS and index == 1) else None
                 if stored is not None:
                     if key not in converts:
                         converts[key] = self._constant(module, dq, *stored)

@@ -39,8 +39,9 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
    still miss it) stop it. When every activation at 16 bits reaches the target, the search starts
    there instead: the tie groups go back to 8 bits in the order of the damage each causes alone per
-   byte it saves (damage at or below zero first, biggest first), and bisection finds the longest
-   prefix that keeps the target.
+   byte it saves (damage at or below zero first, biggest first; groups under 0.1 % of the bytes are not
+   screened and go last), and bisection on the screen samples finds the longest prefix that keeps the
+   target, confirmed on every sample (stepping back while it misses).
 5. Apply. Promoted tensors get ``act_bits=16`` and the encoding a 16-bit pipeline gives them
    (``sixteen_bit_encodings``: min-max range, then propagate-encodings' rules; fixed ranges
    exactly), and the annotation ``narrow``: their 8-bit range, which insert-converts converts them

@@ -217,6 +217,33 @@ def test_insert_converts_gives_every_op_its_own_width():
     assert not again.modified
 
 
+LAYERNORM = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1,6,8] x) => (float[1,6,8] y) {
+  n = LayerNormalization <axis = -1> (x, scale, shift)
+  y = Relu(n)
+}
+"""
+
+
+def test_a_layernorm_at_16_bits_keeps_its_8_bit_scale():
+    """LayerNormalization's scale is stored unsigned like an activation-like constant, but it is a weight: HTP
+    refuses a uint16 scale beside the int32 bias (rec's 16-bit LayerNorms were refused on v73)."""
+    proto = onnx.parser.parse_model(LAYERNORM)
+    rng = np.random.default_rng(3)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "scale"),
+                                    onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "shift")])
+    module = from_onnx(infer_shapes(proto))
+    ctx = PassContext(calib_data=[{"x": rng.standard_normal((1, 6, 8)).astype(np.float32)} for _ in range(2)],
+                      log=lambda message: None)
+    PassManager(parse_pipeline("calibrate{method=minmax},propagate-encodings"), quiet=True).run(module, ctx)
+    real_module, result = lowered(module, ["n", "y"])
+    assert result.stats.get("up") == 1  # x is converted up for the 16-bit LayerNorm
+    (layernorm,) = [n for n in real_module.graph.nodes if n.op == "LayerNormalization"]
+    assert layernorm.inputs[0].inputs[0].inputs[2].values.dtype == np.uint16
+    assert layernorm.inputs[1].inputs[0].inputs[2].values.dtype == np.uint8
+
+
 @pytest.fixture(scope="module")
 def promoted():
     golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
