@@ -252,9 +252,7 @@ class MixedPrecisionSim:
                 return
             values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
             nodes.append(self._dequantize(model, f"{tag}_{key}", [values, new_scale, zero], dq.domain, attrs))
-        nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
-                  helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
-        self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
+        self._read_by_widths(replace, consumer, user, index, nodes, flag[tensor], flag[writes], tag)
 
     def _weight(self, model, replace, base, wide, variants, consumer, user, index, tensor, flag, writes) -> None:
         """Where(T wide, Where(layer wide, wide weight, down weight), Where(layer wide, up weight, weight)): the
@@ -271,10 +269,14 @@ class MixedPrecisionSim:
                  for key, (source, dq) in keyed if key in chosen]
         if len(chosen) == 2:
             self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
-            return
-        nodes += [helper.make_node("Where", [flag[writes], f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
-                  helper.make_node("Where", [flag[writes], f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
-        self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_t16", f"{tag}_t8"], tag)
+        else:
+            self._read_by_widths(replace, consumer, user, index, nodes, flag[tensor], flag[writes], tag)
+
+    def _read_by_widths(self, replace, consumer, user, index, nodes, input_wide: str, layer_wide: str, tag: str) -> None:
+        """``consumer`` reads ``tag``'s _wide, _down, _up or _base value by (its input's width, its output's width)."""
+        nodes = nodes + [helper.make_node("Where", [layer_wide, f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
+                         helper.make_node("Where", [layer_wide, f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
+        self._read(replace, consumer, user, index, nodes, input_wide, [f"{tag}_t16", f"{tag}_t8"], tag)
 
     @staticmethod
     def _dequantize(model: onnx.ModelProto, name: str, values: list, domain: str, attrs: dict) -> onnx.NodeProto:
