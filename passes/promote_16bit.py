@@ -37,7 +37,8 @@ tensor with the outputs of the ops that read it (plus what must share their widt
    the target, the best prefix measured is promoted and the remaining units are ranked again
    against the new state (a unit that did not matter next to a worse one may matter now), up to
    ``rounds`` times; a remark says whether the budget or the weights (all activations at 16 bits
-   still miss it) stop it. When every activation at 16 bits reaches the target, the search starts
+   still miss it) stop it. When the budget stops it, the LiteMP-style fill of the same budget (the
+   units costliest alone, first round's screen) is measured too, and the better state is kept. When every activation at 16 bits reaches the target, the search starts
    there instead: the tie groups go back to 8 bits in the order of the damage each causes alone per
    byte it saves (damage at or below zero first, biggest first; groups under 0.1 % of the bytes are not
    screened and go last), and bisection on the screen samples finds the longest prefix that keeps the
@@ -365,12 +366,15 @@ class Promote16Bit(Pass):
                 chosen, cos, removed = kept, kept_cos, shares
                 encodings = {**encodings, **{n: e for u in kept for n, e in widened(u).items()}}
                 wide = wide.union(*kept)
+        before_rounds = (encodings, wide, list(chosen), dict(removed))
+        first_cost = {}
         for round_index in range(opts.rounds if cos < opts.target_cos and not opts.layers else 0):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
             errors = sim.screen(encodings, [widened(u) for u in remaining], opts.screen_samples, ctx.runner,
                                 f"promote-16bit: ranking, round {round_index + 1}")
             round_cost = {tuple(u): round_baseline - error for u, error in zip(remaining, errors)}
+            first_cost = first_cost or {key: (cost, round_baseline) for key, cost in round_cost.items()}
             evaluations += len(remaining) + 1
             picked, count, measured = self._choose(sim, encodings, remaining, round_cost, widened, share_of, cos)
             evaluations += len(measured) - 1  # prefix 0 is the state already measured
@@ -384,6 +388,21 @@ class Promote16Bit(Pass):
             cos = measured[count]
             if cos >= opts.target_cos or budget_full:
                 break
+        if cos < opts.target_cos and budget_full and first_cost:
+            # Short of the target with the budget spent: the LiteMP-style fill of the same budget (the units costliest
+            # alone first) is measured too, and the better of the two is kept (rec at LiteMP's share: the per-byte
+            # choice 0.98219 held-out against LiteMP's 0.98486).
+            fill_encodings, fill = before_rounds[0], []
+            for unit in sorted((u for u in units if tuple(u) in first_cost), key=lambda u: -first_cost[tuple(u)][0]):
+                trial = {**fill_encodings, **{n: sim.wide[n] for n in unit if n not in before_rounds[1]}}
+                if first_cost[tuple(unit)][0] > 0 and share_of(trial) <= opts.budget:
+                    fill_encodings, fill = trial, fill + [unit]
+            filled = sim.measure(fill_encodings).cos
+            evaluations += 1
+            if fill and filled > cos:
+                encodings, cos, wide = fill_encodings, filled, before_rounds[1].union(*fill)
+                chosen = before_rounds[2] + fill
+                removed = {**before_rounds[3], **{tuple(u): first_cost[tuple(u)][0] / first_cost[tuple(u)][1] for u in fill}}
         if cos < min(opts.target_cos, best_case.cos) and share_of(everything) <= opts.budget and not opts.layers:
             # Short of the target, with a budget that holds every activation at 16 bits: never below all 16 bits.
             rest = [u for u in units if not set(u) <= wide]
@@ -405,6 +424,7 @@ class Promote16Bit(Pass):
         for unit in chosen:  # remarks reach the compile report
             ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: "
                                 f"alone it accounts for {removed[tuple(unit)]:.1%} of the 8-bit output error")
+        wide = {n for n in activations if encodings[n].bw >= 16}  # what is applied, whichever path chose it
         changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
         for name in changed:
             old = module.encodings[name]
