@@ -269,9 +269,9 @@ def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: l
     CPU simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
     SQNR dB, largest difference in output steps); and, with ``search``, where HTP loses accuracy
     (``search_reason``), the first tensors where the two part (``first_divergences``, on the first sample).
-    A model the backend refuses gives ``status`` "refused" and the backend's reason. The runs (generations and the CPU x chunks of samples, then each generation's
-    divergence search) are ``runner``'s units of work (compiler.cluster); each sample's result does not depend
-    on which chunk ran it."""
+    A model the backend refuses gives ``status`` "refused" and the backend's reason. The runs (generations and
+    the CPU x chunks of samples, then each generation's divergence search) are ``runner``'s units of work
+    (compiler.cluster); each sample's result does not depend on which chunk ran it."""
     from compiler.cluster import LocalRunner
     runner = runner or LocalRunner()
     static = pinned_to_samples(model, samples)

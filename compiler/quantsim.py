@@ -182,9 +182,10 @@ class MixedPrecisionSim:
             other = wide.nodes[wide.producer[node.output[0]]]
             widened = [wide.constant(name) for name in other.input]
             variants = [(source, source.nodes[source.producer[node.output[0]]]) for source in (up, down)]
+            # The up and down lowerings are the 8- and 16-bit ones themselves unless some weights are wide.
+            others = [(source, dq) for source, dq in variants if source is not g and source is not wide]
             if all(v is not None and np.array_equal(v, b) for v, b in zip(widened, base)) and all(
-                    np.array_equal(source.constant(n), g.constant(m)) for source, dq in variants
-                    for n, m in zip(dq.input, node.input)):
+                    np.array_equal(source.constant(n), b) for source, dq in others for n, b in zip(dq.input, base)):
                 continue
             users = g.consumers.get(node.output[0], [])
             if base[0].dtype.kind == "u" and len(base) == 3:

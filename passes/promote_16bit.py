@@ -244,6 +244,16 @@ def sixteen_bit_encodings(module: Module, calib_data, fuse_activations: bool | N
     return {name: enc for name, enc in probe.encodings.items() if enc.bw >= 16 and not enc.symmetric}
 
 
+@dataclass(frozen=True)
+class SettledState:
+    """The search's state before its bottom-up rounds: encodings, the tensors at 16 bits, the units chosen and
+    their shares of the output error."""
+    encodings: dict
+    wide: set
+    chosen: list
+    removed: dict
+
+
 TINY_UNIT_SHARE = 5e-3  # of the activation bytes: a unit below it is kept at 16 bits from the top unscreened
 SCREEN_CHUNKS_PER_WORKER = 4  # screening's units of work per worker: short enough to balance, long enough to pay a task
 
@@ -367,15 +377,15 @@ class Promote16Bit(Pass):
                 chosen, cos, removed = kept, kept_cos, shares
                 encodings = {**encodings, **{n: e for u in kept for n, e in widened(u).items()}}
                 wide = wide.union(*kept)
-        before_rounds = (encodings, wide, list(chosen), dict(removed))
-        first_cost = {}
+        settled = SettledState(encodings, wide, list(chosen), dict(removed))
+        first_gains = {}  # unit -> the share of the output error it removes alone (the first round's screen)
         for round_index in range(opts.rounds if cos < opts.target_cos and not opts.layers else 0):
             remaining = [u for u in units if not set(u) <= wide]
             round_baseline = sim.measure(encodings, opts.screen_samples).error
             errors = sim.screen(encodings, [widened(u) for u in remaining], opts.screen_samples, ctx.runner,
                                 f"promote-16bit: ranking, round {round_index + 1}")
             round_cost = {tuple(u): round_baseline - error for u, error in zip(remaining, errors)}
-            first_cost = first_cost or {key: (cost, round_baseline) for key, cost in round_cost.items()}
+            first_gains = first_gains or {key: cost / round_baseline for key, cost in round_cost.items()}
             evaluations += len(remaining) + 1
             picked, count, measured = self._choose(sim, encodings, remaining, round_cost, widened, share_of, cos)
             evaluations += len(measured) - 1  # prefix 0 is the state already measured
@@ -389,21 +399,17 @@ class Promote16Bit(Pass):
             cos = measured[count]
             if cos >= opts.target_cos or budget_full:
                 break
-        if cos < opts.target_cos and first_cost:
+        if cos < opts.target_cos and first_gains:
             # Short of the target: the LiteMP-style fill of the budget (the units costliest alone first) is measured
             # too, and the better of the two is kept (rec at LiteMP's share: the per-byte search stopped at 0.140 of
             # the bytes, 0.98219 held-out, against LiteMP's 0.98486 at 0.224).
-            fill_encodings, fill = before_rounds[0], []
-            for unit in sorted((u for u in units if tuple(u) in first_cost), key=lambda u: -first_cost[tuple(u)][0]):
-                trial = {**fill_encodings, **{n: sim.wide[n] for n in unit if n not in before_rounds[1]}}
-                if first_cost[tuple(unit)][0] > 0 and share_of(trial) <= opts.budget:
-                    fill_encodings, fill = trial, fill + [unit]
-            filled = sim.measure(fill_encodings).cos
-            evaluations += 1
-            if fill and filled > cos:
-                encodings, cos, wide = fill_encodings, filled, before_rounds[1].union(*fill)
-                chosen = before_rounds[2] + fill
-                removed = {**before_rounds[3], **{tuple(u): first_cost[tuple(u)][0] / first_cost[tuple(u)][1] for u in fill}}
+            fill, fill_encodings = self._fill(units, first_gains, settled, sim.wide, share_of)
+            filled = sim.measure(fill_encodings).cos if fill else -1.0
+            evaluations += bool(fill)
+            if filled > cos:
+                encodings, cos, wide = fill_encodings, filled, settled.wide.union(*fill)
+                chosen = settled.chosen + fill
+                removed = {**settled.removed, **{tuple(u): first_gains[tuple(u)] for u in fill}}
         if cos < min(opts.target_cos, best_case.cos) and share_of(everything) <= opts.budget and not opts.layers:
             # Short of the target, with a budget that holds every activation at 16 bits: never below all 16 bits.
             rest = [u for u in units if not set(u) <= wide]
@@ -447,6 +453,16 @@ class Promote16Bit(Pass):
                                  "share-16bit": share_of(encodings), "tensors-16bit": len(wide), "weights-16bit": len(wide_weights),
                                  "weight-bytes-16bit": weight_bytes(module, wide_weights), "converts": converts,
                                  "convert-share": convert_share(encodings, sizes, sim), "evaluations": evaluations})
+
+    def _fill(self, units: list, gains: dict, settled: "SettledState", wide_encodings: dict, share_of) -> tuple[list, dict]:
+        """The LiteMP-style choice on top of ``settled``: the units that help alone (``gains`` > 0), the most first,
+        each taken while the budget holds it. Returns (the units, the encodings with them at 16 bits)."""
+        encodings, fill = settled.encodings, []
+        for unit in sorted((u for u in units if gains.get(tuple(u), 0.0) > 0), key=lambda u: -gains[tuple(u)]):
+            trial = {**encodings, **{n: wide_encodings[n] for n in unit if n not in settled.wide}}
+            if share_of(trial) <= self.options.budget:
+                encodings, fill = trial, fill + [unit]
+        return fill, encodings
 
     def _demote(self, sim, base: dict, everything: dict, top_cos: float, units: list, share_of,
                 runner) -> tuple[list, float, dict, int]:

@@ -103,38 +103,37 @@ def test_the_check_is_printed_skipped_without_the_backend_and_off_on_request(wor
     assert report(work)["htp"] == {}
 
 
-def test_sixteen_bit_weights_for_v68_are_refused_before_any_pass(work, capsys):
-    assert compile_htp(work, "--weight-bits", "16", "--act-bits", "16", "--htp-arch", "68") == 2
+@pytest.mark.parametrize("flags, message", [
+    (("--weight-bits", "16", "--act-bits", "16", "--htp-arch", "68"),
+     "quant: 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)"),
+    (("--weight-bits", "16"), "quant: 16-bit weights need 16-bit activations on HTP")], ids=["v68", "w16a8"])
+def test_sixteen_bit_weights_the_backend_refuses_are_refused_before_any_pass(work, capsys, flags, message):
+    assert compile_htp(work, *flags) == 2
     err = capsys.readouterr().err
-    assert "quant: 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)" in err
+    assert message in err
     assert "[1/" not in err and not (work / "o.onnx").exists()
 
 
-def test_a_layer_with_a_weight_the_generation_does_not_take_is_named():
+def w16a16_conv():
+    """CONV_MODEL lowered with 16-bit weights and activations."""
     module = from_onnx(infer_shapes(onnx.parser.parse_model(CONV_MODEL)))
     samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
     pipeline = Pipeline([make_pass("calibrate", {"method": "minmax"}), make_pass("insert-qdq")],
                         QuantConfig(act_bits=16, weight_bits=16))
     PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=samples, log=lambda m: None))
+    return module
+
+
+def test_a_layer_with_a_weight_the_generation_does_not_take_is_named():
+    module = w16a16_conv()
     assert arch_problems(module, HTP_ARCHS["73"]) == []
     (problem,) = arch_problems(module, HTP_ARCHS["68"])
     assert "(Conv): 16-bit weight; HTP v68 takes 4 or 8-bit weights (16 needs v73 or later)" in problem
 
 
-def test_sixteen_bit_weights_beside_8_bit_activations_are_refused_before_any_pass(work, capsys):
-    assert compile_htp(work, "--weight-bits", "16") == 2
-    err = capsys.readouterr().err
-    assert "quant: 16-bit weights need 16-bit activations on HTP" in err
-    assert "[1/" not in err and not (work / "o.onnx").exists()
-
-
 def test_a_layer_with_16_bit_weights_and_8_bit_activations_is_named():
     """A QDQ model made elsewhere (or a layer annotated by hand) is checked too: v73 refuses W16A8 layers."""
-    module = from_onnx(infer_shapes(onnx.parser.parse_model(CONV_MODEL)))
-    samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}]
-    pipeline = Pipeline([make_pass("calibrate", {"method": "minmax"}), make_pass("insert-qdq")],
-                        QuantConfig(act_bits=16, weight_bits=16))
-    PassManager(pipeline, quiet=True).run(module, PassContext(calib_data=samples, log=lambda m: None))
+    module = w16a16_conv()
     for node in module.graph.nodes:  # the activations' DequantizeLinear nodes read back at 8 bits
         if node.op == "DequantizeLinear" and not isinstance(node.inputs[0], gs.Constant):
             node.inputs[2] = gs.Constant(node.inputs[2].name + "_8bit", np.zeros((), np.uint8))

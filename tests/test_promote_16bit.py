@@ -397,3 +397,14 @@ def test_layers_promotes_the_most_sensitive_share_without_a_search(promoted):
     assert not any("< 1" in r.message for r in ctx.remarks)
     with pytest.raises(QccError, match="layers must be in"):
         make_pass("promote-16bit", {"layers": "2"}).run(before.clone(), ctx)
+
+
+def test_the_litemp_style_fill_takes_the_units_that_help_most_alone_while_the_budget_holds():
+    from passes.promote_16bit import SettledState
+    search = make_pass("promote-16bit", {"budget": "0.5"})
+    settled = SettledState({"a": 8, "b": 8, "c": 8, "d": 16}, {"d"}, [["d"]], {("d",): 0.2})
+    share_of = lambda encodings: sum(width == 16 for width in encodings.values()) / len(encodings)
+    fill, encodings = search._fill([["a"], ["b"], ["c"]], {("a",): 0.1, ("b",): 0.5, ("c",): -0.1}, settled,
+                                   {"a": 16, "b": 16, "c": 16}, share_of)
+    assert fill == [["b"]]  # then a would put 3 of 4 at 16 bits; c does not help
+    assert encodings == {"a": 8, "b": 16, "c": 8, "d": 16}
