@@ -264,24 +264,27 @@ def pinned_to_samples(model: onnx.ModelProto, samples: list[dict]) -> onnx.Model
 
 
 def device_checks(model: onnx.ModelProto, reference: onnx.ModelProto, samples: list[dict], archs: list[str],
-                  runner=None, search: bool = False) -> list[dict]:
+                  runner=None, search: bool = False, known: list[tuple] = ()) -> list[dict]:
     """The compiled ``model`` on the HTP backend of each of ``archs`` (CPU fallback off), per output: HTP and the
     CPU simulation each against the FP32 ``reference``, and HTP against the simulation (cosine mean and min,
     SQNR dB, largest difference in output steps); and, with ``search``, where HTP loses accuracy
     (``search_reason``), the first tensors where the two part (``first_divergences``, on the first sample).
     A model the backend refuses gives ``status`` "refused" and the backend's reason. The runs (generations and
     the CPU x chunks of samples, then each generation's divergence search) are ``runner``'s units of work
-    (compiler.cluster); each sample's result does not depend on which chunk ran it."""
+    (compiler.cluster); each sample's result does not depend on which chunk ran it. ``known``: (simulated outputs,
+    FP32 outputs) of the first samples, computed already; when they cover ``samples`` the CPU runs are skipped."""
     from compiler.cluster import LocalRunner
     runner = runner or LocalRunner()
     static = pinned_to_samples(model, samples)
-    chunks = max(1, min(len(samples), runner.workers // (len(archs) + 1)))
+    cpu_runs = len(known) < len(samples)
+    chunks = max(1, min(len(samples), runner.workers // (len(archs) + cpu_runs)))
     bounds = [(len(samples) * i // chunks, len(samples) * (i + 1) // chunks) for i in range(chunks)]
     shared = HtpInputs(static.SerializeToString(), reference.SerializeToString(), samples)
-    runs = runner.map(check_chunk, [(arch, start, end) for arch in (*archs, None) for start, end in bounds], shared,
-                      "HTP check")
-    simulated = [output for outputs, _ in runs[-chunks:] for output in outputs]
-    fp32 = [output for _, outputs in runs[-chunks:] for output in outputs]
+    runs = runner.map(check_chunk, [(arch, start, end) for arch in (*archs, *([None] if cpu_runs else []))
+                                    for start, end in bounds], shared, "HTP check")
+    cpu = runs[-chunks:] if cpu_runs else [([outputs for outputs, _ in known], [outputs for _, outputs in known])]
+    simulated = [output for outputs, _ in cpu for output in outputs]
+    fp32 = [output for _, outputs in cpu for output in outputs]
     steps = output_steps(model)
     checks, searched = [], []
     for index, arch in enumerate(archs):

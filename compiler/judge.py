@@ -153,11 +153,20 @@ class HeldBack:
         return pair
 
 
+@dataclass
+class Exported:
+    """What judging the chosen candidate exported and ran, for the compile to reuse instead of doing it again:
+    the compiled model and the FP32 reference (ModelProtos), and their CPU outputs on the first held-back sample."""
+    compiled: object
+    reference: object
+    first_outputs: tuple  # (compiled's outputs by name, the FP32 reference's)
+
+
 def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
     """(per-sample scores: the mean over outputs of ``compiled``'s (ModelProto) cosine against the FP32 outputs
-    on each held-back sample, the evaluation metrics of ``compiled`` on them (layer_analysis.output_metrics)),
-    computed one sample at a time; on HTP (``judge`` "htp", generation ``arch``) (None, None) when the backend
-    refuses the model."""
+    on each held-back sample, the evaluation metrics of ``compiled`` on them (layer_analysis.output_metrics),
+    its outputs on the first sample), computed one sample at a time; on HTP (``judge`` "htp", generation
+    ``arch``) (None, None, None) when the backend refuses the model."""
     from compiler.htp import htp_session, pinned_to_samples
     from compiler.layer_analysis import ErrorStats, Reference, output_metrics
     from compiler.runtime import make_session
@@ -166,10 +175,10 @@ def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
             else make_session(compiled)
     except QccError:
         if judge == "htp":
-            return None, None
+            return None, None, None
         raise
     names = [o.name for o in session.get_outputs()]
-    scores = []
+    scores, first = [], []
 
     def pairs():
         for index in range(len(held)):
@@ -184,10 +193,12 @@ def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
                 stats.update(Reference(reference[name]), got[name].astype(reference[name].dtype, copy=False))
                 cosines.extend(stats.cosines)
             scores.append(float(np.mean(cosines)))
+            if not first:
+                first.append(got)
             yield reference, got
 
     metrics = output_metrics(pairs())
-    return np.array(scores), metrics
+    return np.array(scores), metrics, first[0] if first else None
 
 
 def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
@@ -219,7 +230,10 @@ def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str 
         if result.reference is not None:
             # Every candidate's FP32 reference is the module the shared float rewrites left: run it once.
             held = held or HeldBack(samples, result.reference.to_onnx())
-            scores, measured = score(result.module.to_onnx(), held, judge, arch)
+            compiled = result.module.to_onnx()
+            scores, measured, first = score(compiled, held, judge, arch)
+            if judge == "sim" and first is not None:
+                result.exported = Exported(compiled, held.reference, (first, held[0][1]))
         value = None if scores is None else float(np.mean(scores))
         seconds = time.perf_counter() - began
         rows.append({"candidate": candidate.label, "pipeline": str(candidate.pipeline), "cosine": value,

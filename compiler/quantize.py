@@ -155,6 +155,7 @@ class CompileResult:
     timings: dict = field(default_factory=dict)
     judge: dict = field(default_factory=dict)  # compiler.judge.choose's report, when --judge chose the pipeline
     held_back: int = 0  # calibration samples held back (for the judge, evaluation and the HTP check)
+    exported: "judge.Exported | None" = None  # what the judge exported and ran of this result, when it chose it
 
 
 def _dataset(data, module: Module, request: CompileRequest, count: int | None = None):
@@ -316,9 +317,12 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir, runner=runner)
             result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
             check_arch(result)
-            # Exported once: the HTP check runs the very model (and FP32 reference) the files then hold.
-            compiled = result.module.to_onnx()
-            reference = result.reference.to_onnx() if result.reference is not None else None
+            # Exported once (by the judge, when it ran): the HTP check runs the very model (and FP32 reference) the
+            # files then hold.
+            exported = result.exported
+            compiled = exported.compiled if exported else result.module.to_onnx()
+            reference = exported.reference if exported else \
+                result.reference.to_onnx() if result.reference is not None else None
             with timed(result.timings, "HTP check"):
                 result.htp = htp_checks(result, request, compiled, reference)
         finally:
@@ -382,7 +386,9 @@ def htp_checks(result: CompileResult, request: CompileRequest, compiled, referen
     label = data_label(request, result) if held_out else \
         "calibration sample(s) (too few to hold some back: give --eval-data for held-out ones)"
     archs = sorted(HTP_ARCHS, key=int) if request.htp_arch == ALL_ARCHS else [config.htp_arch]
-    checks = htp.device_checks(compiled, reference, samples, archs, ctx.runner, request.htp_search)
+    # The judge ran the first held-back sample on CPU already: its outputs need not be computed again.
+    known = [result.exported.first_outputs] if result.exported and held_out and ctx.eval_data is ctx.judge_data else []
+    checks = htp.device_checks(compiled, reference, samples, archs, ctx.runner, request.htp_search, known)
     return {"checks": checks, "data": label, "lines": [line for check in checks for line in htp.check_lines(check, label)]}
 
 

@@ -13,10 +13,12 @@ from compiler.cli import main
 from compiler.config import QuantConfig
 from compiler.encoding import HTP_ARCHS
 from compiler.errors import QccError
-from compiler.data import Dataset, ImageOptions, specs_of
+from compiler.data import Dataset, ImageOptions, specs_of, split_indices
 from compiler.ir import from_onnx, infer_shapes, load
+from compiler.judge import HELD_BACK_SHARE
 from compiler.pass_manager import PassContext, PassManager, Pipeline, make_pass
 from compiler.qdq import arch_problems
+from compiler.runtime import make_session
 from tests.conftest import CONV_MODEL
 
 def compile_htp(work, *extra):
@@ -174,3 +176,30 @@ def test_a_device_further_from_fp32_than_the_simulation_is_pointed_out():
     for device in (0.994, 0.999):
         lines = htp.check_lines(check_with(0.995, device), "held-out sample(s)")
         assert len(lines) == 2 and "layer-by-layer search not run" in lines[1] and "--judge" not in lines[1]
+
+
+def test_the_check_reuses_the_judges_cpu_runs_of_the_first_held_back_sample(work):
+    """With --judge auto (8 samples or more) the judge already ran the chosen model and the FP32 reference on the
+    first held-back sample, which is the check's: the check reads those outputs, and they equal its own runs."""
+    pytest.importorskip("onnxruntime_qnn")
+    rng = np.random.default_rng(1)
+    for i in range(3, 12):
+        np.save(work / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    assert compile_htp(work) == 0
+    document = report(work)
+    assert document["judge"]["chosen"] and document["htp"]["data"].startswith("held-back")
+    compiled = onnx.load(work / "o.onnx")
+    (row,) = document["htp"]["checks"][0]["outputs"].values()
+    # The held-back samples are every 4th (compiler.data.split_indices); the check runs the first of them.
+    _, indices = split_indices(12, HELD_BACK_SHARE)
+    first = Dataset(work / "data", specs_of(from_onnx(compiled)))[indices[0]]
+    # HTP against the simulation does not read the FP32 reference: any float model stands in for it here.
+    stand_in = onnx.load(work / "o.float.onnx")
+    (fresh,) = htp.device_checks(compiled, stand_in, [first], ["73"])[0]["outputs"].values()
+    assert fresh["htp_vs_simulation"] == row["htp_vs_simulation"]
+    # Given outputs are read, not computed again: simulated outputs equal to the reference's make it exact.
+    names = [o.name for o in stand_in.graph.output]
+    fp32 = dict(zip(names, make_session(stand_in).run(names, first)))
+    (given,) = htp.device_checks(compiled, stand_in, [first], ["73"], known=[(fp32, fp32)])[0]["outputs"].values()
+    assert given["simulation_vs_fp32"]["cosine_mean"] == pytest.approx(1.0)
+    assert given["htp_vs_fp32"] == fresh["htp_vs_fp32"]
