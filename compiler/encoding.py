@@ -80,8 +80,20 @@ def on_symmetric_grid(enc: Encoding) -> bool:
     return enc.dtype == "int" and not enc.symmetric and not enc.per_channel and enc.offset[0] == -(2 ** (enc.bw - 1))
 
 
+# HTP (v73 to v81, measured on the QNN HTP backend) computes a 16-bit weight exactly only while |q| < 2^14: with
+# codes up to 2^15 - 1 a W16A16 convolution lands up to 18 output steps off its QDQ model, with 2^14 - 1 within 2
+# (det at W16A16: cosine 0.99898 on HTP v73 against 0.99996 simulated; docs/htp-backend.md).
+HTP_WEIGHT16_LEVELS = 2 ** 14 - 1
+
+
+def weight_levels(bw: int) -> int:
+    """The largest |q| a symmetric weight of ``bw`` bits uses: 2^(bw-1) - 1, and HTP_WEIGHT16_LEVELS at 16 bits."""
+    return HTP_WEIGHT16_LEVELS if bw == 16 else 2 ** (bw - 1) - 1
+
+
 def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> Encoding:
-    """Symmetric signed encoding; per channel along ``axis`` (None for per tensor).
+    """Symmetric signed encoding; per channel along ``axis`` (None for per tensor), on weight_levels(bw) steps
+    each side of zero.
 
     A channel whose weights are all zero (padded channels) gets the minimum range,
     so its scale is valid and its values quantize to exactly zero. Other channels keep
@@ -97,9 +109,9 @@ def weight_encoding(weights: np.ndarray, bw: int = 8, axis: int | None = 0) -> E
     else:
         absmax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     half = 2 ** (bw - 1)
-    # Symmetric range [-absmax, absmax] on 2^bw - 1 steps with offset -2^(bw-1): scale = absmax / (2^(bw-1) - 1)
+    # Symmetric range [-absmax, absmax] with offset -2^(bw-1): scale = absmax / weight_levels(bw)
     absmax = np.where(absmax > NEGLIGIBLE_WEIGHT, absmax, MIN_RANGE / 2)
-    scale = absmax / (half - 1)
+    scale = absmax / weight_levels(bw)
     return Encoding(bw=bw, scale=tuple(float(np.float32(s)) for s in scale),
                     offset=tuple(-half for _ in scale), symmetric=True, axis=axis)
 

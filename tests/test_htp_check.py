@@ -203,3 +203,36 @@ def test_the_check_reuses_the_judges_cpu_runs_of_the_first_held_back_sample(work
     (given,) = htp.device_checks(compiled, stand_in, [first], ["73"], known=[(fp32, fp32)])[0]["outputs"].values()
     assert given["simulation_vs_fp32"]["cosine_mean"] == pytest.approx(1.0)
     assert given["htp_vs_fp32"] == fresh["htp_vs_fp32"]
+
+
+WIDE_CONV = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1,32,16,16] x) => (float[1,32,16,16] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+  y = Relu(c)
+}
+"""
+
+
+def test_sixteen_bit_weights_are_what_htp_computes_exactly(tmp_path):
+    """HTP computes a W16A16 convolution as its QDQ model says only with weight codes under 2^14 in magnitude
+    (encoding.HTP_WEIGHT16_LEVELS); with codes up to 2^15 - 1 it lands up to 18 output steps off."""
+    pytest.importorskip("onnxruntime_qnn")
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(WIDE_CONV)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array((rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32), "w"),
+                                    onnx.numpy_helper.from_array((rng.standard_normal(32) * 0.5).astype(np.float32), "b")])
+    onnx.save(proto, tmp_path / "m.onnx")
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "data" / f"s{i}.npy", rng.standard_normal((1, 32, 16, 16)).astype(np.float32))
+    assert compile_htp(tmp_path, "--act-bits", "16", "--weight-bits", "16", "--htp-arch", "73", "--no-htp-check") == 0
+    compiled = onnx.load(tmp_path / "o.onnx")
+    codes = [onnx.numpy_helper.to_array(t) for t in compiled.graph.initializer if t.data_type == onnx.TensorProto.INT16]
+    assert codes and max(int(np.abs(c.astype(np.int64)).max()) for c in codes) <= 2 ** 14 - 1
+    sample = {"x": np.load(tmp_path / "data" / "s0.npy")}
+    (cpu,) = make_session(compiled).run(["y"], sample)
+    (device,), _ = htp.run_htp(compiled, [sample], {"htp_arch": "73"})
+    step = float(onnx.numpy_helper.to_array(next(t for t in compiled.graph.initializer if t.name == next(
+        n.input[1] for n in compiled.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "y"))))
+    assert np.max(np.abs(device["y"] - cpu)) / step < 4  # with codes up to 2^15 - 1: 36 steps
