@@ -427,10 +427,14 @@ class Promote16Bit(Pass):
         ctx.remark("graph", f"measured (share of activation bytes at 16 bits -> output cosine): {sim.curve_text()}")
         if not count:
             return PassResult(False, {**stats, "share-16bit": share_of(encodings), "tensors-16bit": len(wide)})
-        promoted = [{"tensors": u, "output_error_share": removed[tuple(u)]} for u in chosen]
+        # None: a unit kept at 16 bits from the top without being screened (its damage is unknown, not infinite).
+        promoted = [{"tensors": u, "output_error_share": removed[tuple(u)] if math.isfinite(removed[tuple(u)]) else None}
+                    for u in chosen]
         for unit in chosen:  # remarks reach the compile report
-            ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: "
-                                f"alone it accounts for {removed[tuple(unit)]:.1%} of the 8-bit output error")
+            share = removed[tuple(unit)]
+            why = (f"alone it accounts for {share:.1%} of the 8-bit output error" if math.isfinite(share) else
+                   f"kept from the top unscreened (under {TINY_UNIT_SHARE:.1%} of the activation bytes)")
+            ctx.remark(unit[0], f"to 16 bits{' with ' + ', '.join(unit[1:]) if len(unit) > 1 else ''}: {why}")
         wide = {n for n in activations if encodings[n].bw >= 16}  # what is applied, whichever path chose it
         changed = [name for name, enc in encodings.items() if enc is not module.encodings.get(name)]
         for name in changed:

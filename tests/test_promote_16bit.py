@@ -408,3 +408,17 @@ def test_the_litemp_style_fill_takes_the_units_that_help_most_alone_while_the_bu
                                    {"a": 16, "b": 16, "c": 16}, share_of)
     assert fill == [["b"]]  # then a would put 3 of 4 at 16 bits; c does not help
     assert encodings == {"a": 8, "b": 16, "c": 8, "d": 16}
+
+
+def test_units_kept_from_the_top_unscreened_say_so(monkeypatch):
+    """A unit under TINY_UNIT_SHARE of the bytes is not screened from the top: its share of the error is unknown,
+    which the remark and the cache say (not "inf%")."""
+    import passes.promote_16bit as promote
+    monkeypatch.setattr(promote, "TINY_UNIT_SHARE", 1.0)  # every unit is "tiny": none is screened
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    result = make_pass("promote-16bit", {"target-cos": "0.99", "budget": "1"}).run(module, ctx)
+    assert result.modified
+    reasons = [r.message for r in ctx.remarks if r.message.startswith("to 16 bits")]
+    assert reasons and all("kept from the top unscreened (under 100.0% of the activation bytes)" in m for m in reasons)
+    assert all(entry["output_error_share"] is None for entry in module.cache["promote-16bit"]["promoted"])
