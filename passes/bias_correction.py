@@ -54,6 +54,7 @@ The bias is the node's (Conv input 2, Gemm C), the constant of a following per-c
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from compiler.calibration import graph_fingerprint
 from compiler.encoding import clip_bounds, fake_quantize, weight_encoding
 from compiler.ir import Module, QccError, const_value, unique_name
 from compiler.linear import LINEAR_OPS, LinearLayer, bias_site, linear_layer, set_input_const
@@ -71,6 +73,19 @@ from compiler.runtime import StagedRun, make_session
 from compiler.quantsim import QuantSim
 
 MARK = "bias_corrected"
+# The last float input means computed (BiasCorrection._float_means): {"key": ..., "means": [per layer]}.
+FLOAT_MEANS: dict = {}
+
+
+def _digest(samples: list[dict]) -> str:
+    """A digest of the samples' names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for name in sorted(sample):
+            value = np.ascontiguousarray(sample[name])
+            digest.update(f"{name} {value.shape} {value.dtype}".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 @register
@@ -154,23 +169,29 @@ class BiasCorrection(Pass):
         return sites
 
     def _float_means(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict:
-        """Layer -> the float model's mean input patch [g, K] on each of the first ``samples`` calibration samples."""
+        """Layer -> the float model's mean input patch [g, K] on each of the first ``samples`` calibration samples.
+        The last result is kept (FLOAT_MEANS) under the graph's fingerprint, the samples' bytes and the layers: the
+        candidates --judge compiles share their float graph and samples, and need it once."""
+        samples = list(itertools.islice(ctx.calib_data, self.options.samples))
+        if not samples:
+            raise QccError("bias-correction: calibration data is empty")
+        key = (graph_fingerprint(module), _digest(samples), tuple(layer.node.outputs[0].name for layer in layers))
+        if FLOAT_MEANS.get("key") == key:
+            return dict(zip(layers, FLOAT_MEANS["means"]))
         inputs = {layer: layer.node.inputs[0].name for layer in layers}
         graph_inputs = {t.name for t in module.graph.inputs}
         names = sorted(set(inputs.values()))
         outputs = [n for n in names if n not in graph_inputs]
         session = make_session(module, extra_outputs=outputs)
         means: dict = {layer: [] for layer in layers}
-        total = min(self.options.samples, len(ctx.calib_data)) if hasattr(ctx.calib_data, "__len__") else None
-        with Progress(total, "bias-correction") as bar:
-            for sample in itertools.islice(ctx.calib_data, self.options.samples):
+        with Progress(len(samples), "bias-correction") as bar:
+            for sample in samples:
                 values = dict(zip(outputs, session.run(outputs, sample)))
                 values.update({n: sample[n] for n in names if n in graph_inputs})
                 for layer in layers:
                     means[layer].append(layer.patch_mean(values[inputs[layer]]))
                 bar.advance()
-        if not any(means.values()):
-            raise QccError("bias-correction: calibration data is empty")
+        FLOAT_MEANS.update(key=key, means=[means[layer] for layer in layers])
         return means
 
     def _empirical(self, module: Module, layers: list[LinearLayer], ctx: PassContext) -> dict | None:

@@ -243,3 +243,25 @@ g (float[1,2,4,4] x) => (float[1,2,4,4] y)
     layers = [linear_layer(n)[0] for n in module.graph.nodes if n.op == "Conv"]
     waves = _waves(module, layers)
     assert [[layer.node.outputs[0].name for layer in wave] for wave in waves] == [["a", "b"], ["y"]]
+
+
+def test_float_means_are_computed_once_for_the_same_graph_and_samples(monkeypatch):
+    """The judge's candidates share their float graph and samples: the second bias correction reads the first's
+    float means (no session), and the same graph on other samples is computed afresh."""
+    import passes.bias_correction as bias_correction
+    module = golden("conv_empirical")
+    data = sample_inputs(module, PassContext(seed=1), 6)
+    monkeypatch.setattr(bias_correction, "FLOAT_MEANS", {})  # whatever an earlier test left
+    sessions = []
+    real = bias_correction.make_session
+    monkeypatch.setattr(bias_correction, "make_session", lambda *a, **k: sessions.append(1) or real(*a, **k))
+    first, second = module.clone(), module.clone()
+    correct(first, PassContext(calib_data=data, log=lambda m: None), weight_bits=4)
+    correct(second, PassContext(calib_data=data, log=lambda m: None), weight_bits=4)
+    assert len(sessions) == 1
+    assert first.encodings == second.encodings and all(
+        np.array_equal(const_value(a), const_value(b)) for a, b in zip(first.graph.tensors().values(), second.graph.tensors().values())
+        if const_value(a) is not None)
+    other = [{name: value + 1 for name, value in sample.items()} for sample in data]
+    correct(module.clone(), PassContext(calib_data=other, log=lambda m: None), weight_bits=4)
+    assert len(sessions) == 2
