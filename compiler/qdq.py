@@ -39,6 +39,9 @@ BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "BatchNormalization", "In
 # symmetric, per tensor or per channel) beside an int32 bias, and takes uint8 (docs/htp-backend.md); AIMET's
 # HTP configs make LayerNormalization's weight asymmetric too.
 ASYMMETRIC_WEIGHT_OPS = frozenset({"LayerNormalization"})
+# ... and at 8 bits whatever --weight-bits says: HTP v73 refuses a uint16 LayerNorm scale beside an int32 bias
+# (PP-OCR rec at --act-bits 16 --weight-bits 16: every LayerNormalization "Failed to add node").
+ASYMMETRIC_WEIGHT_BITS = 8
 
 
 def weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
@@ -169,7 +172,8 @@ class QdqLowering:
                 self.remark(node, f"encoding given for weight '{name}' does not match its shape {list(weight.shape)}; recomputed")
                 enc = None
             if enc is None and node.op in ASYMMETRIC_WEIGHT_OPS:
-                enc = activation_encoding(min(0.0, float(weight.min())), max(0.0, float(weight.max())), self.config.weight_bits)
+                enc = activation_encoding(min(0.0, float(weight.min())), max(0.0, float(weight.max())),
+                                          min(self.config.weight_bits, ASYMMETRIC_WEIGHT_BITS))
             if enc is None:
                 # A layer promote-16bit moved to 16-bit activations may take 16-bit weights (annotation weight_bits).
                 bits = int(self.module.annotations.get(node.inputs[1].name, {}).get("weight_bits", self.config.weight_bits))
@@ -311,9 +315,9 @@ def lowered_copy(module: Module, config: QuantConfig, encodings: dict | None = N
 
 def arch_problems(module: Module, arch: HtpArch) -> list[str]:
     """Each layer of the QDQ ``module`` whose stored weight ``arch`` does not take, as one line naming the node
-    and the rule: 16-bit weights on v68 and v69, and 16-bit weights beside 8-bit activations on any generation
-    (v73 refuses every Conv, ConvTranspose and Gemm of det stored W16A8: "Failed to add node";
-    docs/htp-backend.md)."""
+    and the rule: 16-bit weights on v68 and v69, 16-bit weights beside 8-bit activations on any generation
+    (v73 refuses every Conv, ConvTranspose and Gemm of det stored W16A8: "Failed to add node"), and a LayerNorm
+    scale wider than ASYMMETRIC_WEIGHT_BITS beside an int32 bias (docs/htp-backend.md)."""
     problems = []
     for node in module.graph.nodes:
         weight = node.inputs[1] if node.op in WEIGHT_OPS and len(node.inputs) > 1 else None
@@ -326,9 +330,19 @@ def arch_problems(module: Module, arch: HtpArch) -> list[str]:
         activation = _activation_bits(node.inputs[0]) if node.inputs else None
         if not problem and bits == 16 and activation is not None and activation < 16:
             problem = f"16-bit weight with {activation}-bit activations; HTP takes 16-bit weights at 16-bit activations only"
+        if not problem and node.op in ASYMMETRIC_WEIGHT_OPS and bits > ASYMMETRIC_WEIGHT_BITS and _stored_bits(node, 2) == 32:
+            problem = f"{bits}-bit scale beside an int32 bias; HTP takes the scale at {ASYMMETRIC_WEIGHT_BITS} bits"
         if problem:
             problems.append(f"node '{node.name or node.outputs[0].name}' ({node.op}): {problem}")
     return problems
+
+
+def _stored_bits(node: gs.Node, index: int) -> int | None:
+    """The width input ``index`` of ``node`` is stored at, when a DequantizeLinear of a constant gives it."""
+    tensor = node.inputs[index] if len(node.inputs) > index else None
+    dq = tensor.inputs[0] if tensor is not None and tensor.inputs else None
+    stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+    return None if stored is None else stored.dtype.itemsize * 8
 
 
 def _activation_bits(tensor) -> int | None:

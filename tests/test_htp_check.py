@@ -236,3 +236,50 @@ def test_sixteen_bit_weights_are_what_htp_computes_exactly(tmp_path):
     step = float(onnx.numpy_helper.to_array(next(t for t in compiled.graph.initializer if t.name == next(
         n.input[1] for n in compiled.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == "y"))))
     assert np.max(np.abs(device["y"] - cpu)) / step < 4  # with codes up to 2^15 - 1: 36 steps
+
+
+def layernorm_w16a16(tmp_path) -> onnx.ModelProto:
+    """The LayerNorm test model compiled at --act-bits 16 --weight-bits 16."""
+    from tests.test_promote_16bit import LAYERNORM
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(LAYERNORM)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "scale"),
+                                    onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "shift")])
+    onnx.save(proto, tmp_path / "m.onnx")
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "data" / f"s{i}.npy", rng.standard_normal((1, 6, 8)).astype(np.float32))
+    assert compile_htp(tmp_path, "--act-bits", "16", "--weight-bits", "16", "--htp-arch", "73", "--no-htp-check") == 0
+    return onnx.load(tmp_path / "o.onnx")
+
+
+def layernorm_scale(compiled: onnx.ModelProto) -> onnx.NodeProto:
+    (layernorm,) = [n for n in compiled.graph.node if n.op_type == "LayerNormalization"]
+    return next(n for n in compiled.graph.node if n.output[0] == layernorm.input[1])
+
+
+def test_at_16_bit_weights_a_layernorm_keeps_its_8_bit_scale_and_runs_on_htp(tmp_path):
+    """--weight-bits 16 gives Conv, Gemm and MatMul 16-bit weights, but LayerNormalization's scale stays uint8:
+    HTP v73 refuses a uint16 scale beside the int32 bias (PP-OCR rec at W16A16: every LayerNorm refused)."""
+    compiled = layernorm_w16a16(tmp_path)
+    stored = {t.name: t for t in compiled.graph.initializer}
+    assert stored[layernorm_scale(compiled).input[0]].data_type == onnx.TensorProto.UINT8
+    assert arch_problems(from_onnx(compiled), HTP_ARCHS["73"]) == []
+    pytest.importorskip("onnxruntime_qnn")
+    sample = {"x": np.load(tmp_path / "data" / "s0.npy")}
+    (device,), _ = htp.run_htp(compiled, [sample], {"htp_arch": "73"})  # refused before: "Failed to add node"
+    (cpu,) = make_session(compiled).run(["y"], sample)
+    assert np.allclose(device["y"], cpu, atol=0.05 * float(np.abs(cpu).max()))
+
+
+def test_a_layernorm_with_a_16_bit_scale_beside_an_int32_bias_is_named(tmp_path):
+    compiled = layernorm_w16a16(tmp_path)
+    dq = layernorm_scale(compiled)
+    for tensor in compiled.graph.initializer:  # the scale stored at 16 bits, as a QDQ model made elsewhere may hold it
+        value = onnx.numpy_helper.to_array(tensor)
+        if tensor.name in (dq.input[0], dq.input[2]):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(value.astype(np.uint16) * 257, tensor.name))
+        elif tensor.name == dq.input[1]:
+            tensor.CopyFrom(onnx.numpy_helper.from_array((value / 257).astype(np.float32), tensor.name))
+    (problem,) = arch_problems(from_onnx(compiled), HTP_ARCHS["73"])
+    assert "(LayerNormalization): 16-bit scale beside an int32 bias; HTP takes the scale at 8 bits" in problem
