@@ -211,11 +211,12 @@ def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
     return float(np.mean(differences)) > MARGIN_STANDARD_ERRORS * spread
 
 
-def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str | None, log) -> tuple:
+def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str | None, log, on_first=None) -> tuple:
     """Run (``run(pipeline)`` -> CompileResult) and score every candidate on the held-back ``samples`` (a
     Dataset or a list); (best result, report dict, the best's evaluation metrics on ``samples`` in CPU
     simulation, or None on HTP). Only the best result so far is kept, so memory holds two compiled models
-    at most, and the samples with their FP32 outputs up to HELD_BACK_MEMORY bytes."""
+    at most, and the samples with their FP32 outputs up to HELD_BACK_MEMORY bytes. ``on_first(compiled)``, when
+    given, sees the first candidate's model (the default, which the others must beat) as soon as it is exported."""
     if judge == "htp":
         from compiler.htp import qnn_module
         if arch is None:
@@ -231,6 +232,8 @@ def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str 
             # Every candidate's FP32 reference is the module the shared float rewrites left: run it once.
             held = held or HeldBack(samples, result.reference.to_onnx())
             compiled = result.module.to_onnx()
+            if index == 1 and on_first is not None:
+                on_first(compiled)
             scores, measured, first = score(compiled, held, judge, arch)
             if judge == "sim" and first is not None:
                 result.exported = Exported(compiled, held.reference, (first, held[0][1]))

@@ -170,15 +170,15 @@ def _dataset(data, module: Module, request: CompileRequest, count: int | None = 
 
 def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Path | None = None,
                   request: CompileRequest | None = None, pipeline: Pipeline | None = None, runner=None,
-                  **options) -> CompileResult:
+                  on_first_candidate=None, **options) -> CompileResult:
     """Run a target's pipeline (or ``passes``) on ``module`` in place and evaluate on ``eval_data`` if given;
     ``options`` are CompileRequest's fields (``target_cos`` adds mixed precision, ``with_mixed_precision``).
     With ``hold_back``, or a ``judge`` that applies, every 4th calibration sample is held back (compiler.judge):
     the judge's samples, and the evaluation's when no ``eval_data`` is given. When a judge runs, each candidate
     pipeline runs on a copy of ``module`` and the result is the chosen one's (``module`` is left as it was).
     Writes nothing but ``dump_dir`` (the --dump-after dumps); ``pipeline`` is the request's, when the caller has
-    parsed it already; ``runner`` runs the units of work (compiler.cluster; default: this process).
-    ``qcc compile`` and the Python API both run this."""
+    parsed it already; ``runner`` runs the units of work (compiler.cluster; default: this process);
+    ``on_first_candidate(compiled)``: judge.choose's ``on_first``. ``qcc compile`` and the Python API both run this."""
     from compiler.cluster import LocalRunner
     runner = runner or LocalRunner()
     request = request or CompileRequest(target=target, **options)
@@ -224,7 +224,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         judge.count_histograms(base.module, calib, runner, pipeline.find("calibrate").options.bins)
         result, result.judge, judged_metrics = judge.choose(
             candidates, lambda candidate: run(candidate, base.module.clone(), None, base), held,
-            "sim" if judging == "auto" else judging, arch, say)
+            "sim" if judging == "auto" else judging, arch, say, on_first_candidate)
         # What the judge measured is the time spent beside the chosen candidate's passes.
         result.timings["judge (histograms, other candidates, scoring)"] = time.perf_counter() - judging_started - result.seconds
     with timed(result.timings, "evaluation"):
@@ -313,8 +313,10 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
             outputs.check()
         dump_dir = outputs.folder("dumps") if request.dump_after else None
         runner = open_runner(request.workers, request.ray_address)
+        prepared = []
         try:
-            result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir, runner=runner)
+            result = compile_model(module, request=request, pipeline=pipeline, dump_dir=dump_dir, runner=runner,
+                                   on_first_candidate=_htp_session_in_advance(request, pipeline, runner, prepared))
             result.timings = {**({"start-up": start_up} if start_up is not None else {}), **loading, **result.timings}
             check_arch(result)
             # Exported once (by the judge, when it ran): the HTP check runs the very model (and FP32 reference) the
@@ -327,6 +329,9 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
                 result.htp = htp_checks(result, request, compiled, reference)
         finally:
             runner.close()
+            if prepared:  # a session the check did not take (the judge chose another candidate)
+                from compiler.htp import PreparedSession
+                PreparedSession.discard()
         lowered_from = result.context.lowered_from
         written = write_outputs(result, request, outputs, compiled,
                                 lowered_from.to_onnx() if lowered_from is not None else reference)
@@ -340,6 +345,28 @@ def compile_file(model_path: Path, output: Path, request: CompileRequest, *, for
     if request.profile:
         print(profile_table(result), file=sys.stderr, end="")
     return result
+
+
+def _htp_session_in_advance(request: CompileRequest, pipeline: Pipeline, runner, prepared: list):
+    """judge.choose's ``on_first`` when the HTP check will run in this process: the default candidate's HTP session
+    is built on a background thread (htp.PreparedSession) while the other candidates compile and score, and
+    the check takes it when the default is chosen, as it mostly is (det: the session's 0.5-0.9 s of one thread
+    beside the judge's second candidate). Appends to ``prepared`` when it starts one."""
+    from compiler.cluster import LocalRunner
+    arch = pipeline.config.htp_arch
+    if not (request.htp_check and pipeline.quantizes and arch in HTP_ARCHS and isinstance(runner, LocalRunner)):
+        return None
+
+    def prepare(compiled) -> None:
+        from compiler import htp
+        try:
+            htp.qnn_module()
+        except QccError:
+            return  # the check says it is skipped
+        if not htp.dynamic_inputs(compiled):  # a dynamic model is pinned to the check's first sample first
+            htp.PreparedSession.prepare(compiled, {"htp_arch": arch})
+            prepared.append(arch)
+    return prepare
 
 
 def profile_table(result: CompileResult) -> str:

@@ -283,3 +283,42 @@ def test_a_layernorm_with_a_16_bit_scale_beside_an_int32_bias_is_named(tmp_path)
             tensor.CopyFrom(onnx.numpy_helper.from_array((value / 257).astype(np.float32), tensor.name))
     (problem,) = arch_problems(from_onnx(compiled), HTP_ARCHS["73"])
     assert "(LayerNormalization): 16-bit scale beside an int32 bias; HTP takes the scale at 8 bits" in problem
+
+
+def test_the_default_candidates_htp_session_is_built_while_the_judge_goes_on(work, monkeypatch):
+    """With --judge auto the HTP check's session is built on another thread once the default candidate is
+    exported, and the check takes it: one session, built off the main thread; the report is as without it."""
+    import threading
+    pytest.importorskip("onnxruntime_qnn")
+    rng = np.random.default_rng(1)
+    for i in range(3, 12):
+        np.save(work / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    assert compile_htp(work) == 0
+    without = [check["outputs"] for check in report(work)["htp"]["checks"]]
+    built = []
+    real = htp.htp_session
+    monkeypatch.setattr(htp, "htp_session", lambda *a, **k: built.append(threading.current_thread().name) or real(*a, **k))
+    assert compile_htp(work, "--force") == 0
+    document = report(work)
+    assert document["judge"]["chosen"].startswith("calibrate=mse")  # the default, whose session was prepared
+    assert len(built) == 1 and built[0] != threading.main_thread().name
+    assert [check["outputs"] for check in document["htp"]["checks"]] == without
+    assert htp.PreparedSession.current is None
+
+
+def test_a_prepared_session_serves_only_its_own_model_and_options(work):
+    pytest.importorskip("onnxruntime_qnn")
+    rng = np.random.default_rng(1)
+    for i in range(3, 12):
+        np.save(work / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    assert compile_htp(work, "--no-htp-check") == 0
+    compiled = onnx.load(work / "o.onnx")
+    htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
+    other = onnx.load(work / "o.onnx")
+    other.graph.name = "another"
+    assert htp.PreparedSession.take(other, {"htp_arch": "73"}) is None
+    assert htp.PreparedSession.take(compiled, {"htp_arch": "75"}) is None
+    assert htp.PreparedSession.take(compiled, {"htp_arch": "73"}) is not None and htp.PreparedSession.current is None
+    htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
+    htp.PreparedSession.discard()
+    assert htp.PreparedSession.current is None
