@@ -197,8 +197,8 @@ def float_tensors_between_quantized_ops(model: onnx.ModelProto) -> list[str]:
 class PreparedSession:
     """The HTP session of one model built on a background thread while the compile goes on: building it is one
     thread's work (det: 0.5-0.9 s) that overlaps the judge's second candidate; ``run_htp`` of the same model bytes
-    on the same options takes it instead of building its own. One at a time (``prepare`` replaces the last);
-    ``discard`` drops it."""
+    on the same options takes it instead of building its own (any other run_htp drops it). One at a time
+    (``prepare`` replaces the last); ``discard`` drops it."""
     current: "PreparedSession | None" = None
 
     def __init__(self, model: onnx.ModelProto, provider_options: dict):
@@ -220,12 +220,14 @@ class PreparedSession:
 
     @classmethod
     def take(cls, model: onnx.ModelProto, provider_options: dict | None):
-        """The prepared session when it is ``model``'s on ``provider_options`` (after waiting for it), else None."""
-        prepared = cls.current
-        if prepared is None or prepared.key != (model.SerializeToString(), tuple(sorted((provider_options or {}).items()))):
+        """The prepared session when it is ``model``'s on ``provider_options``, else None; either way the build is
+        waited for and the slot emptied, so no two session builds overlap (each points fd 1 at stderr meanwhile)."""
+        prepared, cls.current = cls.current, None
+        if prepared is None:
             return None
-        cls.current = None
         prepared.thread.join()
+        if prepared.key != (model.SerializeToString(), tuple(sorted((provider_options or {}).items()))):
+            return None
         if prepared.error is not None:
             raise prepared.error
         return prepared.session

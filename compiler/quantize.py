@@ -354,7 +354,9 @@ def _htp_session_in_advance(request: CompileRequest, pipeline: Pipeline, runner,
     beside the judge's second candidate). Appends to ``prepared`` when it starts one."""
     from compiler.cluster import LocalRunner
     arch = pipeline.config.htp_arch
-    if not (request.htp_check and pipeline.quantizes and arch in HTP_ARCHS and isinstance(runner, LocalRunner)):
+    # --judge htp builds HTP sessions of its own on this thread: no second build beside them.
+    if not (request.htp_check and pipeline.quantizes and arch in HTP_ARCHS and isinstance(runner, LocalRunner)
+            and request.judge != "htp"):
         return None
 
     def prepare(compiled) -> None:

@@ -313,12 +313,23 @@ def test_a_prepared_session_serves_only_its_own_model_and_options(work):
         np.save(work / "data" / f"s{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
     assert compile_htp(work, "--no-htp-check") == 0
     compiled = onnx.load(work / "o.onnx")
-    htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
     other = onnx.load(work / "o.onnx")
     other.graph.name = "another"
-    assert htp.PreparedSession.take(other, {"htp_arch": "73"}) is None
-    assert htp.PreparedSession.take(compiled, {"htp_arch": "75"}) is None
+    for model, options in ((other, {"htp_arch": "73"}), (compiled, {"htp_arch": "75"})):
+        htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
+        assert htp.PreparedSession.take(model, options) is None and htp.PreparedSession.current is None  # dropped
+    htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
     assert htp.PreparedSession.take(compiled, {"htp_arch": "73"}) is not None and htp.PreparedSession.current is None
     htp.PreparedSession.prepare(compiled, {"htp_arch": "73"})
     htp.PreparedSession.discard()
     assert htp.PreparedSession.current is None
+
+
+def test_no_session_is_built_in_advance_where_the_check_or_the_judge_builds_its_own():
+    from compiler.cluster import LocalRunner
+    from compiler.quantize import CompileRequest, _htp_session_in_advance
+    pipeline = CompileRequest(target="htp").pipeline()
+    assert _htp_session_in_advance(CompileRequest(target="htp"), pipeline, LocalRunner(), []) is not None
+    for request in (CompileRequest(target="htp", judge="htp"), CompileRequest(target="htp", htp_check=False)):
+        assert _htp_session_in_advance(request, pipeline, LocalRunner(), []) is None
+    assert _htp_session_in_advance(CompileRequest(target="htp"), pipeline, type("Ray", (), {"workers": 2})(), []) is None
