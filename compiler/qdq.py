@@ -320,12 +320,9 @@ def arch_problems(module: Module, arch: HtpArch) -> list[str]:
     scale wider than ASYMMETRIC_WEIGHT_BITS beside an int32 bias (docs/htp-backend.md)."""
     problems = []
     for node in module.graph.nodes:
-        weight = node.inputs[1] if node.op in WEIGHT_OPS and len(node.inputs) > 1 else None
-        dq = weight.inputs[0] if weight is not None and weight.inputs else None
-        stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
-        if stored is None or stored.dtype.kind not in "iu":
+        bits = _stored_bits(node, 1) if node.op in WEIGHT_OPS else None
+        if bits is None:
             continue
-        bits = stored.dtype.itemsize * 8
         problem = arch.weight_problem(bits)
         activation = _activation_bits(node.inputs[0]) if node.inputs else None
         if not problem and bits == 16 and activation is not None and activation < 16:
@@ -338,11 +335,11 @@ def arch_problems(module: Module, arch: HtpArch) -> list[str]:
 
 
 def _stored_bits(node: gs.Node, index: int) -> int | None:
-    """The width input ``index`` of ``node`` is stored at, when a DequantizeLinear of a constant gives it."""
+    """The width input ``index`` of ``node`` is stored at, when a DequantizeLinear of an integer constant gives it."""
     tensor = node.inputs[index] if len(node.inputs) > index else None
     dq = tensor.inputs[0] if tensor is not None and tensor.inputs else None
     stored = const_value(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
-    return None if stored is None else stored.dtype.itemsize * 8
+    return None if stored is None or stored.dtype.kind not in "iu" else stored.dtype.itemsize * 8
 
 
 def _activation_bits(tensor) -> int | None:

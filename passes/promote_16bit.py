@@ -159,11 +159,11 @@ def wide_weight_layers(module: Module, names: set[str], config) -> dict[str, tup
     return layers
 
 
-def uncorrected_biases(module: Module, reference: Module | None, layers: dict) -> dict[str, np.ndarray]:
-    """{bias: its value in ``reference``} for the ``layers`` (wide_weight_layers) whose bias bias-correction moved
-    (annotation ``bias_corrected`` on the output; zero where it gave the layer a bias): its shift undoes the 8-bit
-    weight's mean rounding error, which the 16-bit weight does not make. Kept at 16-bit weights, det's all-16
-    model stayed at 0.9954 where W16A16 compiled alone reaches 0.9999 (held-out)."""
+def uncorrected_biases(module: Module, reference: Module | None, layers: dict) -> dict[str, tuple[str, np.ndarray]]:
+    """{weight: (its layer's bias, the bias's value in ``reference``)} for the ``layers`` (wide_weight_layers) whose
+    bias bias-correction moved (annotation ``bias_corrected`` on the output; zero where it gave the layer a bias):
+    its shift undoes the 8-bit weight's mean rounding error, which the 16-bit weight does not make. Kept at 16-bit
+    weights, det's all-16 model stayed at 0.9954 where W16A16 compiled alone reaches 0.9999 (held-out)."""
     if reference is None:
         return {}
     before = {node.name: node for node in reference.graph.nodes if node.name}
@@ -175,7 +175,7 @@ def uncorrected_biases(module: Module, reference: Module | None, layers: dict) -
         original = before.get(node.name)
         value = const_value(original.inputs[2]) if original is not None and len(original.inputs) > 2 else None
         corrected = const_value(node.inputs[2])
-        biases[node.inputs[2].name] = (np.asarray(value, dtype=corrected.dtype).reshape(corrected.shape)
+        biases[node.inputs[1].name] = (node.inputs[2].name, np.asarray(value, dtype=corrected.dtype).reshape(corrected.shape)
                                        if value is not None and np.size(value) == corrected.size else np.zeros_like(corrected))
     return biases
 
@@ -339,10 +339,11 @@ class Promote16Bit(Pass):
         sizes = activation_sizes(module, activations)
         share_of = lambda chosen: byte_share(chosen, sizes)
         wide_layers = wide_weight_layers(module, set(activations), ctx.config) if opts.wide_weights else {}
+        restored = uncorrected_biases(module, ctx.reference, wide_layers)
         # Against the FP32 model as it was before any pass moved its float outputs (bias correction, AdaRound).
         sim = SearchCurve(MixedPrecisionSim(module, ctx.config, ranked + held, ctx.reference,
                                             sixteen_bit_encodings(module, ctx.calib_data, pipeline_propagation(ctx.pipeline)),
-                                            frozenset(wide_layers), uncorrected_biases(module, ctx.reference, wide_layers)),
+                                            frozenset(wide_layers), dict(restored.values())),
                           share_of, len(ranked) if held else 0)
         encodings = dict(module.encodings)
         wide = {n for n in activations if encodings[n].bw >= 16}
@@ -446,8 +447,8 @@ class Promote16Bit(Pass):
         for weight in wide_weights:
             module.annotate(weight, weight_bits=16)
         tensors = module.graph.tensors()
-        for name, value in uncorrected_biases(module, ctx.reference, set(wide_weights)).items():
-            tensors[name].values = value
+        for bias, value in (restored[weight] for weight in wide_weights if weight in restored):
+            tensors[bias].values = value
         converts = len(sim.conversions(encodings))
         module.cache[CACHE_KEY] = {"options": str(self), "target_cos": opts.target_cos, "budget": opts.budget, "cos_before": start.cos,
                                    "curve": sorted(sim.points.items()),
