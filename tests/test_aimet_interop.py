@@ -15,6 +15,7 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from compiler.cli import main
@@ -46,6 +47,10 @@ MODELS = {
 # median was 0.9974). Measured 2026-12-04: cls seven of 8 >= 0.99996, one 0.989; orient >= 0.99985; det
 # 0.9978-0.9991; rec 0.9948-0.9993.
 TIE_ROUNDING_BOUNDS = {"cls": (0.999, 0.98), "orient": (0.999, 0.999), "det": (0.998, 0.997), "rec": (0.998, 0.99)}
+# AIMET's 8-bit median against OUT.onnx may fall this far below onnxruntime's own optimized run's against it
+# (measured 2026-12-04 on 8 images: det AIMET 0.9988, onnxruntime 0.99927 (worst 0.99861); rec 0.9987 and
+# 0.99841 (worst 0.975)).
+SELF_AGREEMENT_MARGIN = 0.001
 # 0.6.1 lists one entry per channel, so a per-channel weight of one output channel (det's last ConvTranspose)
 # reads as per tensor where AIMET keeps a per-channel quantizer: its strict load reports that one tensor.
 SINGLE_CHANNEL_WEIGHTS = {"det": {"conv2d_transpose_1.w_0"}}
@@ -153,6 +158,28 @@ def test_aimet_simulates_and_rebuilds_what_the_qdq_model_computes(compiled, imag
         assert min(agreement) >= SIM_COSINE
     rebuilt = quantsim.encodings_to_onnx_qdq(prefix + ".float.onnx", prefix + ".encodings")
     assert min(_cosines(ours, make_session(rebuilt), images)) >= REBUILT_COSINE
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_at_8_bits_aimet_agrees_with_our_model_as_well_as_onnxruntime_agrees_with_itself(compiled, images, model, width):
+    """Why the 8-bit agreement is bounded by TIE_ROUNDING_BOUNDS and not SIM_COSINE: onnxruntime's own optimized
+    run of OUT.onnx (its QDQ fusions compute in integers) parts from the unoptimized run by rounding steps that
+    grow layer by layer, as AIMET's does (docs/encodings.md); at 16 bits neither parts."""
+    prefix = compiled[width, "1.0.0"]
+    unoptimized = make_session(onnx.load(prefix + ".onnx"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimized = ort.InferenceSession(prefix + ".onnx", options, providers=["CPUExecutionProvider"])
+    itself = _cosines(unoptimized, optimized, images)
+    sim = _sim(prefix, WIDTHS[width][1])
+    quantsim.load_encodings_to_sim(sim, prefix + ".encodings", strict=False)
+    aimet = _cosines(unoptimized, sim.session, images)
+    if width == "W8A16":
+        assert min(itself) >= REBUILT_COSINE and min(aimet) >= SIM_COSINE
+    else:
+        assert np.median(aimet) >= np.median(itself) - SELF_AGREEMENT_MARGIN
+        if model in ("det", "rec"):
+            assert min(itself) < SIM_COSINE
 
 
 def test_aimets_own_int32_bias_export_does_not_reload_strictly(compiled, tmp_path):
