@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -430,19 +431,35 @@ def observe_shard(shared: ShardInputs, shard: tuple[int, int]) -> dict:
     outputs = [name for name in shared.counted if name not in shared.inputs]
     session = make_session(shared.model)
     observers = {name: make_observer(shared.method, shared.bins) for name in shared.counted}
-    for index in range(*shard):
+
+    def load_and_run(index: int) -> tuple[dict, list]:
         sample = shared.data[index]
-        for name in shared.counted:
-            if name in shared.inputs:
-                if name in sample:
-                    observers[name].update(sample[name], shared.values)
-                elif name in shared.input_defaults:  # left out: the model's default feeds it
-                    observers[name].update(shared.input_defaults[name], shared.values)
-                else:
-                    raise QccError(f"calibration sample {index}: missing input '{name}'")
-        for name, value in zip(outputs, session.run(outputs, sample)):
-            observers[name].update(value, shared.values)
+        missing = [name for name in shared.counted
+                   if name in shared.inputs and name not in sample and name not in shared.input_defaults]
+        if missing:
+            raise QccError(f"calibration sample {index}: missing input '{missing[0]}'")
+        return sample, session.run(outputs, sample)
+
+    # The next sample is read and run on a second thread while this one counts the last: onnxruntime and
+    # image decoding leave the GIL, and the counting stays in sample order, so the observers are the same.
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = ahead.submit(load_and_run, shard[0]) if shard[0] < shard[1] else None
+        for index in range(*shard):
+            sample, values = pending.result()
+            if index + 1 < shard[1]:
+                pending = ahead.submit(load_and_run, index + 1)
+            _observe_sample(shared, observers, outputs, sample, values)
     return observers
+
+
+def _observe_sample(shared: ShardInputs, observers: dict, outputs: list, sample: dict, values: list) -> None:
+    """Count a sample (its inputs, and ``values``: its ``outputs``) into ``observers``."""
+    for name in shared.counted:
+        if name in shared.inputs:
+            # Left out of the sample: the model's default feeds it.
+            observers[name].update(sample[name] if name in sample else shared.input_defaults[name], shared.values)
+    for name, value in zip(outputs, values):
+        observers[name].update(value, shared.values)
 
 
 # --- observers derived instead of counted ----------------------------------------------------------

@@ -136,6 +136,13 @@ def test_collect_sees_every_activation_one_sample_at_a_time():
     assert observers["x"].range() == (inputs.min(), inputs.max())
 
 
+def test_a_sample_without_an_input_is_named_before_it_runs():
+    samples = _samples(3)
+    del samples[1]["x"]
+    with pytest.raises(QccError, match="calibration sample 1: missing input 'x'"):
+        collect(_module(), samples, activation_tensors(_module()), "histogram")
+
+
 def _calibrate(module, samples, pipeline="calibrate{method=minmax}"):
     ctx = PassContext(calib_data=samples, log=lambda m: None)
     manager = PassManager(parse_pipeline(pipeline), quiet=True)
