@@ -64,6 +64,22 @@ class Measure:
     error: float  # Σ ||q - f||² / Σ ||f||² over samples and outputs
 
 
+def dequantized(values: list, axis: int = 1) -> np.ndarray:
+    """What DequantizeLinear computes from constant (x, scale[, zero point]), bit for bit: (x - zero) * scale, the
+    difference as float32 times the float32 scale, per ``axis`` when the scale is a vector."""
+    stored, scale = np.asarray(values[0]), np.asarray(values[1], dtype=np.float32)
+    zero = np.asarray(values[2]).astype(np.int64) if len(values) > 2 else np.zeros(scale.shape, np.int64)
+    if scale.ndim == 1 and stored.ndim > 1:
+        shape = [1] * stored.ndim
+        shape[axis % stored.ndim] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (stored.astype(np.int64) - zero).astype(np.float32) * scale
+
+
+def _axis(dq: onnx.NodeProto) -> int:
+    return next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
+
+
 class MixedPrecisionSim:
     """The QDQ model of a module with each activation's width chosen at run time: its quantizers and the
     converts insert-converts would add, parameterised, so one session measures any choice of widths."""
@@ -157,23 +173,29 @@ class MixedPrecisionSim:
             replace.setdefault(user, [node])[-1:-1] = quantizer("edge", e, node.input[index], f"qcc_edge{e}_out")
             node.input[index] = f"qcc_edge{e}_out"
         nodes = head + [n for i, node in enumerate(g.nodes) for n in replace.get(i, [node])]
-        del model.graph.node[:]
+        # The switched constants' own DequantizeLinear nodes are read no more: onnxruntime would still run them.
+        read = {x for n in nodes for x in n.input} | {o.name for o in model.graph.output}
+        nodes = [n for n in nodes if any(o in read for o in n.output)]
+        read = {x for n in nodes for x in n.input}
+        kept = [t for t in model.graph.initializer if t.name in read]
+        del model.graph.node[:], model.graph.initializer[:]
         model.graph.node.extend(nodes)
+        model.graph.initializer.extend(kept)
         return model
 
     def _switch_constants(self, model: onnx.ModelProto, g: GraphIndex, replace: dict, head: list) -> None:
-        """Constants whose quantization follows a width are dequantized every way and picked with Where, so
-        any choice is bit-exact. An int32 bias follows its node's input, as insert-qdq derives it (from the
-        tensor's own width) and insert-converts re-derives it (for the node's width). An activation-like
-        constant is 16-bit (from its float value) when a node reading it computes at 16 bits
-        (``constant_encodings``), and insert-converts rounds it to 8 bits for a node that does not."""
+        """Constants whose quantization follows a width are dequantized every way once, here, and picked by the
+        widths at run time (``_pick``), so any choice is bit-exact. An int32 bias follows its node's input, as
+        insert-qdq derives it (from the tensor's own width) and insert-converts re-derives it (for the node's
+        width). An activation-like constant is 16-bit (from its float value) when a node reading it computes at
+        16 bits (``constant_encodings``), and insert-converts rounds it to 8 bits for a node that does not."""
         wide = GraphIndex(self.wide_model)
         up = GraphIndex(self.up_model) if self.up_model is not self.qdq_model else g
         down = GraphIndex(self.down_model) if self.down_model is not self.wide_model else wide
         pair_of = {dq_output: i for i, (_, dq_output) in enumerate(self.pairs)}
         flag = {name: f"qcc_act{i}_wide" for i, (name, _) in enumerate(self.pairs)}
         writes = {user: w for _, user, _, w in self.edges}
-        # Each layer's weight as the lowerings name it: _read rewires the layer's inputs as it goes.
+        # Each layer's weight as the lowerings name it: _pick rewires the layer's inputs as it goes.
         weight_of = {i: node.input[1] for i, node in enumerate(g.nodes) if len(node.input) > 1}
         for node in g.nodes:
             if not is_dq(node) or not g.is_constant(node.input[0]) or node.output[0] not in wide.producer:
@@ -206,7 +228,8 @@ class MixedPrecisionSim:
                                  writes.get(user))
 
     def _constant(self, model, replace, g, node, other, widened, users, reader_flags, flag_of, head) -> None:
-        """Where(any reader wide, Where(this reader wide, 16-bit constant, rounded to 8 bits), constant)."""
+        """By (any reader wide, this reader wide): the 16-bit constant, or it rounded to 8 bits; the constant as
+        stored when no reader is wide."""
         if not reader_flags:
             return
         tag = f"qcc_const_{node.output[0]}"
@@ -214,33 +237,30 @@ class MixedPrecisionSim:
         for k, other_flag in enumerate(reader_flags[1:]):
             head.append(helper.make_node("Or", [any_wide, other_flag], [f"{tag}_any{k}"]))
             any_wide = f"{tag}_any{k}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in other.attribute}
-        sixteen = self._dequantize(model, f"{tag}_16", widened, other.domain, attrs)
+        sixteen = dequantized(widened, _axis(other))
         stored, enc = requantized_constant(*widened, 8)
-        eight = self._dequantize(model, f"{tag}_8", [stored, *qdq_params(enc)], "", attrs)
+        eight = dequantized([stored, *qdq_params(enc)], _axis(other))
+        as_stored = dequantized([g.constant(name) for name in node.input], _axis(node))
         for user in users:
             consumer = g.nodes[user]
             index = list(consumer.input).index(node.output[0])
             user_tag = f"{tag}_{user}_{index}"
-            if user in flag_of:
-                nodes = [helper.make_node("Where", [flag_of[user], sixteen.output[0], eight.output[0]], [f"{user_tag}_wide"])]
-                choice = [f"{user_tag}_wide", node.output[0]]
+            if user in flag_of:  # (any, this): (0, 1) cannot happen, ``any`` includes this reader's flag
+                self._pick(model, replace, consumer, user, index, [any_wide, flag_of[user]],
+                           [as_stored, as_stored, eight, sixteen], user_tag)
             else:
-                nodes, choice = [], [sixteen.output[0], node.output[0]]
-            self._read(replace, consumer, user, index, nodes, any_wide, choice, user_tag)
-        head[:0] = [sixteen, eight]
+                self._pick(model, replace, consumer, user, index, [any_wide], [as_stored, sixteen], user_tag)
 
     def _bias(self, model, replace, base, wide, variants, consumer, user, index, tensor, flag, writes, weight_name) -> None:
-        """Where(T wide, Where(layer wide, wide bias, the down lowering's bias rebiased for the convert down),
-                         Where(layer wide, the up lowering's bias rebiased for the convert up, bias)).
-        ``base``, ``wide``: (GraphIndex, the bias's DequantizeLinear) of the 8- and 16-bit lowerings; ``variants``:
-        the same in the up and down lowerings (the layer's weight at its output's width)."""
+        """By (T wide, layer wide): the bias, the up lowering's bias rebiased for the convert up, the down
+        lowering's rebiased for the convert down, the wide bias. ``base``, ``wide``: (GraphIndex, the bias's
+        DequantizeLinear) of the 8- and 16-bit lowerings; ``variants``: the same in the up and down lowerings
+        (the layer's weight at its output's width)."""
         tag = f"qcc_bias_{user}_{index}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in base[1].attribute}
-        nodes = [self._dequantize(model, f"{tag}_{key}", [source.constant(n) for n in dq.input], dq.domain, attrs)
-                 for key, (source, dq) in (("base", base), ("wide", wide))]
+        values = {key: dequantized([source.constant(n) for n in dq.input], _axis(dq))
+                  for key, (source, dq) in (("base", base), ("wide", wide))}
         if writes is None:  # no quantized output: insert-converts leaves the layer alone
-            self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
+            self._pick(model, replace, consumer, user, index, [flag[tensor]], [values["base"], values["wide"]], tag)
             return
         # The converts' encodings, as _feeds and insert-converts derive them: the 8-bit range up, the 16-bit one down.
         base_enc, fixed = self.base[tensor], self.fixed.get(tensor)
@@ -251,44 +271,44 @@ class MixedPrecisionSim:
             weight = source.nodes[source.producer[weight_name]] if weight_name in source.producer else None
             if weight is None or not is_dq(weight) or source.constant(weight.input[1]) is None:
                 return
-            values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
-            nodes.append(self._dequantize(model, f"{tag}_{key}", [values, new_scale, zero], dq.domain, attrs))
-        self._read_by_widths(replace, consumer, user, index, nodes, flag[tensor], flag[writes], tag)
+            rebiased_values, new_scale = rebiased(stored, scale, source.constant(weight.input[1]), enc.scale[0])
+            values[key] = dequantized([rebiased_values, new_scale, zero], _axis(dq))
+        self._pick(model, replace, consumer, user, index, [flag[tensor], flag[writes]],
+                   [values["base"], values["up"], values["down"], values["wide"]], tag)
 
     def _weight(self, model, replace, base, wide, variants, consumer, user, index, tensor, flag, writes) -> None:
-        """Where(T wide, Where(layer wide, wide weight, down weight), Where(layer wide, up weight, weight)): the
-        weight each lowering stores (a scale insert-qdq raised for the bias's input scale, the width of a wide
-        layer); the 8- and 16-bit lowerings' alone when the layer's width does not choose it."""
+        """By (T wide, layer wide): the weight each lowering stores (a scale insert-qdq raised for the bias's input
+        scale, the width of a wide layer); by T's width alone when the layer's width does not choose it."""
         tag = f"qcc_weight_{user}_{index}"
-        attrs = {a.name: helper.get_attribute_value(a) for a in base[1].attribute}
         keyed = (("base", base), ("wide", wide), *zip(("up", "down"), variants))
-        values = {key: [source.constant(n) for n in dq.input] for key, (source, dq) in keyed}
-        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(values[a], values[b]))
-        chosen = ("base", "wide") if writes is None or (same("up", "base") and same("down", "wide")) else \
-            ("base", "wide", "up", "down")
-        nodes = [self._dequantize(model, f"{tag}_{key}", values[key], dq.domain, attrs)
-                 for key, (source, dq) in keyed if key in chosen]
-        if len(chosen) == 2:
-            self._read(replace, consumer, user, index, nodes, flag[tensor], [f"{tag}_wide", f"{tag}_base"], tag)
+        stored = {key: [source.constant(n) for n in dq.input] for key, (source, dq) in keyed}
+        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(stored[a], stored[b]))
+        values = {key: dequantized(stored[key], _axis(dq)) for key, (_, dq) in keyed}
+        if writes is None or (same("up", "base") and same("down", "wide")):
+            self._pick(model, replace, consumer, user, index, [flag[tensor]], [values["base"], values["wide"]], tag)
         else:
-            self._read_by_widths(replace, consumer, user, index, nodes, flag[tensor], flag[writes], tag)
-
-    def _read_by_widths(self, replace, consumer, user, index, nodes, input_wide: str, layer_wide: str, tag: str) -> None:
-        """``consumer`` reads ``tag``'s _wide, _down, _up or _base value by (its input's width, its output's width)."""
-        nodes = nodes + [helper.make_node("Where", [layer_wide, f"{tag}_wide", f"{tag}_down"], [f"{tag}_t16"]),
-                         helper.make_node("Where", [layer_wide, f"{tag}_up", f"{tag}_base"], [f"{tag}_t8"])]
-        self._read(replace, consumer, user, index, nodes, input_wide, [f"{tag}_t16", f"{tag}_t8"], tag)
+            self._pick(model, replace, consumer, user, index, [flag[tensor], flag[writes]],
+                       [values["base"], values["up"], values["down"], values["wide"]], tag)
 
     @staticmethod
-    def _dequantize(model: onnx.ModelProto, name: str, values: list, domain: str, attrs: dict) -> onnx.NodeProto:
-        inputs = [f"{name}_{k}" for k in range(len(values))]
-        model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), n) for v, n in zip(values, inputs))
-        return helper.make_node("DequantizeLinear", inputs, [name], domain=domain, **attrs)
-
-    @staticmethod
-    def _read(replace: dict, consumer, user: int, index: int, nodes: list, flag: str, choice: list, tag: str) -> None:
-        """``consumer`` reads Where(flag, *choice) at ``index``; ``nodes`` run just before it."""
-        replace.setdefault(user, [consumer])[-1:-1] = nodes + [helper.make_node("Where", [flag, *choice], [f"{tag}_pick"])]
+    def _pick(model: onnx.ModelProto, replace: dict, consumer, user: int, index: int, flags: list[str],
+              values: list[np.ndarray], tag: str) -> None:
+        """``consumer`` reads, at ``index``, values[k] for k the binary number the boolean ``flags`` spell (the first
+        the highest bit): one Gather from the values stacked, which copies the chosen one. (Where on a scalar
+        flag went element by element through every variant, and each variant was dequantized on every run: on
+        det that was half of a run.)"""
+        model.graph.initializer.append(numpy_helper.from_array(np.stack(values), f"{tag}_choices"))
+        nodes, number = [], None
+        for k, flag in enumerate(flags):
+            bit = f"{tag}_bit{k}"
+            nodes.append(helper.make_node("Cast", [flag], [bit], to=onnx.TensorProto.INT64))
+            if number is not None:
+                nodes += [helper.make_node("Add", [number, number], [f"{tag}_twice{k}"]),
+                          helper.make_node("Add", [f"{tag}_twice{k}", bit], [f"{tag}_number{k}"])]
+                bit = f"{tag}_number{k}"
+            number = bit
+        nodes.append(helper.make_node("Gather", [f"{tag}_choices", number], [f"{tag}_pick"], axis=0))
+        replace.setdefault(user, [consumer])[-1:-1] = nodes
         consumer.input[index] = f"{tag}_pick"
 
     def _feeds(self, encodings: dict) -> dict:
