@@ -62,6 +62,7 @@ class QuantSim:
 class Measure:
     cos: float    # mean over samples and outputs
     error: float  # Σ ||q - f||² / Σ ||f||² over samples and outputs
+    cosines: tuple = ()  # per sample and output, in order
 
 
 def dequantized(values: list, axis: int = 1) -> np.ndarray:
@@ -350,7 +351,7 @@ class MixedPrecisionSim:
         for sample, references in list(zip(self.samples, self.reference))[start:end]:
             for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
                 stats.update(reference, got)
-        return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0)
+        return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0, tuple(stats.cosines))
 
     def saturating_up_converts(self) -> list[tuple[str, str]]:
         """(tensor, tensor its reader writes) for each 8-bit tensor whose reader's int32 bias would not fit at the

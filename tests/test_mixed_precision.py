@@ -67,3 +67,20 @@ def test_compile_model_refuses_target_cos_with_its_own_pipeline():
     module = from_onnx(onnx.parser.parse_model(MODEL_TEXT))
     with pytest.raises(QccError, match="put promote-16bit"):
         compile_model(module, passes="calibrate,insert-qdq", target_cos=0.999)
+
+
+def test_a_target_met_at_8_bits_writes_the_8_bit_compile_with_its_own_bias_correction(assets, tmp_path, capsys):
+    """Nothing promoted: the mixed pipeline's float-input bias correction would cost accuracy for nothing, so the
+    8-bit pipeline (sequential correction) is compiled instead, and its files are those of a plain compile."""
+    common = ["--target", "htp", "--input-shape", "x:1,3,48,192", "--calib-data", assets / "text_cls", "--calib-count",
+              "8", "--image-mean", "0.5,0.5,0.5", "--image-std", "0.5,0.5,0.5", "--no-htp-check", "--judge", "off"]
+    model = assets / "models" / "ppocr_cls.onnx"
+    code, err = run(["compile", model, *common, "--target-cos", "0.5", "-o", tmp_path / "mixed.onnx"], capsys)
+    assert code == 0 and "keeps every activation at 8 bits" in err, err
+    assert run(["compile", model, *common, "-o", tmp_path / "plain.onnx"], capsys)[0] == 0
+    report = json.loads((tmp_path / "mixed.report.json").read_text())
+    assert report["pipeline"] == json.loads((tmp_path / "plain.report.json").read_text())["pipeline"]
+    assert "bias-correction{mode=sequential" in report["pipeline"] and "promote-16bit" not in report["pipeline"]
+    assert (tmp_path / "mixed.encodings").read_bytes() == (tmp_path / "plain.encodings").read_bytes()
+    mixed, plain = onnx.load(tmp_path / "mixed.onnx"), onnx.load(tmp_path / "plain.onnx")
+    assert mixed.graph == plain.graph

@@ -422,3 +422,19 @@ def test_units_kept_from_the_top_unscreened_say_so(monkeypatch):
     reasons = [r.message for r in ctx.remarks if r.message.startswith("to 16 bits")]
     assert reasons and all("kept from the top unscreened (under 100.0% of the activation bytes)" in m for m in reasons)
     assert all(entry["output_error_share"] is None for entry in module.cache["promote-16bit"]["promoted"])
+
+
+@pytest.mark.parametrize("search_wins", [False, True])
+def test_short_of_the_target_the_fill_stays_unless_the_search_beats_it_clearly(monkeypatch, search_wins):
+    """The search's state replaces the LiteMP-style fill only when judge.beats says it wins by more than the noise
+    of the paired per-sample cosines; otherwise the fill, measured on the same samples, is what is written."""
+    import passes.promote_16bit as promote
+    calls = []
+    monkeypatch.setattr(promote, "beats", lambda searched, filled: calls.append((searched, filled)) or search_wins)
+    golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
+    module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
+    result = make_pass("promote-16bit", {"target-cos": "1", "budget": "0.5"}).run(module, ctx)
+    (searched, filled), = calls
+    assert len(searched) == len(filled) == len(ctx.calib_data)  # per sample (one output), paired
+    assert result.stats["cos-after"] == pytest.approx(float(np.mean(searched if search_wins else filled)))
+    assert result.stats["share-16bit"] <= 0.5

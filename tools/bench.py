@@ -168,6 +168,7 @@ class Variant:
     passes: str | None = None
     judge: str | None = None  # qcc compile --judge
     share_from_litemp: bool = False  # promote-16bit's budget: the byte share of the model's last litemp=F row
+    eight_bit: str | None = None  # what a mixed compile compiles instead when it promotes nothing (with_mixed_precision)
 
     @classmethod
     def of_tool(cls, tool: str) -> "Variant":
@@ -295,7 +296,9 @@ def variant(spec: str) -> Variant:
         raise QccError(f"variant '{spec}': share=S needs cos=C (the accuracy mixed precision aims for)")
     if mixed:
         pipeline = with_mixed_precision(pipeline, mixed.get("cos"), mixed.get("share"), mixed.get("litemp"))
-    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline), judge, share_from_litemp)
+    eight_bit = getattr(pipeline, "eight_bit", None)
+    return Variant(slug, tool, f"htp {' '.join([width.upper(), *changes])}", str(pipeline), judge, share_from_litemp,
+                   str(eight_bit) if eight_bit is not None else None)
 
 
 def with_budget(passes: str, share: float) -> str:
@@ -338,14 +341,18 @@ def ablation_specs(tools: list[str]) -> list[str]:
 
 
 def run_qcc(float_path: Path, out: Path, calib: list[dict], act_bits: int, shape: list,
-            passes: str | None = None, judge: str | None = None) -> dict:
+            passes: str | None = None, judge: str | None = None, eight_bit: str | None = None) -> dict:
     """The htp target at ``act_bits`` activations, or the pipeline ``passes`` instead; ``judge`` as --judge, by
     default qcc compile's (auto: at W8A8 a quarter of the calibration samples is held back to choose on; with
-    promote-16bit, as qcc compile without --eval-data, too). Returns promote-16bit's record, if it ran."""
+    promote-16bit, as qcc compile without --eval-data, too); ``eight_bit``: the pipeline a mixed one compiles
+    instead when it promotes nothing, as qcc compile --target-cos does. Returns promote-16bit's record, if it ran."""
     from compiler.quantize import compile_model
     require_htp_target()
     module = load(float_path, {"x": shape})
     pipeline = {"passes": passes} if passes else {"act_bits": act_bits}
+    if passes and eight_bit:
+        pipeline["pipeline"] = parse_pipeline(passes)
+        pipeline["pipeline"].eight_bit = parse_pipeline(eight_bit)
     mixed = bool(passes) and "promote-16bit" in passes
     result = compile_model(module, "htp", calib_data=calib, log=lambda m: None, judge=judge or "auto",
                            hold_back=mixed, **pipeline)
@@ -443,7 +450,8 @@ def bench_model(model: BenchModel, variants: list[Variant], args, assets: Path, 
                         raise QccError(f"variant '{variant.config}': share=litemp needs a litemp=F row before it")
                     passes = with_budget(passes, litemp[-1].share_16bit)
                     row.config += f" ({litemp[-1].share_16bit:.3f})"
-                promoted = run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, passes, variant.judge)
+                promoted = run_qcc(float_path, out, calib, QCC_TOOLS[tool], model.shape, passes, variant.judge,
+                                   variant.eight_bit)
                 row.share_16bit = promoted.get("share_16bit")
             else:
                 # onnxruntime's calibrators print progress on stdout, where the table goes.
