@@ -201,14 +201,14 @@ def score(compiled, held: HeldBack, judge: str, arch: str | None) -> tuple:
     return np.array(scores), metrics, first[0] if first else None
 
 
-def beats(challenger: np.ndarray, best: np.ndarray) -> bool:
+def beats(challenger: np.ndarray, best: np.ndarray, min_gain: float = 0.0) -> bool:
     """Whether ``challenger``'s per-sample scores beat ``best``'s on the same samples by more than the noise of
-    their paired differences d: mean(d) > MARGIN_STANDARD_ERRORS * std(d) / sqrt(n). On a few held-back
-    samples two close candidates swap places from one sample set to the next; the pipeline that came first
-    (the width default) keeps its place unless the other wins clearly."""
+    their paired differences d, and by more than ``min_gain``: mean(d) > max(min_gain, MARGIN_STANDARD_ERRORS *
+    std(d) / sqrt(n)). On a few held-back samples two close candidates swap places from one sample set to the
+    next; the pipeline that came first (the width default) keeps its place unless the other wins clearly."""
     differences = challenger - best
     spread = float(np.std(differences, ddof=1)) / np.sqrt(len(differences)) if len(differences) > 1 else 0.0
-    return float(np.mean(differences)) > MARGIN_STANDARD_ERRORS * spread
+    return float(np.mean(differences)) > max(min_gain, MARGIN_STANDARD_ERRORS * spread)
 
 
 def choose(candidate_list: list[Candidate], run, samples, judge: str, arch: str | None, log, on_first=None) -> tuple:

@@ -109,6 +109,14 @@ def test_a_challenger_must_win_by_more_than_the_noise_of_the_paired_differences(
     assert judge.beats(best + np.array([0.004, 0.003, 0.005, 0.002]), best)
 
 
+
+def test_a_challenger_must_also_win_by_more_than_the_least_gain_asked():
+    best = np.array([0.99990, 0.99995, 0.99992, 0.99999])
+    consistent = best + np.array([0.00007, 0.00006, 0.00008, 0.00007])  # no noise, but a small gain
+    assert judge.beats(consistent, best) and not judge.beats(consistent, best, min_gain=1e-4)
+    assert judge.beats(best + 0.0002, best, min_gain=1e-4)
+
+
 def test_the_judge_keeps_the_candidate_that_wins_clearly_on_held_back_samples():
     data = samples(8)
     module = conv_module()

@@ -430,7 +430,7 @@ def test_short_of_the_target_the_fill_stays_unless_the_search_beats_it_clearly(m
     of the paired per-sample cosines; otherwise the fill, measured on the same samples, is what is written."""
     import passes.promote_16bit as promote
     calls = []
-    monkeypatch.setattr(promote, "beats", lambda searched, filled: calls.append((searched, filled)) or search_wins)
+    monkeypatch.setattr(promote, "beats", lambda searched, filled, min_gain: calls.append((searched, filled)) or search_wins)
     golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
     module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
     result = make_pass("promote-16bit", {"target-cos": "1", "budget": "0.5"}).run(module, ctx)
