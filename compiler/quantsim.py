@@ -345,10 +345,20 @@ class MixedPrecisionSim:
     def measure(self, encodings: dict, count: int | None = None, start: int = 0) -> Measure:
         """Output cosine and relative error against FP32 with ``encodings``, over ``count`` samples (default: all)
         from sample ``start`` on."""
+        end = None if count is None else start + count
+        return self._measure(encodings, list(zip(self.samples, self.reference))[start:end])
+
+    def compare_on(self, samples: list[dict], *states: dict) -> list[Measure]:
+        """``measure`` of each of ``states`` (encodings) on ``samples`` outside the simulation's own, their FP32
+        outputs computed once here: a comparison on samples no choice was fitted on."""
+        reference = make_session(self.float_model)
+        pairs = [(s, [Reference(v) for v in reference.run(self.outputs, s)]) for s in samples]
+        return [self._measure(encodings, pairs) for encodings in states]
+
+    def _measure(self, encodings: dict, pairs: list) -> Measure:
         params = self._feeds(encodings)
         stats = ErrorStats()
-        end = None if count is None else start + count
-        for sample, references in list(zip(self.samples, self.reference))[start:end]:
+        for sample, references in pairs:
             for reference, got in zip(references, self.session.run(self.outputs, {**sample, **params})):
                 stats.update(reference, got)
         return Measure(stats.cos, stats.noise / stats.signal if stats.signal else 0.0, tuple(stats.cosines))

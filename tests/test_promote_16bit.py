@@ -424,17 +424,25 @@ def test_units_kept_from_the_top_unscreened_say_so(monkeypatch):
     assert all(entry["output_error_share"] is None for entry in module.cache["promote-16bit"]["promoted"])
 
 
-@pytest.mark.parametrize("search_wins", [False, True])
-def test_short_of_the_target_the_fill_stays_unless_the_search_beats_it_clearly(monkeypatch, search_wins):
+@pytest.mark.parametrize("verdicts", [(False,), (True, False), (True, True)])
+def test_short_of_the_target_the_fill_stays_unless_the_search_beats_it_clearly(monkeypatch, verdicts):
     """The search's state replaces the LiteMP-style fill only when judge.beats says it wins by more than the noise
-    of the paired per-sample cosines; otherwise the fill, measured on the same samples, is what is written."""
+    of the paired per-sample cosines on the samples it chose on, and then again on calibration samples it did not
+    see (here with samples=2: the last 2 of 4); otherwise the fill is what is written."""
     import passes.promote_16bit as promote
-    calls = []
-    monkeypatch.setattr(promote, "beats", lambda searched, filled, min_gain: calls.append((searched, filled)) or search_wins)
+    calls, answers = [], iter(verdicts)
+    monkeypatch.setattr(promote, "beats", lambda searched, filled, min_gain: calls.append((searched, filled)) or next(answers))
     golden = GOLDEN_ROOT / "promote-16bit" / "wide_range_tensor" / "input.onnxtxt"
     module, ctx = calibrated(infer_shapes(onnx.parser.parse_model(golden.read_text())))
-    result = make_pass("promote-16bit", {"target-cos": "1", "budget": "0.5"}).run(module, ctx)
-    (searched, filled), = calls
-    assert len(searched) == len(filled) == len(ctx.calib_data)  # per sample (one output), paired
-    assert result.stats["cos-after"] == pytest.approx(float(np.mean(searched if search_wins else filled)))
+    before = module.clone()
+    result = make_pass("promote-16bit", {"target-cos": "1", "budget": "0.5", "samples": "2"}).run(module, ctx)
+    assert [len(searched) for searched, _ in calls] == [2, 2][:len(verdicts)]  # per sample (one output), paired
+    search_kept = all(verdicts)
+    judged_search, judged_fill = calls[0]
+    assert result.stats["cos-after"] == pytest.approx(float(np.mean(judged_search if search_kept else judged_fill)))
+    if len(calls) == 2:  # the second verdict: on calibration samples 2 and 3, which the search never ran
+        layers = wide_weight_layers(before, set(before.encodings), QuantConfig())
+        check = MixedPrecisionSim(before, QuantConfig(), ctx.calib_data[2:], before, wide_weights=frozenset(layers))
+        unseen_search, unseen_fill = calls[1]
+        assert float(np.mean(unseen_search if search_kept else unseen_fill)) == pytest.approx(check.measure(module.encodings).cos)
     assert result.stats["share-16bit"] <= 0.5
