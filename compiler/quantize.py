@@ -197,8 +197,8 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
     # with_mixed_precision's pipeline traded the sequential bias correction for the float-input one: the 8-bit
     # pipeline to compile instead when promote-16bit keeps every activation at 8 bits.
     eight_bit = getattr(pipeline, "eight_bit", None)
-    pristine = module.clone() if eight_bit is not None else None
     started = time.perf_counter()
+    say = log or ((lambda message: print(message, file=sys.stderr)) if not request.quiet else (lambda message: None))
     calib, held, judging = _calibration_samples(module, request, pipeline)
     eval_data = _dataset(request.eval_data, module, request) if request.eval_data is not None else held
     if calib is None and any(p.name == "calibrate" for p in pipeline):
@@ -206,6 +206,8 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
                        "(.npy, .npz or images)")
     # Judged candidates run on copies, so the module given stays the FP32 model to evaluate against.
     original = module if judging is not None else module.clone() if eval_data is not None else None
+    # What the 8-bit pipeline would compile instead: the module as given (judged candidates run on copies).
+    pristine = (original if original is not None else module.clone()) if eight_bit is not None else None
     judged_metrics = None  # the chosen candidate's metrics on the held-back samples, when the judge has them
 
     def run(candidate: Pipeline, target_module: Module, dumps: Path | None, after: CompileResult | None = None):
@@ -226,7 +228,6 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
         result = run(pipeline, module, dump_dir)
     else:
         from compiler import judge
-        say = log or ((lambda message: print(message, file=sys.stderr)) if not request.quiet else (lambda message: None))
         arch = pipeline.config.htp_arch if pipeline.config.htp_arch in HTP_ARCHS else None
         # The candidates differ from the first quantizing pass on: the float rewrites run once, and calibrate's
         # histograms (which serve every method) are counted once, on the module every candidate copies.
@@ -243,9 +244,7 @@ def compile_model(module: Module, target: str = "htp", *, log=None, dump_dir: Pa
     if eight_bit is not None and _promoted_nothing(result):
         # The 8-bit pipeline is then the cheapest point, and with its own bias correction the more accurate one
         # (cls held-out: 0.99836 against 0.99776, docs/measurements.md).
-        if not request.quiet or log is not None:
-            (log or (lambda message: print(message, file=sys.stderr)))(
-                "--target-cos: promote-16bit keeps every activation at 8 bits; compiling the 8-bit pipeline as it is")
+        say("--target-cos: promote-16bit keeps every activation at 8 bits; compiling the 8-bit pipeline as it is")
         spent = time.perf_counter() - started
         plain = compile_model(pristine, log=log, dump_dir=dump_dir, pipeline=eight_bit, runner=runner,
                               request=dataclasses.replace(request, target_cos=None, max_16bit_share=None),

@@ -125,8 +125,7 @@ class MixedPrecisionSim:
         self.outputs = [o.name for o in self.qdq_model.graph.output]
         self.samples = samples
         self.session = make_session(self._parameterised())
-        reference = make_session(self.float_model)
-        self.reference = [[Reference(v) for v in reference.run(self.outputs, s)] for s in samples]
+        self.reference = self._references(samples)
 
     def __getstate__(self) -> dict:
         """Pickled (a Ray task's copy) without the onnxruntime session, which the copy builds again."""
@@ -283,13 +282,12 @@ class MixedPrecisionSim:
         tag = f"qcc_weight_{user}_{index}"
         keyed = (("base", base), ("wide", wide), *zip(("up", "down"), variants))
         stored = {key: [source.constant(n) for n in dq.input] for key, (source, dq) in keyed}
+        axis = {key: _axis(dq) for key, (_, dq) in keyed}
         same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(stored[a], stored[b]))
-        values = {key: dequantized(stored[key], _axis(dq)) for key, (_, dq) in keyed}
-        if writes is None or (same("up", "base") and same("down", "wide")):
-            self._pick(model, replace, consumer, user, index, [flag[tensor]], [values["base"], values["wide"]], tag)
-        else:
-            self._pick(model, replace, consumer, user, index, [flag[tensor], flag[writes]],
-                       [values["base"], values["up"], values["down"], values["wide"]], tag)
+        by_input_only = writes is None or (same("up", "base") and same("down", "wide"))
+        keys, flags = (("base", "wide"), [flag[tensor]]) if by_input_only else \
+            (("base", "up", "down", "wide"), [flag[tensor], flag[writes]])
+        self._pick(model, replace, consumer, user, index, flags, [dequantized(stored[k], axis[k]) for k in keys], tag)
 
     @staticmethod
     def _pick(model: onnx.ModelProto, replace: dict, consumer, user: int, index: int, flags: list[str],
@@ -351,9 +349,13 @@ class MixedPrecisionSim:
     def compare_on(self, samples: list[dict], *states: dict) -> list[Measure]:
         """``measure`` of each of ``states`` (encodings) on ``samples`` outside the simulation's own, their FP32
         outputs computed once here: a comparison on samples no choice was fitted on."""
-        reference = make_session(self.float_model)
-        pairs = [(s, [Reference(v) for v in reference.run(self.outputs, s)]) for s in samples]
+        pairs = list(zip(samples, self._references(samples)))
         return [self._measure(encodings, pairs) for encodings in states]
+
+    def _references(self, samples: list[dict]) -> list[list[Reference]]:
+        """The FP32 outputs of each of ``samples``."""
+        reference = make_session(self.float_model)
+        return [[Reference(v) for v in reference.run(self.outputs, s)] for s in samples]
 
     def _measure(self, encodings: dict, pairs: list) -> Measure:
         params = self._feeds(encodings)

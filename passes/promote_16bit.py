@@ -83,7 +83,7 @@ from compiler.judge import beats
 from compiler.pass_manager import Pass, PassContext, PassKind, PassResult, register
 from compiler.propagation import propagate_encodings
 from compiler.qdq import BIAS_OPS, PARAMETER_INPUTS, WEIGHT_OPS
-from compiler.quantsim import MixedPrecisionSim, pipeline_propagation
+from compiler.quantsim import Measure, MixedPrecisionSim, pipeline_propagation
 
 CACHE_KEY = "promote-16bit"
 # Op -> input indices whose activations HTP needs at one bit-width (MatMul of two activations: 8x8 or 16x16).
@@ -279,12 +279,16 @@ class SearchCurve:
     def __init__(self, sim: MixedPrecisionSim, share_of, judged_from: int):
         self.sim, self.share_of, self.judged_from = sim, share_of, judged_from
         self.points: dict[float, float] = {}
+        self.judged: dict[frozenset, Measure] = {}  # each state judged once
         self.pairs, self.wide, self.narrow, self.conversions = sim.pairs, sim.wide, sim.narrow, sim.conversions
 
     def measure(self, encodings: dict, count: int | None = None):
         if count is not None:
             return self.sim.measure(encodings, count)
-        measured = self.sim.measure(encodings, start=self.judged_from)
+        state = frozenset(encodings.items())
+        if state not in self.judged:
+            self.judged[state] = self.sim.measure(encodings, start=self.judged_from)
+        measured = self.judged[state]
         self.points[round(self.share_of(encodings), 4)] = measured.cos
         return measured
 
@@ -428,7 +432,7 @@ class Promote16Bit(Pass):
                 # on its 8 held-back lines, trailed by 0.008 on the other calibration lines and by 0.005 on 192
                 # held-out ones; cls, fold A: the other way round, docs/measurements.md).
                 filled = sim.measure(fill_encodings)
-                evaluations += 2
+                evaluations += 1  # the search's state was judged already (SearchCurve keeps it)
                 leads = beats(np.array(sim.measure(encodings).cosines), np.array(filled.cosines), FILL_MIN_GAIN)
                 unseen = _unseen_samples(ctx.calib_data, len(ranked), opts.samples) if leads else []
                 if unseen:
